@@ -1,0 +1,114 @@
+"""Build and install ifbf_fast.
+
+* installs the package ``ifbf_fast`` and maps the top-level ``kernels/`` folder to
+  ``ifbf_fast.kernels`` (a top-level ``kernels`` package would clash with the PyPI package of that name);
+* builds the extension ``ifbf_fast._C`` from ``csrc/``: the ``*.cpp`` sources always, the ``*.cu``
+  sources too when nvcc and a CUDA build of torch are present (no GPU is needed to compile).
+
+Environment:
+  IFBF_BUILD_CUDA=0|1   force the CUDA sources off / on (default: on when nvcc and CUDA torch exist;
+                        ``1`` fails loudly if they do not)
+  TORCH_CUDA_ARCH_LIST  target GPUs (default here "8.0;9.0": A100 and H100/H200)
+  CUDA_HOME             the CUDA toolkit; when unset it is looked for next to nvcc and in /usr/local/cuda
+  MAX_JOBS              parallel compile jobs (ninja)
+
+torch must be installed before this file runs: build with ``pip install --no-build-isolation``.
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:  # pragma: no cover - explained to the user
+    sys.exit("setup.py: torch must be installed first (pip install -r requirements.txt), then "
+             "pip install --no-build-isolation -e .")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _find_cuda_home():
+    """The CUDA toolkit folder, or None. A toolkit counts only if it has the runtime headers."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for c in candidates:
+        if c and os.path.exists(os.path.join(c, "include", "cuda_runtime.h")) \
+                and os.path.exists(os.path.join(c, "bin", "nvcc")):
+            return c
+    return None
+
+
+def _want_cuda():
+    forced = os.environ.get("IFBF_BUILD_CUDA")
+    home = _find_cuda_home()
+    ok = home is not None and torch.version.cuda is not None
+    if forced == "0":
+        return None
+    if forced == "1" and not ok:
+        sys.exit(f"setup.py: IFBF_BUILD_CUDA=1 but no usable CUDA toolkit (found {home!r}) or torch is "
+                 f"not a CUDA build (torch.version.cuda={torch.version.cuda!r})")
+    return home if ok else None
+
+
+def _extensions():
+    cpp = sorted(glob.glob("csrc/*.cpp"))
+    cu = sorted(glob.glob("csrc/*.cu"))
+    cxx_flags = ["-O3"]  # the C++ standard comes from torch (C++20 since 2.13, C++17 before)
+    cuda_home = _want_cuda()
+    if cuda_home and cu:
+        os.environ["CUDA_HOME"] = cuda_home
+        cpp_extension.CUDA_HOME = cuda_home  # torch caches its own guess (the nvcc wrapper's parent)
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        print(f"setup.py: building CUDA kernels with {cuda_home} for "
+              f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        return [cpp_extension.CUDAExtension(
+            "ifbf_fast._C", cpp + cu,
+            define_macros=[("IFBF_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags,
+                                "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
+                                         "--expt-relaxed-constexpr"]},
+        )]
+    print("setup.py: building the CPU kernels only (no nvcc/CUDA toolkit or CPU-only torch)")
+    return [cpp_extension.CppExtension("ifbf_fast._C", cpp, extra_compile_args=cxx_flags)]
+
+
+def _packages():
+    pkgs = ["ifbf_fast"]
+    for root, _dirs, files in os.walk(os.path.join(HERE, "ifbf_fast")):
+        if "__init__.py" in files and "__pycache__" not in root:
+            rel = os.path.relpath(root, HERE).replace(os.sep, ".")
+            if rel not in pkgs:
+                pkgs.append(rel)
+    return pkgs + ["ifbf_fast.kernels"]
+
+
+setup(
+    name="ifbf_fast",
+    version="0.1.0",
+    description="IFBFNet (Sensors 2021) for Cityscapes with fused Triton / C++ / CUDA fast paths",
+    python_requires=">=3.10",
+    packages=_packages(),
+    package_dir={"ifbf_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.11",
+        "triton>=3.6",
+        "numpy",
+        "opencv-python-headless",
+        "nvidia-dali-cuda130",
+        "cityscapesscripts",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-timeout", "torchvision", "expecttest"]},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)

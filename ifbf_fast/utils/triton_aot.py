@@ -1,5 +1,9 @@
 """Ahead-of-time compilation of Triton kernels for real GPU targets, without a GPU.
 
+Under ``TRITON_INTERPRET=1`` (set by the tests) ``@triton.jit`` yields interpreter objects that cannot
+be compiled, so :func:`compile_kernels` then compiles in one child process started without it, naming
+each kernel by module and attribute.
+
 Used by the tests (../shared/GPU.md section 2): every kernel configuration that the launchers use is
 compiled for sm_80 (A100) and sm_90 (H100/H200) so that type errors, shared-memory overflows and
 register spills are caught on machines that have no GPU. ``ptxas -v`` (shipped inside the triton
@@ -9,9 +13,11 @@ package) reports registers and spills; the PTX shows whether global loads were v
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from typing import Dict, Iterable, Mapping, Optional, Sequence
 
@@ -114,3 +120,54 @@ def assert_compiles_cleanly(results: Iterable[AotResult]) -> None:
         if r.spills:
             raise AssertionError(f"{r.kernel} sm_{r.arch}: register spills ({r.spill_stores} B stores, "
                                  f"{r.spill_loads} B loads) at {r.registers} registers, {r.num_warps} warps")
+
+
+@dataclasses.dataclass
+class KernelSpec:
+    """One kernel configuration to compile: ``module:attr`` of a ``@triton.jit`` kernel and its launch."""
+
+    module: str
+    attr: str
+    signature: Mapping[str, str]
+    constexprs: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    divisible_by_16: Sequence[str] = ()
+    num_warps: Optional[int] = None
+    num_stages: Optional[int] = None
+
+
+def _compile_specs_here(specs: Sequence[KernelSpec], archs: Sequence[int]) -> list:
+    import importlib
+    out = []
+    for spec in specs:
+        fn = getattr(importlib.import_module(spec.module), spec.attr)
+        out.append(compile_kernel(fn, spec.signature, spec.constexprs, archs, spec.divisible_by_16,
+                                  spec.num_warps, spec.num_stages))
+    return out
+
+
+def compile_kernels(specs: Sequence[KernelSpec], archs: Sequence[int] = ARCHS) -> list:
+    """Compile every spec for every arch; returns one list of :class:`AotResult` per spec.
+
+    In a child process without ``TRITON_INTERPRET`` when the interpreter is on here.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return _compile_specs_here(specs, archs)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    payload = json.dumps({"archs": list(archs), "specs": [dataclasses.asdict(s) for s in specs]})
+    proc = subprocess.run([sys.executable, "-m", "ifbf_fast.utils.triton_aot"], input=payload,
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ahead-of-time compile failed:\n{proc.stderr[-6000:]}")
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [[AotResult(**r) for r in per_spec] for per_spec in rows]
+
+
+def _main() -> None:
+    req = json.loads(sys.stdin.read())
+    specs = [KernelSpec(**s) for s in req["specs"]]
+    results = _compile_specs_here(specs, req["archs"])
+    print(json.dumps([[dataclasses.asdict(r) for r in per_spec] for per_spec in results]))
+
+
+if __name__ == "__main__":
+    _main()

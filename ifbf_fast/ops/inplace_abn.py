@@ -75,20 +75,32 @@ def group_size(group) -> int:
 
 
 def _sync_sum(t: torch.Tensor, group) -> torch.Tensor:
-    """Differentiable all-reduce (sum) over ``group``: its backward all-reduces the gradient."""
+    """Differentiable all-reduce (sum) over ``group``: its backward all-reduces the gradient.
+
+    ``torch.distributed.nn.functional`` is deprecated in favour of functional collectives, but it is
+    the one with autograd support on every torch this project supports; the reference is eager-only.
+    """
+    import warnings
     from torch.distributed.nn.functional import all_reduce
-    return all_reduce(t, group=group)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_reduce(t, group=group)
+
+
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/fp16/bf16 inputs; fp64 for fp64 inputs (so that gradcheck can use the reference)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def batch_statistics_ref(x: torch.Tensor, group=None):
-    """Mean, biased var (fp32, differentiable) and the total count over the group's union batch.
+    """Mean, biased var (fp32, or fp64 for fp64 x; differentiable) and the count over the union batch.
 
     Two passes (mean first, then the centred second moment) rather than sum and sum of squares:
     the reference must stay exact where E[x^2] - E[x]^2 would cancel.
     """
     c = x.shape[1]
     dims = [0] + list(range(2, x.dim()))
-    xf = x.float()
+    xf = x.to(accumulation_dtype(x))
     local_count = x.numel() // c if c else 0
     sync = group_size(group) > 1
     count = torch.tensor([local_count], dtype=torch.int64, device=x.device)
@@ -115,7 +127,7 @@ def inplace_abn_ref(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
                     running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                     training: bool, momentum: float = 0.1, eps: float = 1e-5,
                     activation: str = "leaky_relu", slope: float = 0.01, group=None) -> torch.Tensor:
-    """Reference InPlace-ABN(-Sync). Computes in fp32 and returns ``x``'s dtype.
+    """Reference InPlace-ABN(-Sync). Computes in fp32 (fp64 for fp64 ``x``) and returns ``x``'s dtype.
 
     Updates ``running_mean`` / ``running_var`` in place in training (unbiased variance, as
     ``BatchNorm2d``). ``weight`` / ``bias`` may be ``None`` (affine off: scale 1, shift 0).
@@ -123,6 +135,7 @@ def inplace_abn_ref(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     check_abn_args(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, slope)
     c = x.shape[1]
     shape = [1, c] + [1] * (x.dim() - 2)
+    acc = accumulation_dtype(x)
     if training:
         mean, var, n = batch_statistics_ref(x, group)
         if running_mean is not None and running_var is not None:
@@ -131,13 +144,13 @@ def inplace_abn_ref(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
                 unbiased = var.detach() * (n / (n - 1))
                 running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
     else:
-        mean, var = running_mean.float(), running_var.float()
+        mean, var = running_mean.to(acc), running_var.to(acc)
     scale = torch.rsqrt(var + eps)
     if weight is not None:
-        scale = scale * (weight.float().abs() + eps)
-    y = (x.float() - mean.view(shape)) * scale.view(shape)
+        scale = scale * (weight.to(acc).abs() + eps)
+    y = (x.to(acc) - mean.view(shape)) * scale.view(shape)
     if bias is not None:
-        y = y + bias.float().view(shape)
+        y = y + bias.to(acc).view(shape)
     return apply_activation(y, activation, slope).to(x.dtype)
 
 

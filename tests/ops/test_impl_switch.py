@@ -1,0 +1,54 @@
+"""The implementation switch: precedence, validation, and that "fast" never silently falls back."""
+import pytest
+import torch
+
+from ifbf_fast import ops
+from ifbf_fast.ops import _impl
+
+
+def test_precedence_context_over_set_over_env(monkeypatch):
+    monkeypatch.setenv("IFBF_IMPL", "reference")
+    ops.set_impl(None)
+    assert ops.get_impl() == "reference"
+    ops.set_impl("fast")
+    assert ops.get_impl() == "fast"
+    with ops.use_impl("auto"):
+        assert ops.get_impl() == "auto"
+        with ops.use_impl("reference"):
+            assert ops.get_impl() == "reference"
+        assert ops.get_impl() == "auto"
+    assert ops.get_impl() == "fast"
+    ops.set_impl(None)
+    monkeypatch.delenv("IFBF_IMPL")
+    assert ops.get_impl() == "auto"
+
+
+def test_bad_values_are_named(monkeypatch):
+    with pytest.raises(ValueError, match="'fastest'"):
+        ops.set_impl("fastest")
+    with pytest.raises(ValueError, match="use_impl"):
+        with ops.use_impl("cuda"):
+            pass
+    monkeypatch.setenv("IFBF_IMPL", "quick")
+    with pytest.raises(ValueError, match="IFBF_IMPL"):
+        ops.get_impl()
+
+
+def test_fast_requested_where_it_cannot_run_raises():
+    with ops.use_impl("fast"):
+        with pytest.raises(ops.FastPathUnavailable, match="fbf"):
+            _impl.choose("fbf", "no kernel here")
+        assert _impl.choose("fbf", None) is True
+    with ops.use_impl("auto"):
+        assert _impl.choose("fbf", "no kernel here") is False
+        assert _impl.choose("fbf", None) is True
+    with ops.use_impl("reference"):
+        assert _impl.choose("fbf", None) is False
+
+
+def test_triton_availability_probe(monkeypatch):
+    cpu = torch.zeros(1)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _impl.triton_unavailable_reason(cpu) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "CUDA" in _impl.triton_unavailable_reason(cpu)

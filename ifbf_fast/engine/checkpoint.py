@@ -1,0 +1,111 @@
+"""Checkpoints: written atomically, loaded with ``weights_only=True``, checked for compatibility.
+
+A checkpoint is a dict of tensors and plain Python values only (so ``weights_only=True`` can load it):
+``model``, ``optimizer``, ``scheduler``, ``scaler`` state dicts, ``iteration``, ``epoch``, the loader
+position, the RNG states, the resolved arguments and a ``meta`` block describing the model (backbone,
+classes, ablation switches) that is compared before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import re
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+CKPT_PATTERN = "iter_{:08d}.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: missing, unreadable, or made for another model."""
+
+
+def save_atomic(obj: dict, path: str) -> None:
+    """Write ``obj`` to ``path`` so that a crash at any moment leaves either the old file or the new
+    one, never a truncated file: write to a temporary file in the same folder, fsync, rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    try:  # make the rename itself durable
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def load(path: str, map_location="cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``; a clear error names the file on failure."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} could not be read ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(obj, dict) or "model" not in obj:
+        raise CheckpointError(f"checkpoint {path} is not an ifbf_fast checkpoint (no 'model' entry)")
+    return obj
+
+
+def check_meta(saved: Dict[str, object], current: Dict[str, object], path: str) -> None:
+    """Refuse a checkpoint of another model, naming every field that differs."""
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs this run {current.get(k)!r}"
+             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was made for another model: " + "; ".join(diffs))
+
+
+def list_checkpoints(folder: str) -> List[str]:
+    """Periodic checkpoints in ``folder``, oldest first."""
+    paths = glob.glob(os.path.join(folder, "iter_*.pt"))
+    return sorted(paths, key=lambda p: int(re.search(r"iter_(\d+)\.pt$", p).group(1)))
+
+
+def latest(folder: str) -> Optional[str]:
+    paths = list_checkpoints(folder)
+    return paths[-1] if paths else None
+
+
+def prune(folder: str, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` periodic checkpoints (``best.pt`` is never touched)."""
+    for path in list_checkpoints(folder)[:-keep_last] if keep_last > 0 else []:
+        os.remove(path)
+
+
+def rng_state() -> dict:
+    """Every RNG the training loop draws from, as tensors and plain values (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

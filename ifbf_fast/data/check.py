@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from glob import escape as glob_escape
 from glob import glob
 
-import cv2
 import numpy as np
 
 from .cityscapes import (IMAGE_DIR, IMAGE_SUFFIX, LABEL_DIR, LABEL_SUFFIX, DataReadError,
@@ -112,12 +111,15 @@ def _scan_split(root: str, split: str, report: DatasetReport) -> list[Sample]:
     return pairs
 
 
-def check_dataset(root: str, splits=("train", "val"), workers: int = 1) -> DatasetReport:
+def check_dataset(root: str, splits=("train", "val"), workers: int | None = None) -> DatasetReport:
     """Scan every pair of ``splits`` under ``root``; never raises for a data problem.
 
-    ``workers`` > 1 decodes in a thread pool (OpenCV releases the GIL while decoding), which helps
-    on the full 5000-image dataset; the order of the problems does not depend on it.
+    Decoding runs in ``workers`` threads (default ``min(8, cpu_count)``; OpenCV releases the GIL
+    while decoding): full Cityscapes train+val is ~3500 pairs of 2048x1024 PNGs, about 0.03 s each.
+    The order of the problems does not depend on ``workers``.
     """
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
     root = os.fspath(root)
     report = DatasetReport(root=root)
     if not os.path.isdir(root):
@@ -129,7 +131,6 @@ def check_dataset(root: str, splits=("train", "val"), workers: int = 1) -> Datas
         report.pairs[split] = len(pairs)
         all_pairs.extend(pairs)
     if workers > 1:
-        cv2.setNumThreads(1)  # one decode per thread; avoid oversubscribing a shared machine
         with ThreadPoolExecutor(workers) as pool:
             results = list(pool.map(_check_pair, all_pairs))
     else:
@@ -145,8 +146,8 @@ def main(argv=None) -> int:
         description="Check a Cityscapes tree (layout, pairing, decodability, sizes, label values).")
     parser.add_argument("root", help="folder holding leftImg8bit/ and gtFine/")
     parser.add_argument("--splits", nargs="+", default=["train", "val"])
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="decoding threads")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decoding threads (default: min(8, CPU count))")
     args = parser.parse_args(argv)
     report = check_dataset(args.root, args.splits, workers=args.workers)
     print(report.format())

@@ -12,6 +12,7 @@ batch. So all ranks run the same number of steps, shards are disjoint, and no ba
 short. Each sample's augmentation parameters come from its own generator
 ``np.random.default_rng([seed, epoch, index])`` (``sample_generator``), so they depend neither on
 the number of workers nor on the number of ranks: the DALI pipeline can reproduce them exactly.
+``loader.sampler.skip_batches(n, batch_size)`` after ``set_epoch`` resumes mid-epoch exactly.
 
 Evaluation (``train=False``): no shuffling, rank ``r`` gets indices ``r, r + world_size, ...`` with
 no padding and no drop, so every image is seen exactly once across ranks (ranks may then run one
@@ -56,12 +57,30 @@ class ShardedSampler(Sampler):
         self.size, self.rank, self.world_size = size, rank, world_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch = 0
+        self.skip = 0  # leading indices of this epoch not yielded (mid-epoch resume)
 
     def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's permutation; also clears any ``skip_batches``."""
         self.epoch = int(epoch)
+        self.skip = 0
+
+    def skip_batches(self, num_batches: int, batch_size: int) -> None:
+        """Resume mid-epoch: this epoch (until the next ``set_epoch``) starts after the first
+        ``num_batches`` batches of ``batch_size``. Call it after ``set_epoch``. Since every
+        sample's augmentation is keyed by ``(seed, epoch, index)``, the remaining batches are
+        exactly those an uninterrupted run would have seen, without loading the skipped ones."""
+        skip = int(num_batches) * int(batch_size)
+        full = self.size // self.world_size if self.drop_last else len(self._order())
+        if not 0 <= skip <= full:
+            raise ValueError(f"cannot skip {num_batches} batches of {batch_size}: this rank has "
+                             f"{full} samples per epoch")
+        self.skip = skip
 
     def indices(self) -> list[int]:
-        """This rank's dataset indices for the current epoch, in order."""
+        """This rank's dataset indices for the current epoch, in order (after any skip)."""
+        return self._order()[self.skip:]
+
+    def _order(self) -> list[int]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)  # identical on every rank
             order = torch.randperm(self.size, generator=g).tolist()
@@ -77,8 +96,8 @@ class ShardedSampler(Sampler):
 
     def __len__(self) -> int:
         if self.drop_last:
-            return self.size // self.world_size
-        return len(range(self.rank, self.size, self.world_size))
+            return self.size // self.world_size - self.skip
+        return len(range(self.rank, self.size, self.world_size)) - self.skip
 
 
 class SegmentationSet(Dataset):

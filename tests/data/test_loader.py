@@ -121,3 +121,18 @@ def test_eval_batch_of_mixed_sizes_is_a_clear_error():
              {"image": torch.zeros(3, 4, 5), "label": torch.zeros(4, 5), "name": "b"}]
     with pytest.raises(ValueError, match="batch_size=1"):
         collate(items)
+
+
+def test_skip_batches_resumes_mid_epoch(city):
+    loader = build_loader(city, "train", batch_size=2, crop_size=32, workers=0, seed=3)
+    full = _epoch(loader, 2)
+    loader.set_epoch(2)
+    loader.sampler.skip_batches(1, 2)
+    rest = list(loader)
+    assert len(loader) == len(rest) == len(full) - 1
+    for x, y in zip(full[1:], rest):
+        assert x["name"] == y["name"] and torch.equal(x["image"], y["image"])
+    loader.set_epoch(3)  # a new epoch is whole again
+    assert len(list(loader)) == len(full)
+    with pytest.raises(ValueError, match="cannot skip"):
+        loader.sampler.skip_batches(4, 2)

@@ -8,12 +8,12 @@ Modules: ``labels`` (tables from cityscapesscripts), ``cityscapes`` (layout + re
 """
 
 from .cityscapes import (CityscapesDataset, DataReadError, DatasetLayoutError, Sample, find_pairs,
-                         read_image, read_label, read_label_ids)
+                         png_size, read_image, read_label, read_label_ids)
 from .labels import (CLASS_NAMES, IGNORE_INDEX, LABEL_COLORS, LABEL_ID, LABEL_TO_TRAIN,
                      NUM_CLASSES, PALETTE, TRAIN_TO_LABEL, VALID_LABEL_IDS, colorize,
                      to_label_ids, to_train_ids)
 from .loader import (SegmentationLoader, SegmentationSet, ShardedSampler, build_loader, collate,
-                     sample_generator)
+                     params_for, sample_generator)
 from .transforms import (DEFAULT_CROP, DEFAULT_SCALES, IMAGENET_MEAN, IMAGENET_STD, AugParams,
                          TrainTransform, augment, eval_transform, normalize, sample_params,
                          scaled_size)
@@ -33,12 +33,12 @@ def __getattr__(name):
 
 
 __all__ = [
-    "AugParams", "CLASS_NAMES", "CityscapesDataset", "DEFAULT_CROP", "DEFAULT_SCALES",
-    "DataReadError", "DatasetLayoutError", "DatasetReport", "IGNORE_INDEX", "IMAGENET_MEAN",
-    "IMAGENET_STD", "LABEL_COLORS", "LABEL_ID", "LABEL_TO_TRAIN", "NUM_CLASSES", "PALETTE",
-    "Sample", "SegmentationLoader", "SegmentationSet", "ShardedSampler", "TRAIN_TO_LABEL",
-    "TrainTransform", "VALID_LABEL_IDS", "augment", "build_loader", "check_dataset", "collate",
-    "colorize", "eval_transform", "find_pairs", "generate_city", "normalize", "read_image",
-    "read_label", "read_label_ids", "render_scene", "sample_generator", "sample_params",
-    "scaled_size", "to_label_ids", "to_train_ids",
+    "augment", "AugParams", "build_loader", "check_dataset", "CityscapesDataset", "CLASS_NAMES",
+    "collate", "colorize", "DataReadError", "DatasetLayoutError", "DatasetReport",
+    "DEFAULT_CROP", "DEFAULT_SCALES", "eval_transform", "find_pairs", "generate_city",
+    "IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "LABEL_COLORS", "LABEL_ID",
+    "LABEL_TO_TRAIN", "normalize", "NUM_CLASSES", "PALETTE", "params_for", "png_size",
+    "read_image", "read_label", "read_label_ids", "render_scene", "Sample", "sample_generator",
+    "sample_params", "scaled_size", "SegmentationLoader", "SegmentationSet", "ShardedSampler",
+    "to_label_ids", "to_train_ids", "TRAIN_TO_LABEL", "TrainTransform", "VALID_LABEL_IDS",
 ]

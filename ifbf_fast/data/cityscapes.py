@@ -119,6 +119,15 @@ def _read_bytes(path: str) -> np.ndarray:
     return data
 
 
+def png_size(path: str) -> tuple[int, int]:
+    """(H, W) of a PNG from its IHDR header, without decoding (e.g. to draw ``AugParams``)."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        raise DataReadError(f"cannot read the size of {path!r}: not a PNG file")
+    return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
+
+
 def read_image(path: str) -> np.ndarray:
     """Decode an image file to (H, W, 3) uint8 **RGB**; raises ``DataReadError`` naming the file."""
     image = cv2.imdecode(_read_bytes(path), cv2.IMREAD_COLOR)

@@ -34,13 +34,22 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .cityscapes import CityscapesDataset
-from .transforms import (DEFAULT_CROP, DEFAULT_SCALES, IMAGENET_MEAN, IMAGENET_STD,
-                         TrainTransform, eval_transform)
+from .transforms import (DEFAULT_CROP, DEFAULT_SCALES, IMAGENET_MEAN, IMAGENET_STD, AugParams,
+                         TrainTransform, eval_transform, sample_params)
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The generator that draws the ``AugParams`` of dataset ``index`` in ``epoch``."""
     return np.random.default_rng([int(seed), int(epoch), int(index)])
+
+
+def params_for(seed: int, epoch: int, index: int, image_hw, scales=DEFAULT_SCALES,
+               crop_size=DEFAULT_CROP, flip_prob: float = 0.5) -> AugParams:
+    """The ``AugParams`` the reference loader uses for dataset ``index`` in ``epoch``: what a DALI
+    pipeline feeds (e.g. through ``fn.external_source``) to reproduce it exactly. ``image_hw`` can
+    come from the PNG header (``cityscapes.png_size``) without decoding."""
+    return sample_params(sample_generator(seed, epoch, index), image_hw, scales, crop_size,
+                         flip_prob)
 
 
 class ShardedSampler(Sampler):
@@ -82,8 +91,10 @@ class ShardedSampler(Sampler):
 
     def _order(self) -> list[int]:
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)  # identical on every rank
-            order = torch.randperm(self.size, generator=g).tolist()
+            # identical on every rank; keyed by (seed, epoch) rather than DistributedSampler's
+            # seed + epoch, so that seed 1 epoch 0 does not replay seed 0 epoch 1
+            order = np.random.default_rng([int(self.seed), int(self.epoch)]).permutation(self.size)
+            order = order.tolist()
         else:
             order = list(range(self.size))
         if self.drop_last:

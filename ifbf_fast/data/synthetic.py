@@ -101,7 +101,7 @@ def _draw_scene(c: _Canvas):
     # sky: vertical gradient, lighter towards the horizon
     ramp = np.linspace(0.0, 40.0, h, dtype=np.float32)[:, None, None]
     c.fill(np.ones((h, w), np.uint8), "sky", (90, 140, 200), fine=3, coarse=10)
-    c.image += np.minimum(ramp, 40.0)
+    c.image += ramp  # everything painted later overwrites it
     # skyline: blocks from the top edge of each building down to the image bottom
     x = -rng.integers(0, w // 10 + 1)
     while x < w:

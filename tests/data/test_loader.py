@@ -136,3 +136,24 @@ def test_skip_batches_resumes_mid_epoch(city):
     assert len(list(loader)) == len(full)
     with pytest.raises(ValueError, match="cannot skip"):
         loader.sampler.skip_batches(4, 2)
+
+
+def test_batches_are_augment_of_params_for(city):
+    """The contract the DALI pipeline reproduces: sample ``index`` of ``epoch`` is
+    ``augment(image, label, params_for(seed, epoch, index, (H, W), scales, crop))``."""
+    from ifbf_fast.data import CityscapesDataset, augment, params_for, png_size
+
+    scales, crop = (0.5, 1.0, 1.5), (40, 56)
+    loader = build_loader(city, "train", batch_size=2, crop_size=crop, scales=scales,
+                          workers=0, seed=11)
+    ds = CityscapesDataset(city, "train")
+    order = [i for i, _ in (loader.set_epoch(4) or loader.sampler)]
+    batch = next(iter(loader))
+    for j, index in enumerate(order[:2]):
+        image, label, name = ds.load(index)
+        assert png_size(ds.samples[index].image_path) == image.shape[:2] == (64, 128)
+        p = params_for(11, 4, index, image.shape[:2], scales, crop)
+        img, lab = augment(image, label, p, crop)
+        assert batch["name"][j] == name
+        assert np.array_equal(batch["image"][j].numpy(), img)
+        assert np.array_equal(batch["label"][j].numpy(), lab)

@@ -232,6 +232,9 @@ class NormAct:
                                                 self.momentum, self.group) == \
             (other.kind, other.activation, other.slope, other.eps, other.momentum, other.group)
 
+    def __hash__(self) -> int:
+        return hash((self.kind, self.activation, self.slope, self.eps, self.momentum))
+
 
 def norm_act(kind: str = "inplace_abn_sync", activation: Optional[str] = None, slope: float = 0.01,
              eps: float = 1e-5, momentum: float = 0.1, group=None) -> NormAct:

@@ -50,6 +50,14 @@ def test_state_dict_keys_and_init_match_batchnorm(cls):
 
 
 @pytest.mark.parametrize("cls", ABN_CLASSES)
+def test_affine_false_is_plain_normalisation(cls, reference):
+    m = cls(3, affine=False, activation="identity")
+    assert sorted(m.state_dict()) == sorted(nn.BatchNorm2d(3, affine=False).state_dict())
+    x = torch.randn(2, 3, 4, 5)
+    torch.testing.assert_close(m(x), F.batch_norm(x, None, None, training=True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", ABN_CLASSES)
 @pytest.mark.parametrize("act", ["leaky_relu", "elu", "identity"])
 def test_training_matches_hand_computation(cls, act, reference):
     x = torch.randn(3, 5, 7, 9) * 2 + 0.5

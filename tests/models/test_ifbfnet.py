@@ -9,7 +9,7 @@ import torchvision
 
 from ifbf_fast import ops
 from ifbf_fast.models import ASPP, IFBFNet, build_model, param_groups
-from ifbf_fast.nn import FBF, IFBFLoss, InPlaceABNSync
+from ifbf_fast.nn import IFBFLoss, InPlaceABNSync
 
 
 def _count(m):

@@ -7,12 +7,6 @@ from ifbf_fast import ops
 from ifbf_fast.nn import FBF
 
 
-@pytest.fixture(autouse=True)
-def reference():
-    with ops.use_impl("reference"):
-        yield
-
-
 def test_parameters_and_zero_init_is_scaled_concatenation():
     m = FBF(5, 3)
     assert m.weight.shape == (8, 8, 1, 1) and m.bias.shape == (8,)

@@ -1,0 +1,325 @@
+"""The fused FBF (kernels/fbf.py + the custom ops in ifbf_fast/ops/fbf.py) against ``fbf_ref``.
+
+Runs the Triton kernels under the interpreter on CPU tensors (tests/conftest.py), or compiled on CUDA
+with IFBF_TEST_GPU=1. Every buffer the launchers allocate is poisoned with NaN (``poison`` fixture), so
+an element a kernel fails to write shows up as a mismatch.
+"""
+import importlib
+import os
+
+import pytest
+import torch
+
+from ifbf_fast import ops
+from ifbf_fast.nn.fbf import FBF
+from ifbf_fast.utils.triton_aot import KernelSpec, assert_compiles_cleanly, compile_kernels
+
+K = importlib.import_module("ifbf_fast.kernels.fbf")
+OPS = importlib.import_module("ifbf_fast.ops.fbf")   # the module (ifbf_fast.ops.fbf is the function)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# atol of the flash-attention rule, relative to the largest magnitude of the fp32 reference value
+ATOL = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+NAMES = ("out", "grad_high", "grad_low", "grad_weight", "grad_bias")
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """NaN-fill every buffer the launchers allocate (outputs, gradients, partial sums)."""
+    def _nan_empty(shape, dtype, device, memory_format=torch.contiguous_format):
+        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device).contiguous(
+            memory_format=memory_format)
+    monkeypatch.setattr(K, "_empty", _nan_empty)
+
+
+def _run(fn, high, low, weight, bias, grad):
+    """out and the four gradients of ``fn``; inputs keep their strides (detach() keeps the view)."""
+    leaves = [t.detach().requires_grad_() for t in (high, low, weight, bias)]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad)
+    return [out.detach()] + list(grads)
+
+
+def _fast(*args):
+    with ops.use_impl("fast"):
+        return ops.fbf(*args)
+
+
+def _inputs(device, dtype, n, ch, cl, h, w, layout="nchw", conv_weight=False, wdtype=None):
+    c = ch + cl
+    if layout == "sliced":        # generic strides: h and w do not collapse into one stride
+        high = torch.randn(n, ch + 2, h + 3, 2 * w, device=device, dtype=dtype)[:, 1:ch + 1, 2:h + 2, ::2]
+        low = torch.randn(n, cl, h + 1, w + 4, device=device, dtype=dtype)[:, :, :h, 3:w + 3]
+    elif layout == "sliced_cl":   # a channel slice of a channels_last tensor (flat hw, c stride 1)
+        high = torch.randn(n, ch + 3, h, w, device=device, dtype=dtype).to(memory_format=torch.channels_last)[:, 2:ch + 2]
+        low = torch.randn(n, cl, h, w + 2, device=device, dtype=dtype).to(memory_format=torch.channels_last)[..., 1:w + 1]
+    else:
+        high = torch.randn(n, ch, h, w, device=device, dtype=dtype)
+        low = torch.randn(n, cl, h, w, device=device, dtype=dtype)
+        if layout in ("channels_last", "mixed"):
+            high = high.to(memory_format=torch.channels_last)
+        if layout == "channels_last":
+            low = low.to(memory_format=torch.channels_last)
+    wdtype = wdtype or dtype
+    weight = (torch.randn(c, c, device=device) / c ** 0.5).to(wdtype)
+    bias = torch.randn(c, device=device).to(wdtype)
+    if conv_weight:
+        weight = weight[:, :, None, None]
+    grad = torch.randn(n, c, h, w, device=device, dtype=dtype)
+    return high, low, weight, bias, grad
+
+
+def _check_against_reference(args, fast_res, dtype):
+    """err(fast, ref_fp32) <= 2 * err(ref_lowp, ref_fp32) + atol, per output; reports the worst element."""
+    ref32 = _run(lambda *a: OPS.fbf_ref(*a), *[t.float() for t in args])
+    lowp = _run(lambda *a: OPS.fbf_ref(*a, upcast=False), *args) if dtype != torch.float32 else ref32
+    for name, f, r, lp, inp in zip(NAMES, fast_res, ref32, lowp, (None,) + tuple(args[:4])):
+        if inp is not None:
+            assert f.dtype == inp.dtype and f.shape == inp.shape, f"{name}: {f.dtype} {tuple(f.shape)}"
+        assert torch.isfinite(f).all(), f"{name}: non-finite values (an unwritten, poisoned element?)"
+        err = (f.float() - r).abs()
+        bound = 2 * (lp.float() - r).abs().max() + ATOL[dtype] * (1 + r.abs().max())
+        if err.max() > bound:
+            idx = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
+            pytest.fail(f"{name} {dtype}: max error {err.max():.3g} at {idx} (fast {f.float()[idx]:.6g}, "
+                        f"ref {r[idx]:.6g}) > bound {bound:.3g}")
+
+
+CASES = {  # name: (n, ch, cl, h, w, layout, conv_weight)
+    "odd_nchw": (2, 5, 3, 7, 13, "nchw", False),
+    "channels_last": (1, 17, 9, 4, 5, "channels_last", True),
+    "hw_1": (3, 5, 3, 1, 1, "nchw", True),
+    "hw_major_tail": (2, 6, 10, 24, 25, "nchw", False),     # HW = 600 > 512: the NCHW block, 2 blocks
+    "sliced": (2, 5, 3, 5, 6, "sliced", False),
+    "sliced_channels_last": (3, 5, 4, 3, 7, "sliced_cl", True),
+    "mixed_layouts": (1, 3, 5, 6, 5, "mixed", False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_and_gradients_match_reference(case, dtype, device):
+    n, ch, cl, h, w, layout, conv_weight = CASES[case]
+    args = _inputs(device, dtype, n, ch, cl, h, w, layout, conv_weight)
+    res = _run(_fast, *args)
+    _check_against_reference(args, res, dtype)
+    out = res[0]
+    assert out.is_contiguous(memory_format=K.memory_format_of(args[0])), "out not in high's memory format"
+    if layout in ("channels_last", "sliced_cl") and h * w > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_autocast_bf16_with_fp32_parameters(device):
+    """Under autocast the FBF module's weight/bias stay fp32 while high/low are bf16."""
+    high, low, weight, bias, grad = _inputs(device, torch.bfloat16, 2, 6, 4, 5, 7, conv_weight=True,
+                                            wdtype=torch.float32)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        res = _run(_fast, high, low, weight, bias, grad)
+    assert [t.dtype for t in res] == [torch.bfloat16] * 3 + [torch.float32] * 2
+    assert res[3].shape == weight.shape
+    ref32 = _run(lambda *a: OPS.fbf_ref(*a), *[t.float() for t in (high, low, weight, bias, grad)])
+    for name, f, r in zip(NAMES, res, ref32):
+        torch.testing.assert_close(f.float(), r, atol=2e-2 * (1 + r.abs().max().item()), rtol=1e-2, msg=name)
+
+
+def test_launcher_into_poisoned_buffers_writes_everything(device):
+    """The launchers' own outputs (the op layer aside): every element, both layouts, fp16."""
+    for layout in ("nchw", "channels_last"):
+        high, low, weight, bias, grad = _inputs(device, torch.float16, 2, 3, 2, 3, 11, layout)
+        out, gate, pooled = K.fbf_forward(high, low, weight, bias)
+        gh, gl, gw, gb = K.fbf_backward(grad, high, low, weight, gate, pooled)
+        for t in (out, gate, pooled, gh, gl, gw, gb):
+            assert torch.isfinite(t).all()
+        x = torch.cat([high, low], 1).float()
+        torch.testing.assert_close(pooled, x.mean((2, 3)))
+        torch.testing.assert_close(gate, torch.sigmoid(pooled @ weight.float().t() + bias.float()))
+
+
+def test_extra_outputs_gate_and_pooled_have_gradients(device):
+    """The forward op also returns gate and pooled; their gradients flow back too (opcheck's autograd)."""
+    high, low, weight, bias, _ = _inputs(device, torch.float32, 2, 3, 2, 4, 3)
+    leaves = [t.detach().requires_grad_() for t in (high, low, weight, bias)]
+    out, gate, pooled = OPS.fbf_fwd(*leaves)
+    (out.sum() + (gate * 3).sum() + (pooled ** 2).sum()).backward()
+    refs = [t.detach().requires_grad_() for t in (high, low, weight, bias)]
+    x = torch.cat(refs[:2], 1)
+    p = x.mean((2, 3))
+    g = torch.sigmoid(p @ refs[2].t() + refs[3])
+    ((x * (1 + g[:, :, None, None])).sum() + (g * 3).sum() + (p ** 2).sum()).backward()
+    for a, b in zip(leaves, refs):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_opcheck_custom_ops(device):
+    for layout, conv in (("nchw", False), ("channels_last", True)):
+        high, low, weight, bias, grad = _inputs(device, torch.float32, 2, 3, 2, 3, 5, layout, conv)
+        torch.library.opcheck(OPS.fbf_fwd, (high, low, weight.requires_grad_(), bias.requires_grad_()))
+        out, gate, pooled = OPS.fbf_fwd(high, low, weight.detach(), bias.detach())
+        for extra in ((None, None), (torch.randn_like(gate), torch.randn_like(pooled))):
+            torch.library.opcheck(OPS.fbf_bwd, (grad, high, low, weight.detach(), gate, pooled) + extra)
+
+
+def test_torch_compile_fullgraph_no_graph_breaks(device):
+    """The FBF module compiles into one graph that calls the custom ops; same values as eager."""
+    module = FBF(5, 3).to(device)
+    with torch.no_grad():
+        module.weight.normal_(0, 0.3)
+        module.bias.normal_()
+    high, low, _, _, grad = _inputs(device, torch.float32, 2, 5, 3, 4, 6)
+    explained = torch._dynamo.explain(module)(high, low)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with ops.use_impl("fast"):
+        compiled = torch.compile(module, fullgraph=True, backend=counting_backend)
+        h, l = high.clone().requires_grad_(), low.clone().requires_grad_()
+        out = compiled(h, l)
+        out.backward(grad)
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert any("ifbf_fast.fbf_fwd" in t for t in targets), targets
+    h2, l2 = high.clone().requires_grad_(), low.clone().requires_grad_()
+    grads_c = [h.grad] + [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    with ops.use_impl("fast"):
+        eager = module(h2, l2)
+        eager.backward(grad)
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(grads_c, [h2.grad] + [p.grad for p in module.parameters()]):
+        torch.testing.assert_close(a, b)
+
+    torch._dynamo.reset()
+    with ops.use_impl("fast"):   # AOTAutograd too: the backward graph calls fbf_bwd
+        out_aot = torch.compile(module, fullgraph=True, backend="aot_eager")(high, low)
+    torch.testing.assert_close(out_aot, eager.detach())
+
+
+def test_switch_reaches_kernel_only_when_fast(device, monkeypatch):
+    calls = {"fwd": 0, "bwd": 0}
+    real_fwd, real_bwd = K.fbf_forward, K.fbf_backward
+
+    def spy_fwd(*a):
+        calls["fwd"] += 1
+        return real_fwd(*a)
+
+    def spy_bwd(*a):
+        calls["bwd"] += 1
+        return real_bwd(*a)
+
+    monkeypatch.setattr(K, "fbf_forward", spy_fwd)
+    monkeypatch.setattr(K, "fbf_backward", spy_bwd)
+    args = _inputs(device, torch.float32, 1, 2, 2, 3, 3)
+    _run(_fast, *args)
+    assert calls == {"fwd": 1, "bwd": 1}
+    with ops.use_impl("reference"):
+        ref = _run(ops.fbf, *args)
+    assert calls == {"fwd": 1, "bwd": 1}
+    with ops.use_impl("auto"):   # auto takes the kernel wherever it can run (here: it can)
+        auto = _run(ops.fbf, *args)
+    assert calls == {"fwd": 2, "bwd": 2}
+    torch.testing.assert_close(auto[0], ref[0])
+
+
+def test_where_the_fast_path_cannot_run(device, monkeypatch):
+    high, low, weight, bias, _ = _inputs(device, torch.float64, 1, 2, 2, 3, 3)
+    with ops.use_impl("fast"), pytest.raises(ops.FastPathUnavailable, match="float64"):
+        ops.fbf(high, low, weight, bias)
+    with ops.use_impl("auto"):   # documented: auto takes the reference where the kernels cannot run
+        torch.testing.assert_close(ops.fbf(high, low, weight, bias), OPS.fbf_ref(high, low, weight, bias))
+    # CPU tensors without the interpreter: the switch refuses "fast", the launcher raises by name.
+    cpu = [t.float().cpu() for t in (high, low, weight, bias)]
+    monkeypatch.setattr(K, "INTERPRETER", False)
+    with ops.use_impl("fast"), pytest.raises(ops.FastPathUnavailable, match="TRITON_INTERPRET"):
+        ops.fbf(*cpu)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        K.fbf_forward(*cpu)
+
+
+def test_bad_arguments_have_readable_errors(device):
+    high, low, weight, bias, _ = _inputs(device, torch.float32, 2, 3, 2, 4, 4)
+    with ops.use_impl("fast"):
+        with pytest.raises(ValueError, match=r"weight must be \(5, 5\) or \(5, 5, 1, 1\)"):
+            ops.fbf(high, low, weight[:4, :4], bias)
+        with pytest.raises(ValueError, match=r"bias must be \(5,\)"):
+            ops.fbf(high, low, weight, bias[:3])
+        with pytest.raises(ValueError, match="agree in N, H and W"):
+            ops.fbf(high, low[:, :, :3], weight, bias)
+        with pytest.raises(ValueError, match="same dtype"):
+            ops.fbf(high, low.half(), weight, bias)
+        with pytest.raises(ValueError, match="4-D"):
+            ops.fbf(high[0], low[0], weight, bias)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("IFBF_TEST_GPU", "0") in ("", "0"),
+                    reason="needs a CUDA device with ~30 GB free and IFBF_TEST_GPU=1 (2^31+ elements)")
+def test_int64_offsets_past_2_31(device):
+    n, ch, cl, h, w = 1, 4, 4, 16384, 16400      # N*C*H*W = 2.15e9 > 2^31
+    high, low, weight, bias, _ = _inputs(device, torch.bfloat16, n, ch, cl, h, w)
+    out, gate, pooled = K.fbf_forward(high, low, weight, bias)
+    torch.testing.assert_close(out[:, -1, -1, -8:], (low[:, -1, -1, -8:].float() * (1 + gate[:, -1:])).bfloat16())
+    torch.testing.assert_close(pooled[:, -1], low[:, -1].float().mean((1, 2)), rtol=1e-4, atol=1e-4)
+
+
+# --- ahead-of-time compile of every launched configuration for sm_80 and sm_90 ----------------------
+
+_TT = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+_KERNELS = {"fwd_reduce": ("_fbf_fwd_reduce_kernel", {}), "bwd_reduce": ("_fbf_bwd_reduce_kernel", {}),
+            "fwd_scale": ("_fbf_scale_kernel", {"HAS_SHIFT": False}),
+            "bwd_scale": ("_fbf_scale_kernel", {"HAS_SHIFT": True})}
+# layout -> (block config, FLAT_HW, the stride a real launch specialises to the constant 1, aligned)
+_LAYOUTS = {"nchw": (K.HW_MAJOR, True, "w", True), "channels_last": (K.C_MAJOR, True, "c", True),
+            "nchw_odd_hw": (K.HW_MAJOR, True, "w", False),     # e.g. 219 x 219: rows not 16-B aligned
+            "nchw_short_hw": (K.C_MAJOR, True, "w", True), "generic": (K.C_MAJOR, False, None, False)}
+_VECTORISED = ("nchw", "channels_last")   # layouts that must give ld.global.v2/v4 and st.global.v*
+
+
+def aot_specs():
+    """(name, KernelSpec) for every kernel x dtype x block config / layout the launchers can launch.
+
+    Pointers are marked 16-byte aligned (allocator memory), the contiguous stride as the constant 1, and
+    in aligned layouts the sizes and strides divisible by 16, as a real launch specialises them.
+    """
+    specs = []
+    for kname, (attr, extra) in _KERNELS.items():
+        for dtype, tt in _TT.items():
+            for layout, ((block_c, block_hw, warps), flat, unit, aligned) in _LAYOUTS.items():
+                const = dict(extra, FLAT_HW=flat, BLOCK_C=block_c, BLOCK_HW=block_hw)
+                sig, div = {}, []
+                for a in getattr(K, attr).arg_names:
+                    if a in const:
+                        sig[a] = "constexpr"
+                    elif unit and a.startswith("stride_") and a.endswith(unit):
+                        sig[a], const[a] = "constexpr", 1
+                    else:
+                        is_fp32 = a.split("_")[0] in ("partial", "gate", "shift")
+                        sig[a] = ("*fp32" if is_fp32 else tt) if a.endswith("_ptr") else "i32"
+                        if aligned and a != "N":
+                            div.append(a)
+                        elif a.endswith("_ptr"):          # allocator memory is 16-byte aligned
+                            div.append(a)
+                specs.append((f"{kname}/{str(dtype)[6:]}/{layout}",
+                              KernelSpec(K.__name__, attr, sig, const, tuple(div), num_warps=warps)))
+    return specs
+
+
+def test_every_kernel_configuration_compiles_for_sm80_and_sm90():
+    specs = aot_specs()
+    assert {v for v in K.BLOCK_CONFIGS.values()} <= {_LAYOUTS[k][0] for k in _LAYOUTS}
+    results = compile_kernels([s for _, s in specs])
+    lines = []
+    for (name, _), per_arch in zip(specs, results):
+        assert [r.arch for r in per_arch] == [80, 90]
+        assert_compiles_cleanly(per_arch)
+        for r in per_arch:
+            lines.append(f"{name:40s} sm_{r.arch} regs {r.registers:3d} spills {r.spills} "
+                         f"vec_ld {r.vector_loads} smem {r.shared}")
+            if name.endswith(_VECTORISED):
+                assert r.vector_loads, f"{name} sm_{r.arch}: aligned launch without vectorised loads"
+                assert "st.global.v" in r.ptx or "reduce" in name, f"{name}: stores not vectorised"
+    print("\n".join(lines))

@@ -323,3 +323,24 @@ def test_every_kernel_configuration_compiles_for_sm80_and_sm90():
                 assert r.vector_loads, f"{name} sm_{r.arch}: aligned launch without vectorised loads"
                 assert "st.global.v" in r.ptx or "reduce" in name, f"{name}: stores not vectorised"
     print("\n".join(lines))
+
+
+def test_bench_helpers_count_bytes_and_run(device):
+    """bench/bench_fbf.py's byte count and its timed callables (reference and fast; tiny shapes)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "bench_fbf.py")
+    spec = importlib.util.spec_from_file_location("bench_fbf", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x_bytes = 4 * 320 * 219 * 219 * 2
+    assert bench.bytes_moved((4, 320, 219, 219), torch.bfloat16) == 3 * x_bytes
+    assert bench.bytes_moved((4, 320, 219, 219), torch.bfloat16, backward=True) == 7 * x_bytes
+    assert bench.bytes_moved((1, 2, 3, 4), torch.float32, backward=True) == 7 * 24 * 4
+    for pass_ in bench.PASSES:
+        results = []
+        for provider in ("reference", "fast"):
+            torch.manual_seed(1)   # same inputs for both
+            results.append(bench.make_case(provider, pass_, 2, 3, 2, 4, 5, torch.bfloat16, "channels_last",
+                                           device.type)())
+        for r, f in zip(*[[x] if pass_ == "fwd" else list(x) for x in results]):
+            torch.testing.assert_close(f, r, atol=3e-2, rtol=2e-2)

@@ -1,0 +1,162 @@
+"""FBF benchmarks (pytest-benchmark): reference (eager), torch.compile(reference), fast (Triton).
+
+    python -m pytest bench/bench_fbf.py --benchmark-columns=median,iqr,rounds
+
+The network's shapes (DESIGN section 1): batch 4, FBF1 = 256 + 64 and FBF2 = 256 + 128 channels, at
+219 x 219 (876 / 4, the training crop) and 256 x 512 (full-size Cityscapes / 4); bf16 and fp32; NCHW and
+channels_last; forward and forward+backward. The providers of one case share a group so that they
+print side by side. Each result's ``extra_info`` holds the bytes the op must move (``bytes_moved``), the
+achieved GB/s at the median time and the peak memory the call allocates beyond its inputs.
+``test_copy_bandwidth`` measures the card's copy bandwidth in the same run, the yardstick for GB/s.
+
+For the GPU report script: ``bytes_moved(shape, dtype, backward)`` and ``make_case(...)`` (the callable
+that each benchmark times) are importable; nothing here runs at import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Sequence
+
+import pytest
+import torch
+
+from ifbf_fast import ops
+
+OPS = importlib.import_module("ifbf_fast.ops.fbf")   # the module (ifbf_fast.ops.fbf is the function)
+
+BATCH = 4
+FBFS = {"fbf1": (256, 64), "fbf2": (256, 128)}
+SIZES = {"219x219": (219, 219), "256x512": (256, 512)}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+LAYOUTS = ("nchw", "channels_last")
+PROVIDERS = ("reference", "compiled_reference", "fast")
+PASSES = ("fwd", "fwd_bwd")
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="FBF benchmarks time CUDA kernels; no CUDA device here")
+
+
+def bytes_moved(shape: Sequence[int], dtype: torch.dtype, backward: bool = False) -> int:
+    """Bytes the fused op must move for an output of ``shape`` = (N, C, H, W) (DESIGN section 2).
+
+    Forward: reads x twice (channel means, then the re-weighting) and writes out once: 3 x-sizes.
+    ``backward=True`` counts forward + backward, the backward adding 4 x-sizes: grad_out and x read
+    for sum_hw(grad_out * x), grad_out read again and grad_high/grad_low written: 7 x-sizes in all.
+    The (N, C) and (C, C) terms (weight, gates, partial sums) are left out: < 0.1% at these shapes.
+    """
+    n, c, h, w = shape
+    x_bytes = n * c * h * w * torch.empty((), dtype=dtype).element_size()
+    return x_bytes * (7 if backward else 3)
+
+
+_compiled_ref = None
+
+
+def _provider_fn(provider: str) -> Callable:
+    global _compiled_ref
+    if provider == "reference":
+        return OPS.fbf_ref
+    if provider == "compiled_reference":
+        if _compiled_ref is None:
+            # One static graph per case: 32 cases would pass the default recompile limit and the later
+            # ones would silently run eager.
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, 256)
+            _compiled_ref = torch.compile(OPS.fbf_ref, dynamic=False)
+        return _compiled_ref
+    if provider == "fast":
+        def fast(*args):
+            with ops.use_impl("fast"):
+                return ops.fbf(*args)
+        return fast
+    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+
+
+def make_case(provider: str, pass_: str, n: int, ch: int, cl: int, h: int, w: int, dtype: torch.dtype,
+              layout: str = "nchw", device: str = "cuda") -> Callable[[], object]:
+    """The callable a benchmark times: one forward (``pass_="fwd"``) or forward+backward
+    (``"fwd_bwd"``, gradients of all four inputs via autograd.grad, so nothing accumulates into .grad)
+    on fresh random inputs (never zeros). The weight is a conv's (C, C, 1, 1) and weight and bias are
+    fp32 whatever the activations' dtype, as the model's parameters are under autocast.
+    """
+    c = ch + cl
+    high = torch.randn(n, ch, h, w, device=device, dtype=dtype)
+    low = torch.randn(n, cl, h, w, device=device, dtype=dtype)
+    if layout == "channels_last":
+        high, low = (t.contiguous(memory_format=torch.channels_last) for t in (high, low))
+    weight = torch.randn(c, c, 1, 1, device=device) / c ** 0.5
+    bias = torch.randn(c, device=device)
+    fn = _provider_fn(provider)
+    if pass_ == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(high, low, weight, bias)
+        return run
+    inputs = [t.requires_grad_() for t in (high, low, weight, bias)]
+    grad = torch.randn(n, c, h, w, device=device, dtype=dtype)
+    if layout == "channels_last":
+        grad = grad.contiguous(memory_format=torch.channels_last)
+
+    def run_bwd():
+        out = fn(*inputs)
+        return torch.autograd.grad(out, inputs, grad)
+    return run_bwd
+
+
+def _synced(fn: Callable) -> Callable:
+    def run():
+        fn()
+        torch.cuda.synchronize()
+    return run
+
+
+def _peak_bytes(fn: Callable) -> int:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@needs_cuda
+@pytest.mark.benchmark(group="fbf", warmup=False)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("fbf", list(FBFS))
+@pytest.mark.parametrize("pass_", PASSES)
+def test_fbf(benchmark, pass_, fbf, size, dtype, layout, provider):
+    ch, cl = FBFS[fbf]
+    h, w = SIZES[size]
+    torch.manual_seed(0)
+    run = _synced(make_case(provider, pass_, BATCH, ch, cl, h, w, DTYPES[dtype], layout))
+    for _ in range(3):      # compile (torch.compile, Triton) and warm the allocator outside the timing
+        run()
+    peak = _peak_bytes(run)
+    benchmark.group = f"fbf {pass_} {fbf} {size} {dtype} {layout}"
+    benchmark(run)
+    nbytes = bytes_moved((BATCH, ch + cl, h, w), DTYPES[dtype], backward=pass_ == "fwd_bwd")
+    median = benchmark.stats["median"]
+    benchmark.extra_info.update(
+        provider=provider, bytes_moved=nbytes, gb_per_s=nbytes / median / 1e9, median_ms=median * 1e3,
+        peak_mem_bytes=peak, device=torch.cuda.get_device_name())
+
+
+@needs_cuda
+@pytest.mark.benchmark(group="copy bandwidth", warmup=False)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_copy_bandwidth(benchmark, dtype):
+    """dst.copy_(src) on a tensor the size of FBF2's output at 256x512: the card's practical bandwidth."""
+    src = torch.randn(BATCH, 384, 256, 512, device="cuda", dtype=DTYPES[dtype])
+    dst = torch.empty_like(src)
+    run = _synced(lambda: dst.copy_(src))
+    for _ in range(3):
+        run()
+    benchmark(run)
+    nbytes = 2 * src.numel() * src.element_size()
+    benchmark.extra_info.update(bytes_moved=nbytes, gb_per_s=nbytes / benchmark.stats["median"] / 1e9,
+                                device=torch.cuda.get_device_name())

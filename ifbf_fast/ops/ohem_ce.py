@@ -14,7 +14,8 @@ the hard set when it holds at least k pixels (it then contains the k largest), e
 from __future__ import annotations
 
 import math
-from typing import Optional
+import os
+from typing import Optional, Tuple
 
 import torch
 
@@ -84,11 +85,119 @@ def ohem_cross_entropy_ref(logits: torch.Tensor, target: torch.Tensor, keep_rati
     return total / kept.sum().clamp_min(1).to(total.dtype)
 
 
+# --- the fast path: Triton kernels (kernels/ohem_ce.py) as custom ops ----------------------------
+#
+# torch.library.custom_op (not triton_op: it does not trace under TRITON_INTERPRET, ../shared/GPU.md
+# section 5), with fake kernels and an autograd registration, so that torch.compile(fullgraph=True)
+# keeps a loss call in one graph. The forward op returns, besides the loss, the per-pixel fp32 losses
+# (the one value per pixel the backward may keep) and a small int32 state (histograms, counters, the
+# cut and weights); the backward op recomputes the softmax from the logits.
+
+_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_CLASSES = 256
+
+# Opt-in eager label check for the fast path: the kernels never read out of bounds for a label
+# outside [0, C) (they poison the result and the gradient with NaN instead), but raising the
+# reference's ValueError needs a host synchronisation, so it is off by default. Turn it on with
+# IFBF_OHEM_CHECK_LABELS=1 or set_label_check(True) while debugging a data pipeline (under
+# torch.compile it costs a graph break).
+_check_labels: Optional[bool] = None
+
+
+def set_label_check(enabled: Optional[bool]) -> None:
+    """Make the fast path raise ValueError on a bad label (a host sync); ``None``: read the env var."""
+    global _check_labels
+    _check_labels = enabled
+
+
+def _label_check_enabled() -> bool:
+    if _check_labels is not None:
+        return _check_labels
+    return os.environ.get("IFBF_OHEM_CHECK_LABELS", "0") not in ("", "0")
+
+
+def _raise_on_bad_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    valid = target != ignore_index
+    bad = valid & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise ValueError(f"ohem_cross_entropy: target holds label {value}, outside [0, {num_classes}) "
+                         f"and not ignore_index={ignore_index}")
+
+
+@torch.library.custom_op("ifbf_fast::ohem_ce_fwd", mutates_args=())
+def _ohem_ce_fwd_op(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float, thresh: float,
+                    ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, per-pixel losses, state); ``thresh < 0`` means no threshold."""
+    from ifbf_fast.kernels.ohem_ce import ohem_ce_fwd
+    return ohem_ce_fwd(logits, target, keep_ratio, thresh, ignore_index)
+
+
+@_ohem_ce_fwd_op.register_fake
+def _ohem_ce_fwd_fake(logits, target, keep_ratio, thresh, ignore_index):
+    from ifbf_fast.kernels.ohem_ce import STATE_SIZE
+    n, _, h, w = logits.shape
+    return (logits.new_empty((), dtype=torch.float32), logits.new_empty((n, h, w), dtype=torch.float32),
+            logits.new_empty((STATE_SIZE,), dtype=torch.int32))
+
+
+@torch.library.custom_op("ifbf_fast::ohem_ce_bwd", mutates_args=())
+def _ohem_ce_bwd_op(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, losses: torch.Tensor,
+                    state: torch.Tensor) -> torch.Tensor:
+    """grad_logits (the logits' dtype, laid out like ``torch.empty_like(logits)``)."""
+    from ifbf_fast.kernels.ohem_ce import ohem_ce_bwd
+    return ohem_ce_bwd(grad, logits, target, losses, state)
+
+
+@_ohem_ce_bwd_op.register_fake
+def _ohem_ce_bwd_fake(grad, logits, target, losses, state):
+    return torch.empty_like(logits)
+
+
+def _ohem_ce_setup_context(ctx, inputs, output):
+    logits, target = inputs[0], inputs[1]
+    _, losses, state = output
+    ctx.save_for_backward(logits, target, losses, state)
+
+
+def _ohem_ce_backward(ctx, grad_loss, grad_losses, grad_state):
+    # Only the loss is differentiable; the per-pixel losses and the state are internal outputs.
+    logits, target, losses, state = ctx.saved_tensors
+    grad_logits = None
+    if ctx.needs_input_grad[0]:
+        grad_logits = _ohem_ce_bwd_op(grad_loss, logits, target, losses, state)
+    return grad_logits, None, None, None, None
+
+
+_ohem_ce_fwd_op.register_autograd(_ohem_ce_backward, setup_context=_ohem_ce_setup_context)
+
+
+def ohem_cross_entropy_fast(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float = 0.75,
+                            thresh: Optional[float] = None, ignore_index: int = 255) -> torch.Tensor:
+    """The fused Triton OHEM cross-entropy (no host synchronisation; see kernels/ohem_ce.py).
+
+    Same value as :func:`ohem_cross_entropy_ref` up to fp32 rounding, ties included. Gradient: the
+    reference's wherever no tie sits at the k-th largest loss; with ties, each tied pixel gets the
+    fraction ``(k - n_greater) / n_tied`` of a kept pixel's weight. A label outside ``[0, C)`` that
+    is not ``ignore_index`` makes the loss and every gradient element NaN (never an out-of-bounds
+    read); :func:`set_label_check` turns on the reference's ValueError instead (a host sync).
+    """
+    check_ohem_args(logits, target, keep_ratio, thresh, ignore_index)
+    if _label_check_enabled():
+        _raise_on_bad_labels(target, logits.shape[1], ignore_index)
+    thresh_arg = -1.0 if thresh is None else float(thresh)
+    return _ohem_ce_fwd_op(logits, target, float(keep_ratio), thresh_arg, int(ignore_index))[0]
+
+
 def _fast_unavailable(logits: torch.Tensor) -> str | None:
     try:
         from ifbf_fast.kernels import ohem_ce as _k  # noqa: F401
     except ImportError as exc:
         return f"the Triton OHEM kernel is not available ({exc})"
+    if logits.dtype not in _FAST_DTYPES:
+        return f"the Triton OHEM kernel takes fp32/fp16/bf16 logits; got {logits.dtype}"
+    if logits.dim() == 4 and logits.shape[1] > _MAX_CLASSES:
+        return f"the Triton OHEM kernel holds at most {_MAX_CLASSES} classes; got {logits.shape[1]}"
     return triton_unavailable_reason(logits)
 
 
@@ -96,7 +205,5 @@ def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, keep_ratio: f
                        thresh: Optional[float] = None, ignore_index: int = 255) -> torch.Tensor:
     """OHEM cross-entropy through the implementation switch (fast Triton path or the reference)."""
     if choose("ohem_cross_entropy", _fast_unavailable(logits)):
-        from ifbf_fast.kernels.ohem_ce import ohem_cross_entropy_fast
-        check_ohem_args(logits, target, keep_ratio, thresh, ignore_index)
         return ohem_cross_entropy_fast(logits, target, keep_ratio, thresh, ignore_index)
     return ohem_cross_entropy_ref(logits, target, keep_ratio, thresh, ignore_index)

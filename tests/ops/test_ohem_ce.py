@@ -1,0 +1,364 @@
+"""The fused Triton OHEM cross-entropy against its reference (under the interpreter unless IFBF_TEST_GPU=1).
+
+Values are compared whatever the ties; gradients only on inputs whose k-th largest loss is separated
+from its neighbours (the reference's ``topk`` picks arbitrary tied pixels), except in the tie test,
+which checks the documented tie-symmetric weights. Ahead-of-time compile of every launched kernel
+configuration lives in test_ohem_ce_aot.py.
+"""
+import math
+import struct
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ifbf_fast import ops
+from ifbf_fast.kernels import ohem_ce as K
+from ifbf_fast.ops import ohem_ce as O
+from ifbf_fast.ops.ohem_ce import num_kept, ohem_cross_entropy_fast, ohem_cross_entropy_ref
+
+# Both paths compute the per-pixel loss in fp32 from the same logits; the low-precision gradients
+# differ by the final rounding to the logits' dtype.
+LOSS_TOL = dict(atol=1e-5, rtol=1e-5)
+GRAD_TOL = {torch.float32: dict(atol=1e-6, rtol=1e-4), torch.float16: dict(atol=1e-6, rtol=2e-3),
+            torch.bfloat16: dict(atol=1e-5, rtol=1.6e-2)}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _inputs(shape, dtype, device, ignore_frac=0.2, scale=2.0, ignore_index=255):
+    n, c, h, w = shape
+    logits = (torch.randn(shape) * scale).to(dtype).to(device)
+    target = torch.randint(0, c, (n, h, w))
+    target[torch.rand(n, h, w) < ignore_frac] = ignore_index
+    return logits, target.to(device)
+
+
+def _run(fn, logits, target, *args, grad_out=1.0, **kwargs):
+    x = logits.detach().clone().requires_grad_(True)
+    loss = fn(x, target, *args, **kwargs)
+    (loss * grad_out).backward()
+    return loss.detach(), x.grad
+
+
+def _ref_losses(logits, target, ignore_index=255):
+    valid = target != ignore_index
+    logp = torch.log_softmax(logits.float(), 1)
+    loss = -logp.gather(1, torch.where(valid, target, 0).long().unsqueeze(1)).squeeze(1)
+    return loss[valid]
+
+
+def _separated_at_kth(logits, target, keep_ratio, ignore_index=255, gap=1e-4):
+    losses = _ref_losses(logits, target, ignore_index).sort(descending=True).values
+    k = num_kept(losses.numel(), keep_ratio)
+    if k == 0 or k == losses.numel():
+        return True
+    return bool(losses[k - 1] - losses[k] > gap * max(1.0, float(losses[k - 1])))
+
+
+def _assert_close(got, want, what, **tol):
+    try:
+        torch.testing.assert_close(got, want, **tol)
+    except AssertionError as exc:
+        err = (got.float() - want.float()).abs()
+        where = tuple(int(i) for i in torch.nonzero(err == err.max())[0]) if err.dim() else ()
+        raise AssertionError(f"{what}: largest error {float(err.max()):.3g} at {where}\n{exc}") from None
+
+
+def _check_against_ref(logits, target, keep_ratio=0.75, thresh=None, dtype=None, grad_out=1.0):
+    dtype = dtype or logits.dtype
+    got, g_got = _run(ohem_cross_entropy_fast, logits, target, keep_ratio, thresh, grad_out=grad_out)
+    want, g_want = _run(ohem_cross_entropy_ref, logits, target, keep_ratio, thresh, grad_out=grad_out)
+    assert got.dtype == torch.float32 and got.shape == ()
+    _assert_close(got, want, "loss", **LOSS_TOL)
+    assert g_got.dtype == logits.dtype and g_got.shape == logits.shape
+    _assert_close(g_got, g_want, "grad_logits", **GRAD_TOL[dtype])
+
+
+def _fresh_separated(shape, dtype, device, keep_ratio, thresh=None, **kw):
+    for _ in range(20):
+        logits, target = _inputs(shape, dtype, device, **kw)
+        if shape[1] == 1:          # every loss is 0 and every gradient 0: ties are harmless
+            return logits, target
+        if _separated_at_kth(logits, target, keep_ratio) and (
+                thresh is None or _separated_at_kth_value(logits, target, -math.log(thresh))):
+            return logits, target
+    raise RuntimeError("no input without near-ties in 20 draws")
+
+
+def _separated_at_kth_value(logits, target, cut, gap=1e-4):
+    losses = _ref_losses(logits, target)
+    return bool(((losses - cut).abs() > gap).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 19, 7, 13), (1, 1, 5, 3), (3, 5, 1, 1), (1, 4, 1, 37)], ids=str)
+@pytest.mark.parametrize("keep_ratio", [0.75, 0.3])
+def test_matches_reference(device, dtype, shape, keep_ratio):
+    logits, target = _fresh_separated(shape, dtype, device, keep_ratio)
+    _check_against_ref(logits, target, keep_ratio, grad_out=0.37)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("thresh", [0.7, 1e-4, 1.0])
+def test_thresh_union(device, dtype, thresh):
+    # keep_ratio 0.3 with thresh 0.7: the hard set outnumbers k (it is kept whole); 1e-4: it does not.
+    logits, target = _fresh_separated((2, 19, 7, 13), dtype, device, 0.3, thresh=thresh, scale=3.0)
+    _check_against_ref(logits, target, 0.3, thresh)
+
+
+def test_thresh_both_regimes_are_exercised(device):
+    logits, target = _inputs((2, 19, 7, 13), torch.float32, device, scale=3.0)
+    losses = _ref_losses(logits, target)
+    k = num_kept(losses.numel(), 0.3)
+    assert int((losses > -math.log(0.7)).sum()) >= k > int((losses > -math.log(1e-4)).sum())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_keep_all_is_plain_cross_entropy(device, dtype):
+    logits, target = _inputs((2, 19, 7, 13), dtype, device)
+    got, g_got = _run(ohem_cross_entropy_fast, logits, target, 1.0)
+    want, g_want = _run(lambda x, t: F.cross_entropy(x.float(), t, ignore_index=255), logits, target)
+    _assert_close(got, want, "loss", **LOSS_TOL)
+    _assert_close(g_got, g_want, "grad_logits", **GRAD_TOL[dtype])
+    _check_against_ref(logits, target, 1.0)
+
+
+@pytest.mark.parametrize("n_valid", [1, 2, 3])
+@pytest.mark.parametrize("keep_ratio", [0.75, 0.01, 1.0])
+def test_tiny_valid_sets(device, n_valid, keep_ratio):
+    logits, target = _inputs((1, 19, 4, 5), torch.float32, device, ignore_frac=0.0)
+    keep = torch.randperm(20)[:n_valid]                         # valid pixels anywhere in the image
+    flat = torch.full((20,), 255, dtype=torch.long)
+    flat[keep] = torch.randint(0, 19, (n_valid,))
+    target = flat.view(1, 4, 5).to(device)
+    if _separated_at_kth(logits, target, keep_ratio):
+        _check_against_ref(logits, target, keep_ratio)
+    else:
+        torch.testing.assert_close(ohem_cross_entropy_fast(logits, target, keep_ratio),
+                                   ohem_cross_entropy_ref(logits, target, keep_ratio), **LOSS_TOL)
+
+
+@pytest.mark.parametrize("shape", [(2, 19, 7, 13), (0, 19, 3, 3), (2, 19, 0, 5)], ids=str)
+@pytest.mark.parametrize("thresh", [None, 0.7])
+def test_all_ignored_gives_zero_and_zero_grads(device, shape, thresh):
+    logits = torch.randn(shape, device=device) * 100
+    target = torch.full((shape[0],) + shape[2:], 255, dtype=torch.long, device=device)
+    loss, grad = _run(ohem_cross_entropy_fast, logits, target, 0.75, thresh)
+    assert float(loss) == 0.0
+    assert torch.equal(grad, torch.zeros_like(grad))
+    assert float(ohem_cross_entropy_ref(logits, target, 0.75, thresh)) == 0.0
+
+
+@pytest.mark.parametrize("keep_ratio", [0.75, 0.5, 0.05])
+def test_equal_losses_value_matches_whatever_the_tie(device, keep_ratio):
+    # Every pixel has the same loss log(C): the k-th value is tied with all others.
+    logits = torch.zeros(2, 19, 7, 13, device=device)
+    target = torch.randint(0, 19, (2, 7, 13), device=device)
+    torch.testing.assert_close(ohem_cross_entropy_fast(logits, target, keep_ratio),
+                               ohem_cross_entropy_ref(logits, target, keep_ratio), **LOSS_TOL)
+    torch.testing.assert_close(ohem_cross_entropy_fast(logits, target, keep_ratio),
+                               torch.tensor(math.log(19), device=device), **LOSS_TOL)
+
+
+def test_ties_at_kth_value_and_tie_symmetric_gradient(device):
+    # 12 valid pixels: 4 clearly hard, 6 tied at the same loss, 2 easy; k = ceil(0.5 * 12) = 6,
+    # so the top 6 take all 4 hard pixels and 2 of the 6 tied ones.
+    c = 5
+    logits = torch.randn(1, c, 3, 5, device=device)
+    target = torch.zeros(1, 3, 5, dtype=torch.long, device=device)
+    row = torch.tensor([0.0, 1.0, -1.0, 0.5, 2.0], device=device)
+    tied = [4, 5, 6, 7, 8, 9]
+    flat_logits = logits.view(c, 15)
+    for p in tied:
+        flat_logits[:, p] = row                                # identical rows and labels: equal losses
+    for p in range(4):
+        flat_logits[:, p] = torch.tensor([-6.0, 1.0, 2.0, 0.0, 0.0]) + p   # loss ~ 8: hard
+    for p in (10, 11):
+        flat_logits[:, p] = torch.tensor([6.0, 0.0, 0.0, 0.0, 0.0])        # loss ~ 0: easy
+    target.view(-1)[12:] = 255
+    loss, grad = _run(ohem_cross_entropy_fast, logits, target, 0.5)
+    torch.testing.assert_close(loss, ohem_cross_entropy_ref(logits, target, 0.5), **LOSS_TOL)
+    prob = torch.softmax(logits.view(c, 15).t(), 1)
+    onehot = F.one_hot(target.view(-1).clamp_max(c - 1), c).float()
+    weight = torch.zeros(15, device=device)
+    weight[:4] = 1.0
+    weight[tied] = 2.0 / 6.0                                   # (k - n_greater) / n_tied
+    expected = ((prob - onehot) * weight[:, None] / 6.0).t().reshape(1, c, 3, 5)
+    _assert_close(grad, expected, "tie-symmetric grad", atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_large_logits_stay_finite(device, dtype):
+    logits = (torch.randn(2, 19, 7, 13) * 1e4).clamp(-6e4, 6e4).to(dtype).to(device)
+    target = torch.randint(0, 19, (2, 7, 13), device=device)
+    loss, grad = _run(ohem_cross_entropy_fast, logits, target, 0.75)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, ohem_cross_entropy_ref(logits, target), atol=1e-2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "permuted_target"])
+def test_layouts(device, dtype, layout):
+    logits, target = _fresh_separated((2, 19, 7, 26), dtype, device, 0.75)
+    if layout == "channels_last":
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        logits, target = logits[:, :, :, ::2], target[:, :, ::2]       # non-contiguous, H x W not dense
+    else:
+        target = target.transpose(1, 2).contiguous().transpose(1, 2)    # target with swapped strides
+    if not _separated_at_kth(logits, target, 0.75):
+        pytest.skip("slice drew a near-tie at the k-th value")
+    if layout == "permuted_target":
+        # The reference itself cannot take this target (zeros_like keeps its strides, then view(-1)):
+        # compare with the same labels laid out contiguously.
+        got, g_got = _run(ohem_cross_entropy_fast, logits, target)
+        want, g_want = _run(ohem_cross_entropy_ref, logits, target.contiguous())
+        _assert_close(got, want, "loss", **LOSS_TOL)
+        _assert_close(g_got, g_want, "grad_logits", **GRAD_TOL[dtype])
+        return
+    _check_against_ref(logits, target, 0.75)
+    if layout == "channels_last":
+        _, grad = _run(ohem_cross_entropy_fast, logits, target)
+        assert grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_every_grad_element_written(device, layout):
+    logits, target = _inputs((2, 19, 7, 13), torch.float32, device)
+    if layout == "channels_last":
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    _, losses, state = K.ohem_ce_fwd(logits, target, 0.75, -1.0, 255)
+    poisoned = torch.full_like(logits, float("nan"))
+    out = K.ohem_ce_bwd(torch.tensor(1.0, device=device), logits, target, losses, state, poisoned)
+    assert out is poisoned and not torch.isnan(out).any()
+    _, want = _run(ohem_cross_entropy_ref, logits, target)
+    if _separated_at_kth(logits, target, 0.75):
+        _assert_close(out, want, "grad_logits", **GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("n_valid,keep_ratio", [(10, 0.7), (64, 0.07), (29, 0.29), (57, 0.57), (3, 1 / 3),
+                                                (49, 0.1), (64, 0.75), (1, 1e-300)])
+def test_device_k_matches_num_kept(device, n_valid, keep_ratio):
+    # Products such as 0.7 * 10 = 7.000000000000001 round up: k must follow num_kept exactly.
+    logits = torch.randn(1, 3, 8, 8, device=device)
+    target = torch.full((1, 8, 8), 255, dtype=torch.long, device=device)
+    target.view(-1)[:n_valid] = torch.randint(0, 3, (n_valid,), device=device)
+    _, _, state = K.ohem_ce_fwd(logits, target, keep_ratio, -1.0, 255)
+    inv_n = struct.unpack("<f", struct.pack("<i", int(state[K.SLOT_INV_N])))[0]
+    assert int(state[K.SLOT_N_VALID]) == n_valid
+    assert round(1.0 / inv_n) == num_kept(n_valid, keep_ratio)
+
+
+def test_bad_labels_poison_the_result_and_can_raise(device):
+    logits, target = _inputs((2, 19, 7, 13), torch.float32, device)
+    for bad in (19, -3, 2 ** 40 + 1):            # 2**40 + 1 must not wrap to a valid class id
+        t = target.clone()
+        t[1, 3, 4] = bad
+        for thresh in (None, 0.99):              # with 0.99 the hard set holds >= k pixels
+            loss, grad = _run(ohem_cross_entropy_fast, logits, t, 0.75, thresh)
+            assert torch.isnan(loss) and torch.isnan(grad).all()
+        with pytest.raises(ValueError, match=f"label {bad}"):
+            ohem_cross_entropy_ref(logits, t)
+        O.set_label_check(True)
+        try:
+            with pytest.raises(ValueError, match=f"label {bad}"):
+                ohem_cross_entropy_fast(logits, t)
+        finally:
+            O.set_label_check(None)
+
+
+def test_nan_logits_poison_the_result(device):
+    logits, target = _inputs((1, 19, 7, 13), torch.float32, device, ignore_frac=0.0)
+    logits[0, :, 2, 2] = float("nan")
+    loss, grad = _run(ohem_cross_entropy_fast, logits, target, 0.75)
+    assert torch.isnan(loss) and torch.isnan(grad).all()
+
+
+def test_switch_routes_to_the_fast_path(device):
+    logits, target = _inputs((1, 19, 7, 13), torch.float32, device)
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for impl, expect_fast in (("fast", True), ("auto", True), ("reference", False)):
+        seen.clear()
+        with ops.use_impl(impl), Spy():
+            loss = ops.ohem_cross_entropy(logits, target)
+        assert any("ohem_ce_fwd" in s for s in seen) == expect_fast, impl
+        torch.testing.assert_close(loss, ohem_cross_entropy_ref(logits, target), **LOSS_TOL)
+    with ops.use_impl("fast"), pytest.raises(ops.FastPathUnavailable, match="float64"):
+        ops.ohem_cross_entropy(logits.double(), target)
+    with ops.use_impl("auto"):        # fp64 logits: the reference, not an error
+        torch.testing.assert_close(ops.ohem_cross_entropy(logits.double(), target),
+                                   ohem_cross_entropy_ref(logits.double(), target))
+
+
+# aten ops whose output shape depends on the data, or that copy a value to the host.
+_SYNCING = ("nonzero", "masked_select", "_local_scalar_dense", "item", "topk", "sort", "unique",
+            "masked_scatter", "argwhere")
+
+
+def test_no_host_sync_or_data_dependent_shapes(device):
+    logits, target = _inputs((2, 19, 7, 13), torch.bfloat16, device)
+    x = logits.clone().requires_grad_(True)
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with Record():
+            loss = ohem_cross_entropy_fast(x, target, 0.75, 0.7)
+            loss.backward()
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert any("ohem_ce_fwd" in s for s in seen) and any("ohem_ce_bwd" in s for s in seen)
+    bad = [s for s in seen if s.split(".")[0] in _SYNCING]
+    assert not bad, f"host-synchronising or data-dependent ops on the fast path: {bad}"
+    # The spy works: the reference does trip it.
+    seen.clear()
+    with Record():
+        ohem_cross_entropy_ref(logits, target)
+    assert any(s.split(".")[0] in _SYNCING for s in seen)
+
+
+def test_opcheck(device):
+    logits, target = _inputs((2, 5, 3, 4), torch.float32, device)
+    x = logits.requires_grad_(True)
+    torch.library.opcheck(torch.ops.ifbf_fast.ohem_ce_fwd.default, (x, target, 0.75, 0.7, 255))
+    torch.library.opcheck(torch.ops.ifbf_fast.ohem_ce_fwd.default,
+                          (x.detach().contiguous(memory_format=torch.channels_last), target, 0.5, -1.0, 255))
+    _, losses, state = K.ohem_ce_fwd(logits.detach(), target, 0.75, -1.0, 255)
+    torch.library.opcheck(torch.ops.ifbf_fast.ohem_ce_bwd.default,
+                          (torch.tensor(1.0, device=device), logits.detach(), target, losses, state))
+
+
+def test_compile_fullgraph_no_graph_breaks(device):
+    import torch._dynamo
+
+    logits, target = _fresh_separated((2, 19, 7, 13), torch.float32, device, 0.75)
+
+    def step(x, t):
+        return ops.ohem_cross_entropy(x * 1.5, t, 0.75, 0.7) * 2.0
+
+    torch._dynamo.reset()
+    with ops.use_impl("fast"):
+        explain = torch._dynamo.explain(step)(logits, target)
+        assert explain.graph_break_count == 0 and explain.graph_count == 1, explain
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        loss, grad = _run(compiled, logits, target)
+        want, g_want = _run(step, logits, target)
+    _assert_close(loss, want, "compiled loss", **LOSS_TOL)
+    _assert_close(grad, g_want, "compiled grad", **GRAD_TOL[torch.float32])
+    ref, g_ref = _run(lambda x, t: ohem_cross_entropy_ref(x * 1.5, t, 0.75, 0.7) * 2.0, logits, target)
+    _assert_close(loss, ref, "compiled loss vs reference", **LOSS_TOL)
+    _assert_close(grad, g_ref, "compiled grad vs reference", **GRAD_TOL[torch.float32])

@@ -438,3 +438,75 @@ def ohem_ce_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tens
         SLOT_N_VALID=SLOT_N_VALID, BLOCK_P=block_p, BLOCK_C=block_c,
         FLAT_HW=_flat_hw(logits, target, grad_logits), num_warps=warps)
     return grad_logits
+
+
+# --- what the launchers compile, for the ahead-of-time compile test -----------------------------
+
+_TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
+             torch.int32: "i32", torch.uint8: "u8", torch.int16: "i16", torch.int8: "i8"}
+
+
+def kernel_specs(num_classes: int, logits_dtype: torch.dtype, target_dtype: torch.dtype = torch.int64,
+                 channels_last: bool = False, aligned: bool = True) -> list:
+    """``KernelSpec``s of the forward and backward launches for one input kind (see utils.triton_aot).
+
+    Dense NCHW or channels_last inputs (the unit stride is specialised to 1 as a real launch does);
+    ``aligned`` marks what a real launch at 876 x 876 marks divisible by 16 (pointers, H*W, the
+    batch strides and the class stride of NCHW). The dtype-independent selection kernels are in
+    :func:`select_kernel_specs`.
+    """
+    from ifbf_fast.utils.triton_aot import KernelSpec
+
+    block_p, block_c, warps = block_sizes(num_classes)
+    lt, tt = _TL_TYPES[logits_dtype], _TL_TYPES[target_dtype]
+    unit = "stride_lc" if channels_last else "stride_lw"
+    common = {"C": "i32", "HW": "i32", "W": "i32", "stride_ln": "i32", "stride_lc": "i32", "stride_lh": "i32",
+              "stride_lw": "i32", "stride_tn": "i32", "stride_th": "i32", "stride_tw": "constexpr",
+              unit: "constexpr"}
+    consts = {"stride_tw": 1, unit: 1, "SLOT_N_VALID": SLOT_N_VALID, "BLOCK_P": block_p, "BLOCK_C": block_c,
+              "FLAT_HW": True}
+    div = ["logits_ptr", "target_ptr", "HW", "stride_ln", "stride_tn"] + ([] if channels_last else ["stride_lc"])
+    fwd_sig = dict(common, logits_ptr=f"*{lt}", target_ptr=f"*{tt}", loss_ptr="*fp32", state_ptr="*i32",
+                   ignore_index="i32", BLOCK_P="constexpr", BLOCK_C="constexpr", TILES="constexpr",
+                   RADIX_BITS="constexpr", SLOT_N_VALID="constexpr", FLAT_HW="constexpr")
+    gunit = "stride_gc" if channels_last else "stride_gw"
+    bwd_sig = dict(common, grad_out_ptr="*fp32", logits_ptr=f"*{lt}", target_ptr=f"*{tt}", loss_ptr="*fp32",
+                   state_ptr="*i32", grad_ptr=f"*{lt}", stride_gn="i32", stride_gc="i32", stride_gh="i32",
+                   stride_gw="i32", SLOT_N_VALID="constexpr", BLOCK_P="constexpr", BLOCK_C="constexpr",
+                   FLAT_HW="constexpr")
+    bwd_sig[gunit] = "constexpr"
+    mod = __name__
+    return [
+        KernelSpec(mod, "_ohem_ce_fwd_kernel", fwd_sig,
+                   dict(consts, TILES=FWD_TILES, RADIX_BITS=RADIX_BITS),
+                   divisible_by_16=tuple(div + ["loss_ptr", "state_ptr"]) if aligned else (), num_warps=warps),
+        KernelSpec(mod, "_ohem_ce_bwd_kernel", bwd_sig, dict(consts, **{gunit: 1}),
+                   divisible_by_16=tuple(div + ["loss_ptr", "state_ptr", "grad_ptr", "grad_out_ptr", "stride_gn"]
+                                         + ([] if channels_last else ["stride_gc"])) if aligned else (),
+                   num_warps=warps),
+    ]
+
+
+def select_kernel_specs() -> list:
+    """``KernelSpec``s of the radix, reduce and finalize launches (independent of dtype and classes)."""
+    from ifbf_fast.utils.triton_aot import KernelSpec
+
+    mod = __name__
+    base = {"loss_ptr": "*fp32", "state_ptr": "*i32", "P": "i32", "keep_hi": "i32", "keep_lo": "i32",
+            "RADIX_BITS": "constexpr", "SLOT_N_VALID": "constexpr", "BLOCK": "constexpr"}
+    consts = {"RADIX_BITS": RADIX_BITS, "SLOT_N_VALID": SLOT_N_VALID}
+    div = ("loss_ptr", "state_ptr", "P")
+    specs = [KernelSpec(mod, "_ohem_ce_radix_kernel", dict(base, PASS="constexpr"),
+                        dict(consts, PASS=pass_, BLOCK=RED_BLOCK), divisible_by_16=div, num_warps=4)
+             for pass_ in range(1, N_PASSES)]
+    specs.append(KernelSpec(mod, "_ohem_ce_reduce_kernel",
+                            dict(base, partial_ptr="*fp32", thresh_bits="i32", n_programs="i32", N_PASSES="constexpr"),
+                            dict(consts, N_PASSES=N_PASSES, BLOCK=RED_BLOCK),
+                            divisible_by_16=div + ("partial_ptr",), num_warps=4))
+    specs.append(KernelSpec(mod, "_ohem_ce_finalize_kernel",
+                            {"state_ptr": "*i32", "partial_ptr": "*fp32", "result_ptr": "*fp32", "n_programs": "i32",
+                             "keep_hi": "i32", "keep_lo": "i32", "thresh_bits": "i32", "RADIX_BITS": "constexpr",
+                             "N_PASSES": "constexpr", "SLOT_N_VALID": "constexpr", "BLOCK": "constexpr"},
+                            dict(consts, N_PASSES=N_PASSES, BLOCK=FIN_BLOCK),
+                            divisible_by_16=("state_ptr", "partial_ptr", "result_ptr"), num_warps=4))
+    return specs

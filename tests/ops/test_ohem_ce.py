@@ -362,3 +362,27 @@ def test_compile_fullgraph_no_graph_breaks(device):
     ref, g_ref = _run(lambda x, t: ohem_cross_entropy_ref(x * 1.5, t, 0.75, 0.7) * 2.0, logits, target)
     _assert_close(loss, ref, "compiled loss vs reference", **LOSS_TOL)
     _assert_close(grad, g_ref, "compiled grad vs reference", **GRAD_TOL[torch.float32])
+
+
+def test_bench_helpers_count_bytes_and_run(device):
+    """bench/bench_ohem_ce.py's byte counts and its timed callables (reference and fast; tiny shapes)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "bench_ohem_ce.py")
+    spec = importlib.util.spec_from_file_location("bench_ohem_ce", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pixels = 4 * 876 * 876
+    assert bench.bytes_moved((4, 19, 876, 876), torch.bfloat16) == pixels * (19 * 2 + 8)
+    assert bench.bytes_moved((4, 19, 876, 876), torch.float32, backward=True) == pixels * (2 * (19 * 4 + 8) + 19 * 4)
+    assert bench.fast_path_bytes((1, 3, 2, 5), torch.float32, torch.uint8) == 10 * (3 * 4 + 1) + 10 * 20
+    assert bench.fast_path_bytes((1, 3, 2, 5), torch.float32, torch.uint8, backward=True) == \
+        10 * (2 * (3 * 4 + 1) + 12) + 10 * 24
+    for pass_ in bench.PASSES:
+        results = []
+        for provider in ("reference", "fast"):
+            torch.manual_seed(3)   # same inputs for both
+            results.append(bench.make_case(provider, pass_, (1, 19, 5, 6), torch.float32, 0.7, 0.75, device.type)())
+        ref, fast = ([r] if pass_ == "fwd" else list(r) for r in results)
+        for f, r in zip(fast, ref):
+            torch.testing.assert_close(f, r, atol=1e-5, rtol=1e-4)

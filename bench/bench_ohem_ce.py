@@ -1,0 +1,164 @@
+"""OHEM cross-entropy benchmarks (pytest-benchmark): reference (topk), torch.compile(reference), fast.
+
+    python -m pytest bench/bench_ohem_ce.py --benchmark-columns=median,iqr,rounds
+
+The training loss's shape (DESIGN section 3): batch 4 x 19 classes x 876 x 876 (the crop), bf16 and
+fp32 logits, int64 labels with about 10% ignored pixels (255), keep_ratio 0.75, without and with the
+``thresh=0.7`` union; forward and forward+backward. The providers of one case share a group so that
+they print side by side. Each result's ``extra_info`` holds the minimal bytes the op must move
+(``bytes_moved``), the bytes the fast kernels actually move (``fast_path_bytes``), the GB/s achieved
+at the median time against ``bytes_moved``, and the peak memory the call allocates beyond its inputs.
+
+For the GPU report script: ``bytes_moved(...)``, ``fast_path_bytes(...)`` and ``make_case(...)`` are
+importable; nothing here runs at import. Without CUDA every benchmark skips, saying so.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Optional, Sequence
+
+import pytest
+import torch
+
+from ifbf_fast import ops
+
+OPS = importlib.import_module("ifbf_fast.ops.ohem_ce")
+
+SHAPE = (4, 19, 876, 876)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+THRESH = {"topk": None, "thresh0.7": 0.7}
+PROVIDERS = ("reference", "compiled_reference", "fast")
+PASSES = ("fwd", "fwd_bwd")
+IGNORE_FRAC = 0.1
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="OHEM benchmarks time CUDA kernels; no CUDA device here")
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def bytes_moved(shape: Sequence[int], logits_dtype: torch.dtype, target_dtype: torch.dtype = torch.int64,
+                backward: bool = False) -> int:
+    """Minimal bytes the OHEM loss must move for logits of ``shape`` = (N, C, H, W).
+
+    Forward: the logits and the labels read once (any exact selection needs every loss, hence every
+    logit). ``backward=True`` counts forward + backward: the backward reads the logits and labels
+    again (the softmax is recomputed, nothing of size (N, C, H, W) is saved) and writes grad_logits
+    once. The O(1) scalars are left out. This is the yardstick for GB/s.
+    """
+    n, c, h, w = shape
+    pixels = n * h * w
+    one_pass = pixels * (c * _size(logits_dtype) + _size(target_dtype))
+    if not backward:
+        return one_pass
+    return 2 * one_pass + pixels * c * _size(logits_dtype)
+
+
+def fast_path_bytes(shape: Sequence[int], logits_dtype: torch.dtype, target_dtype: torch.dtype = torch.int64,
+                    backward: bool = False) -> int:
+    """Bytes the fast kernels move (an upper bound): ``bytes_moved`` plus the fp32 per-pixel loss buffer.
+
+    Forward: the loss buffer written once and read by the three radix passes and the reduction
+    (5 x 4 bytes per pixel); the 4 KiB state and the partial sums are left out. Backward: the loss
+    buffer read once more (4 bytes per pixel); it reads the logits only of kept pixels, so its true
+    traffic is lower by up to the dropped share (1 - keep_ratio of the valid pixels, plus ignored).
+    """
+    n, _, h, w = shape
+    pixels = n * h * w
+    extra = 5 * 4 * pixels + (4 * pixels if backward else 0)
+    return bytes_moved(shape, logits_dtype, target_dtype, backward) + extra
+
+
+_compiled_ref = None
+
+
+def _provider_fn(provider: str) -> Callable:
+    global _compiled_ref
+    if provider == "reference":
+        return OPS.ohem_cross_entropy_ref
+    if provider == "compiled_reference":
+        if _compiled_ref is None:
+            # The reference synchronises (.item(), data-dependent topk): torch.compile graph-breaks
+            # around those, which is what a user of compile(reference) gets.
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, 64)
+            _compiled_ref = torch.compile(OPS.ohem_cross_entropy_ref, dynamic=False)
+        return _compiled_ref
+    if provider == "fast":
+        def fast(*args):
+            with ops.use_impl("fast"):
+                return ops.ohem_cross_entropy(*args)
+        return fast
+    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+
+
+def make_inputs(shape: Sequence[int], dtype: torch.dtype, device: str = "cuda", ignore_index: int = 255):
+    """Logits as a network would give them (random, scale 3: losses spread over several octaves) and
+    labels with ``IGNORE_FRAC`` of the pixels ignored; never zeros."""
+    n, c, h, w = shape
+    logits = (torch.randn(shape, device=device) * 3).to(dtype)
+    target = torch.randint(0, c, (n, h, w), device=device)
+    target[torch.rand(n, h, w, device=device) < IGNORE_FRAC] = ignore_index
+    return logits, target
+
+
+def make_case(provider: str, pass_: str, shape: Sequence[int], dtype: torch.dtype,
+              thresh: Optional[float] = None, keep_ratio: float = 0.75, device: str = "cuda") -> Callable:
+    """The callable a benchmark times: the loss (``pass_="fwd"``, no grad) or loss + grad_logits via
+    autograd.grad (``"fwd_bwd"``), on inputs made once here."""
+    logits, target = make_inputs(shape, dtype, device)
+    fn = _provider_fn(provider)
+    if pass_ == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(logits, target, keep_ratio, thresh)
+        return run
+    logits.requires_grad_()
+
+    def run_bwd():
+        loss = fn(logits, target, keep_ratio, thresh)
+        return (loss.detach(),) + torch.autograd.grad(loss, [logits])
+    return run_bwd
+
+
+def _synced(fn: Callable) -> Callable:
+    def run():
+        fn()
+        torch.cuda.synchronize()
+    return run
+
+
+def _peak_bytes(fn: Callable) -> int:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@needs_cuda
+@pytest.mark.benchmark(group="ohem_ce", warmup=False)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("thresh", list(THRESH))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("pass_", PASSES)
+def test_ohem_ce(benchmark, pass_, dtype, thresh, provider):
+    torch.manual_seed(0)
+    run = _synced(make_case(provider, pass_, SHAPE, DTYPES[dtype], THRESH[thresh]))
+    for _ in range(3):      # compile (torch.compile, Triton) and warm the allocator outside the timing
+        run()
+    peak = _peak_bytes(run)
+    benchmark.group = f"ohem_ce {pass_} {'x'.join(map(str, SHAPE))} {dtype} {thresh}"
+    benchmark(run)
+    backward = pass_ == "fwd_bwd"
+    nbytes = bytes_moved(SHAPE, DTYPES[dtype], backward=backward)
+    median = benchmark.stats["median"]
+    benchmark.extra_info.update(
+        provider=provider, bytes_moved=nbytes, fast_path_bytes=fast_path_bytes(SHAPE, DTYPES[dtype], backward=backward),
+        gb_per_s=nbytes / median / 1e9, median_ms=median * 1e3, peak_mem_bytes=peak,
+        device=torch.cuda.get_device_name())

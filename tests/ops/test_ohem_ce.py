@@ -237,10 +237,11 @@ def test_every_grad_element_written(device, layout):
         _assert_close(out, want, "grad_logits", **GRAD_TOL[torch.float32])
 
 
-@pytest.mark.parametrize("n_valid,keep_ratio", [(10, 0.7), (64, 0.07), (29, 0.29), (57, 0.57), (3, 1 / 3),
+@pytest.mark.parametrize("n_valid,keep_ratio", [(25, 0.28), (50, 0.56), (25, 0.6), (50, 0.54), (3, 1 / 3),
                                                 (49, 0.1), (64, 0.75), (1, 1e-300)])
 def test_device_k_matches_num_kept(device, n_valid, keep_ratio):
-    # Products such as 0.7 * 10 = 7.000000000000001 round up: k must follow num_kept exactly.
+    # fp64 rounding matters: 0.28 * 25 = 7.000000000000001 (k = 8, not the rational 7), while in fp32
+    # 0.6 * 25 = 15.000001 (k would be 16, not 15). k must follow num_kept exactly.
     logits = torch.randn(1, 3, 8, 8, device=device)
     target = torch.full((1, 8, 8), 255, dtype=torch.long, device=device)
     target.view(-1)[:n_valid] = torch.randint(0, 3, (n_valid,), device=device)
@@ -386,3 +387,19 @@ def test_bench_helpers_count_bytes_and_run(device):
         ref, fast = ([r] if pass_ == "fwd" else list(r) for r in results)
         for f, r in zip(fast, ref):
             torch.testing.assert_close(f, r, atol=1e-5, rtol=1e-4)
+
+
+def test_under_autocast_grad_in_logits_dtype(device):
+    # A bf16 conv output under autocast feeds the loss as is; the gradient flows back in bf16.
+    conv = torch.nn.Conv2d(8, 19, 1).to(device)
+    feats = torch.randn(2, 8, 7, 13, device=device)
+    target = torch.randint(0, 19, (2, 7, 13), device=device)
+    seen = {}
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        logits = conv(feats)
+        logits.register_hook(lambda g: seen.update(dtype=g.dtype))
+        loss = ohem_cross_entropy_fast(logits, target)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    loss.backward()
+    assert seen["dtype"] == torch.bfloat16 and torch.isfinite(conv.weight.grad).all()
+    torch.testing.assert_close(loss, ohem_cross_entropy_ref(logits.detach(), target), **LOSS_TOL)

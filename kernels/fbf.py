@@ -35,11 +35,17 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# (BLOCK_C, BLOCK_HW, num_warps). HW_MAJOR: hw is contiguous (NCHW) and long enough to fill 512 lanes;
-# C_MAJOR: c is contiguous (channels_last), or hw is short, or the view is generic.
+# (BLOCK_C, BLOCK_HW, num_warps).
+# ROWS: every tensor of the launch is NCHW-dense per sample (strides (*, H*W, W, 1)) and H*W >= 2048:
+#   1-D blocks over each sample's (C_part * H * W) run, aligned to 16 elements whatever H*W is, so that
+#   loads and stores vectorise even when rows do not start 16-byte aligned (219 x 219 = 47961 is odd).
+# HW_MAJOR: hw contiguous and long, but channels not dense (e.g. every other channel).
+# C_MAJOR: c contiguous (channels_last), or hw short, or a generic view. (64, 32) at 4 warps spilled
+#   on sm_80 for bf16 (ptxas), hence 8 warps.
+ROWS = (1, 2048, 4)
 HW_MAJOR = (4, 512, 4)
 C_MAJOR = (64, 32, 8)
-BLOCK_CONFIGS = {"hw_major": HW_MAJOR, "c_major": C_MAJOR}
+BLOCK_CONFIGS = {"rows": ROWS, "hw_major": HW_MAJOR, "c_major": C_MAJOR}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -83,6 +89,57 @@ def _reduce_part(x_ptr, g_ptr, n, c0, C_PART, HW, W, hw_start, hw_stop,
 
 
 @triton.jit
+def _reduce_row(x_ptr, g_ptr, n, c, C_PART, HW, hw_start, hw_stop, stride_xn, stride_gn,
+                HAS_G: tl.constexpr, BLOCK: tl.constexpr):
+    """sum over hw in [hw_start, hw_stop) of x[n, c] (or g * x) for NCHW-dense parts.
+
+    Element (n, c, hw) of a part sits at n * stride_n + c * HW + hw. The loop starts at the row start
+    rounded down to 16 elements: both tensors' sample bases are 16-aligned (pointer and stride_n
+    specialisations) so every vector is aligned; elements outside the row are dropped in registers.
+    """
+    numel = C_PART.to(tl.int64) * HW
+    lo = c.to(tl.int64) * HW + hw_start
+    hi = c.to(tl.int64) * HW + hw_stop
+    start = tl.multiple_of((lo // 16) * 16, 16)
+    x_base = x_ptr + n.to(tl.int64) * stride_xn
+    g_base = g_ptr + n.to(tl.int64) * stride_gn
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(start, hi, BLOCK):
+        idx = i + tl.arange(0, BLOCK)
+        mask = idx < numel                 # uniform over a vector when numel % 16 == 0
+        x = tl.load(x_base + idx, mask=mask, other=0.0).to(tl.float32)
+        if HAS_G:
+            x = x * tl.load(g_base + idx, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.where((idx >= lo) & (idx < hi), x, 0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _scale_rows(src_ptr, dst_ptr, gate_ptr, shift_ptr, n, start, c_base, C_PART, C, HW, stride_sn, stride_dn,
+                HAS_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+    """dst = src * (1 + gate) (+ shift) on elements [start, start + BLOCK) of sample n's NCHW-dense part.
+
+    BLOCK <= HW, so the block meets at most two channels: c0 and c0 + 1 from index (c0 + 1) * HW on.
+    """
+    numel = C_PART.to(tl.int64) * HW
+    idx = start + tl.arange(0, BLOCK)
+    mask = idx < numel
+    c0 = start // HW
+    upper = idx >= (c0 + 1) * HW
+    has_next = c0 + 1 < C_PART
+    row = n.to(tl.int64) * C + c_base + c0
+    g0 = tl.load(gate_ptr + row)
+    g1 = tl.load(gate_ptr + row + 1, mask=has_next, other=0.0)
+    x = tl.load(src_ptr + n.to(tl.int64) * stride_sn + idx, mask=mask, other=0.0).to(tl.float32)
+    y = x * (1.0 + tl.where(upper, g1, g0))
+    if HAS_SHIFT:
+        s0 = tl.load(shift_ptr + row)
+        s1 = tl.load(shift_ptr + row + 1, mask=has_next, other=0.0)
+        y += tl.where(upper, s1, s0)
+    tl.store(dst_ptr + n.to(tl.int64) * stride_dn + idx, y.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _fbf_fwd_reduce_kernel(
     x0_ptr, x1_ptr,              # high (N, C0, H, W) and low (N, C1, H, W), any strides
     partial_ptr,                 # (SPLITS, N, C0 + C1) fp32 out: partial sums of x over hw
@@ -91,17 +148,32 @@ def _fbf_fwd_reduce_kernel(
     stride_x0n, stride_x0c, stride_x0h, stride_x0w,
     stride_x1n, stride_x1c, stride_x1h, stride_x1w,
     FLAT_HW: tl.constexpr,       # h, w collapse into one stride (passed as stride_*w)
+    ROWS: tl.constexpr,          # NCHW-dense parts: one (n, c) row per program, 1-D aligned blocks
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """Grid (N * (cdiv(C0, BLOCK_C) + cdiv(C1, BLOCK_C)), SPLITS): partial per-(n, c) sums of x."""
+    """Grid (N * (cdiv(C0, BLOCK_C) + cdiv(C1, BLOCK_C)), SPLITS): partial per-(n, c) sums of x.
+
+    With ROWS, BLOCK_C is 1 and the grid (N * (C0 + C1), SPLITS).
+    """
     pid = tl.program_id(0)
     split = tl.program_id(1)
+    hw_start = split * BLOCKS_PER_SPLIT * BLOCK_HW
+    hw_stop = tl.minimum(hw_start + BLOCKS_PER_SPLIT * BLOCK_HW, HW)
+    if ROWS:
+        n = pid // (C0 + C1)
+        c = pid % (C0 + C1)
+        out = partial_ptr + (split * N + n).to(tl.int64) * (C0 + C1) + c
+        if c < C0:
+            tl.store(out, _reduce_row(x0_ptr, x0_ptr, n, c, C0, HW, hw_start, hw_stop, stride_x0n, stride_x0n,
+                                      False, BLOCK_HW))
+        else:
+            tl.store(out, _reduce_row(x1_ptr, x1_ptr, n, c - C0, C1, HW, hw_start, hw_stop, stride_x1n,
+                                      stride_x1n, False, BLOCK_HW))
+        return
     nb0 = tl.cdiv(C0, BLOCK_C)
     nb = nb0 + tl.cdiv(C1, BLOCK_C)
     n = pid // nb
     cb = pid % nb
-    hw_start = split * BLOCKS_PER_SPLIT * BLOCK_HW
-    hw_stop = tl.minimum(hw_start + BLOCKS_PER_SPLIT * BLOCK_HW, HW)
     row = partial_ptr + (split * N + n).to(tl.int64) * (C0 + C1)
     # The two parts take separate branches (not a select of pointers and strides) so that each keeps
     # its own stride-1 specialisation, hence its own vectorisation.
@@ -130,17 +202,29 @@ def _fbf_bwd_reduce_kernel(
     stride_x0n, stride_x0c, stride_x0h, stride_x0w,
     stride_x1n, stride_x1c, stride_x1h, stride_x1w,
     FLAT_HW: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Grid as ``_fbf_fwd_reduce_kernel``: partial per-(n, c) sums of grad_out * x."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
+    hw_start = split * BLOCKS_PER_SPLIT * BLOCK_HW
+    hw_stop = tl.minimum(hw_start + BLOCKS_PER_SPLIT * BLOCK_HW, HW)
+    if ROWS:
+        n = pid // (C0 + C1)
+        c = pid % (C0 + C1)
+        out = partial_ptr + (split * N + n).to(tl.int64) * (C0 + C1) + c
+        if c < C0:
+            tl.store(out, _reduce_row(x0_ptr, g0_ptr, n, c, C0, HW, hw_start, hw_stop, stride_x0n, stride_gn,
+                                      True, BLOCK_HW))
+        else:
+            tl.store(out, _reduce_row(x1_ptr, g1_ptr, n, c - C0, C1, HW, hw_start, hw_stop, stride_x1n,
+                                      stride_gn, True, BLOCK_HW))
+        return
     nb0 = tl.cdiv(C0, BLOCK_C)
     nb = nb0 + tl.cdiv(C1, BLOCK_C)
     n = pid // nb
     cb = pid % nb
-    hw_start = split * BLOCKS_PER_SPLIT * BLOCK_HW
-    hw_stop = tl.minimum(hw_start + BLOCKS_PER_SPLIT * BLOCK_HW, HW)
     row = partial_ptr + (split * N + n).to(tl.int64) * (C0 + C1)
     if cb < nb0:
         s, offs_c, mask_c = _reduce_part(x0_ptr, g0_ptr, n, cb * BLOCK_C, C0, HW, W, hw_start, hw_stop,
@@ -191,13 +275,27 @@ def _fbf_scale_kernel(
     stride_d1n, stride_d1c, stride_d1h, stride_d1w,
     HAS_SHIFT: tl.constexpr,     # backward: add shift[n, c]
     FLAT_HW: tl.constexpr,
+    ROWS: tl.constexpr,          # NCHW-dense parts, BLOCK_HW <= HW: 1-D blocks of each sample's part
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """1-D grid N * (cdiv(C0, BLOCK_C) + cdiv(C1, BLOCK_C)) * cdiv(HW, BLOCK_HW), one tile each.
+    """1-D grid N * (cdiv(C0, BLOCK_C) + cdiv(C1, BLOCK_C)) * cdiv(HW, BLOCK_HW), one tile each;
+    with ROWS, N * (cdiv(C0 * HW, BLOCK_HW) + cdiv(C1 * HW, BLOCK_HW)) blocks of BLOCK_HW elements.
 
     dst[n, c, hw] = src[n, c, hw] * (1 + gate[n, c]) (+ shift[n, c]), fp32 math, cast at the store.
     """
     pid = tl.program_id(0)
+    if ROWS:
+        rb0 = tl.cdiv(C0.to(tl.int64) * HW, BLOCK_HW)
+        rb = rb0 + tl.cdiv(C1.to(tl.int64) * HW, BLOCK_HW)
+        n = pid // rb
+        b = pid % rb
+        if b < rb0:
+            _scale_rows(src0_ptr, dst0_ptr, gate_ptr, shift_ptr, n, b * BLOCK_HW, 0, C0, C0 + C1, HW,
+                        stride_s0n, stride_d0n, HAS_SHIFT, BLOCK_HW)
+        else:
+            _scale_rows(src1_ptr, dst1_ptr, gate_ptr, shift_ptr, n, (b - rb0) * BLOCK_HW, C0, C1, C0 + C1, HW,
+                        stride_s1n, stride_d1n, HAS_SHIFT, BLOCK_HW)
+        return
     n_hw_blocks = tl.cdiv(HW, BLOCK_HW)
     nb0 = tl.cdiv(C0, BLOCK_C)
     nb = nb0 + tl.cdiv(C1, BLOCK_C)
@@ -274,11 +372,19 @@ def _strides(t: torch.Tensor, flat: bool) -> Tuple[int, int, int, int]:
     return sn, sc, 0, (sh if w == 1 else sw)
 
 
-def _pick_blocks(tensors: Sequence[torch.Tensor], flat: bool, hw: int) -> Tuple[int, int, int]:
-    """HW_MAJOR when hw is contiguous in every tensor of the launch and long; C_MAJOR otherwise."""
+def _dense_rows(t: torch.Tensor) -> bool:
+    _, c, h, w = t.shape
+    return t.stride(3) == 1 and t.stride(2) == w and t.stride(1) == h * w
+
+
+def _pick_blocks(tensors: Sequence[torch.Tensor], flat: bool, hw: int) -> Tuple[Tuple[int, int, int], bool]:
+    """(block config, rows): ROWS for NCHW-dense long rows, HW_MAJOR when hw is contiguous and long,
+    C_MAJOR otherwise (channels_last, short hw, generic views)."""
+    if hw >= ROWS[1] and all(_dense_rows(t) for t in tensors):
+        return ROWS, True
     if flat and hw >= HW_MAJOR[1] and all(_strides(t, True)[3] == 1 for t in tensors):
-        return HW_MAJOR
-    return C_MAJOR
+        return HW_MAJOR, False
+    return C_MAJOR, False
 
 
 _SM_COUNT: dict = {}
@@ -302,8 +408,8 @@ def _channel_sums(high: torch.Tensor, low: torch.Tensor, grad_out: Optional[torc
     if n * (c0 + c1) * hw == 0:
         return torch.zeros((n, c0 + c1), dtype=torch.float32, device=high.device)
     flat = all(_flat_hw(t) for t in tensors)
-    block_c, block_hw, num_warps = _pick_blocks(tensors, flat, hw)
-    rows = n * (triton.cdiv(c0, block_c) + triton.cdiv(c1, block_c))
+    (block_c, block_hw, num_warps), dense = _pick_blocks(tensors, flat, hw)
+    rows = n * (c0 + c1) if dense else n * (triton.cdiv(c0, block_c) + triton.cdiv(c1, block_c))
     # Split hw across programs so that a small N * C still fills the GPU; partial sums are added by
     # torch afterwards (deterministic, unlike atomics).
     hw_blocks = triton.cdiv(hw, block_hw)
@@ -316,12 +422,12 @@ def _channel_sums(high: torch.Tensor, low: torch.Tensor, grad_out: Optional[torc
         _fbf_fwd_reduce_kernel[grid](
             high, low, partial, n, c0, c1, hw, w, blocks_per_split,
             *_strides(high, flat), *_strides(low, flat),
-            FLAT_HW=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps)
+            FLAT_HW=flat, ROWS=dense, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps)
     else:
         _fbf_bwd_reduce_kernel[grid](
             grad_out.narrow(1, 0, c0), grad_out.narrow(1, c0, c1), high, low, partial, n, c0, c1, hw, w,
             blocks_per_split, *_strides(grad_out, flat), *_strides(high, flat), *_strides(low, flat),
-            FLAT_HW=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps)
+            FLAT_HW=flat, ROWS=dense, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps)
     return partial.sum(0) if splits > 1 else partial[0]
 
 
@@ -335,12 +441,15 @@ def _scale(src0: torch.Tensor, src1: torch.Tensor, dst0: torch.Tensor, dst1: tor
         return
     tensors = (src0, src1, dst0, dst1)
     flat = all(_flat_hw(t) for t in tensors)
-    block_c, block_hw, num_warps = _pick_blocks(tensors, flat, hw)
-    grid = (n * (triton.cdiv(c0, block_c) + triton.cdiv(c1, block_c)) * triton.cdiv(hw, block_hw),)
+    (block_c, block_hw, num_warps), dense = _pick_blocks(tensors, flat, hw)
+    if dense:
+        grid = (n * (triton.cdiv(c0 * hw, block_hw) + triton.cdiv(c1 * hw, block_hw)),)
+    else:
+        grid = (n * (triton.cdiv(c0, block_c) + triton.cdiv(c1, block_c)) * triton.cdiv(hw, block_hw),)
     _fbf_scale_kernel[grid](
         src0, src1, dst0, dst1, gate, gate if shift is None else shift, n, c0, c1, hw, w,
         *_strides(src0, flat), *_strides(src1, flat), *_strides(dst0, flat), *_strides(dst1, flat),
-        HAS_SHIFT=shift is not None, FLAT_HW=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps)
+        HAS_SHIFT=shift is not None, FLAT_HW=flat, ROWS=dense, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps)
 
 
 def _check(*tensors: torch.Tensor) -> None:

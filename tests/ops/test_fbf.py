@@ -50,6 +50,9 @@ def _inputs(device, dtype, n, ch, cl, h, w, layout="nchw", conv_weight=False, wd
     if layout == "sliced":        # generic strides: h and w do not collapse into one stride
         high = torch.randn(n, ch + 2, h + 3, 2 * w, device=device, dtype=dtype)[:, 1:ch + 1, 2:h + 2, ::2]
         low = torch.randn(n, cl, h + 1, w + 4, device=device, dtype=dtype)[:, :, :h, 3:w + 3]
+    elif layout == "sliced_c":    # NCHW with every other channel: hw contiguous, channels not dense
+        high = torch.randn(n, 2 * ch, h, w, device=device, dtype=dtype)[:, ::2]
+        low = torch.randn(n, 2 * cl, h, w, device=device, dtype=dtype)[:, 1::2]
     elif layout == "sliced_cl":   # a channel slice of a channels_last tensor (flat hw, c stride 1)
         high = torch.randn(n, ch + 3, h, w, device=device, dtype=dtype).to(memory_format=torch.channels_last)[:, 2:ch + 2]
         low = torch.randn(n, cl, h, w + 2, device=device, dtype=dtype).to(memory_format=torch.channels_last)[..., 1:w + 1]
@@ -85,23 +88,38 @@ def _check_against_reference(args, fast_res, dtype):
                         f"ref {r[idx]:.6g}) > bound {bound:.3g}")
 
 
-CASES = {  # name: (n, ch, cl, h, w, layout, conv_weight)
-    "odd_nchw": (2, 5, 3, 7, 13, "nchw", False),
-    "channels_last": (1, 17, 9, 4, 5, "channels_last", True),
-    "hw_1": (3, 5, 3, 1, 1, "nchw", True),
-    "hw_major_tail": (2, 6, 10, 24, 25, "nchw", False),     # HW = 600 > 512: the NCHW block, 2 blocks
-    "sliced": (2, 5, 3, 5, 6, "sliced", False),
-    "sliced_channels_last": (3, 5, 4, 3, 7, "sliced_cl", True),
-    "mixed_layouts": (1, 3, 5, 6, 5, "mixed", False),
+# name: (n, ch, cl, h, w, layout, conv_weight, path): path is the (block config, FLAT_HW) of all four
+# launches (forward reduce, forward scale, backward reduce, backward scale), or a list of the four.
+CASES = {
+    "odd_nchw": (2, 5, 3, 7, 13, "nchw", False, (K.C_MAJOR, True)),
+    "channels_last": (1, 17, 9, 4, 5, "channels_last", True, (K.C_MAJOR, True)),
+    "hw_1": (3, 5, 3, 1, 1, "nchw", True, (K.C_MAJOR, True)),
+    "hw_major_tail": (2, 6, 10, 24, 25, "sliced_c", False, (K.HW_MAJOR, True)),  # HW 600, every other channel
+    "rows_odd_hw": (1, 3, 2, 43, 49, "nchw", False, (K.ROWS, True)),     # HW 2107: unaligned rows, 2 splits
+    "rows_aligned": (2, 2, 1, 64, 64, "nchw", True, (K.ROWS, True)),     # HW 4096: 2 blocks per row
+    # the backward's last pass reads grad_out and writes grad_high/grad_low, all dense: flat again
+    "sliced": (2, 5, 3, 5, 6, "sliced", False, [(K.C_MAJOR, False)] * 3 + [(K.C_MAJOR, True)]),
+    "sliced_channels_last": (3, 5, 4, 3, 7, "sliced_cl", True, [(K.C_MAJOR, False)] * 3 + [(K.C_MAJOR, True)]),
+    "mixed_layouts": (1, 3, 5, 6, 5, "mixed", False, (K.C_MAJOR, True)),
 }
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", list(CASES))
-def test_forward_and_gradients_match_reference(case, dtype, device):
-    n, ch, cl, h, w, layout, conv_weight = CASES[case]
+def test_forward_and_gradients_match_reference(case, dtype, device, monkeypatch):
+    n, ch, cl, h, w, layout, conv_weight, path = CASES[case]
     args = _inputs(device, dtype, n, ch, cl, h, w, layout, conv_weight)
+    paths, pick = [], K._pick_blocks
+
+    def spy_pick(tensors, flat, hw):
+        choice = pick(tensors, flat, hw)
+        paths.append((choice[0], flat))
+        return choice
+
+    monkeypatch.setattr(K, "_pick_blocks", spy_pick)
     res = _run(_fast, *args)
+    expected = path if isinstance(path, list) else [path] * 4
+    assert paths == expected, f"launch paths {paths}, expected {expected}"
     _check_against_reference(args, res, dtype)
     out = res[0]
     assert out.is_contiguous(memory_format=K.memory_format_of(args[0])), "out not in high's memory format"
@@ -272,24 +290,33 @@ _TT = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 _KERNELS = {"fwd_reduce": ("_fbf_fwd_reduce_kernel", {}), "bwd_reduce": ("_fbf_bwd_reduce_kernel", {}),
             "fwd_scale": ("_fbf_scale_kernel", {"HAS_SHIFT": False}),
             "bwd_scale": ("_fbf_scale_kernel", {"HAS_SHIFT": True})}
-# layout -> (block config, FLAT_HW, the stride a real launch specialises to the constant 1, aligned)
-_LAYOUTS = {"nchw": (K.HW_MAJOR, True, "w", True), "channels_last": (K.C_MAJOR, True, "c", True),
-            "nchw_odd_hw": (K.HW_MAJOR, True, "w", False),     # e.g. 219 x 219: rows not 16-B aligned
-            "nchw_short_hw": (K.C_MAJOR, True, "w", True), "generic": (K.C_MAJOR, False, None, False)}
-_VECTORISED = ("nchw", "channels_last")   # layouts that must give ld.global.v2/v4 and st.global.v*
+# layout -> (block config, ROWS, FLAT_HW, the stride a launch specialises to the constant 1, divisible)
+# "divisible" names the size/stride arguments a real launch sees divisible by 16 (pointers always are).
+_ALL = ("C0", "C1", "HW", "W", "BLOCKS_PER_SPLIT") + tuple(f"stride_{t}{d}" for t in ("x0", "x1", "g", "s0", "s1", "d0", "d1") for d in "nchw")
+_N_STRIDES = tuple(f"stride_{t}n" for t in ("x0", "x1", "g", "s0", "s1", "d0", "d1"))
+_LAYOUTS = {
+    "nchw": (K.ROWS, True, True, "w", _ALL),                          # 256 x 512
+    "nchw_odd_hw": (K.ROWS, True, True, "w", ("C0", "C1") + _N_STRIDES),  # 219 x 219: rows unaligned
+    "nchw_sliced_c": (K.HW_MAJOR, False, True, "w", _ALL),
+    "channels_last": (K.C_MAJOR, False, True, "c", _ALL),
+    "nchw_short_hw": (K.C_MAJOR, False, True, "w", _ALL),
+    "generic": (K.C_MAJOR, False, False, None, ()),
+}
+_VECTORISED = ("/nchw", "nchw_odd_hw", "channels_last")   # must give ld.global.v2/v4 and st.global.v*
 
 
 def aot_specs():
     """(name, KernelSpec) for every kernel x dtype x block config / layout the launchers can launch.
 
     Pointers are marked 16-byte aligned (allocator memory), the contiguous stride as the constant 1, and
-    in aligned layouts the sizes and strides divisible by 16, as a real launch specialises them.
+    the sizes and strides that are multiples of 16 at the network's shapes as divisible, as a real launch
+    specialises them (at 219 x 219 only the channel counts and the per-sample strides are).
     """
     specs = []
     for kname, (attr, extra) in _KERNELS.items():
         for dtype, tt in _TT.items():
-            for layout, ((block_c, block_hw, warps), flat, unit, aligned) in _LAYOUTS.items():
-                const = dict(extra, FLAT_HW=flat, BLOCK_C=block_c, BLOCK_HW=block_hw)
+            for layout, ((block_c, block_hw, warps), rows, flat, unit, divisible) in _LAYOUTS.items():
+                const = dict(extra, FLAT_HW=flat, ROWS=rows, BLOCK_C=block_c, BLOCK_HW=block_hw)
                 sig, div = {}, []
                 for a in getattr(K, attr).arg_names:
                     if a in const:
@@ -299,9 +326,7 @@ def aot_specs():
                     else:
                         is_fp32 = a.split("_")[0] in ("partial", "gate", "shift")
                         sig[a] = ("*fp32" if is_fp32 else tt) if a.endswith("_ptr") else "i32"
-                        if aligned and a != "N":
-                            div.append(a)
-                        elif a.endswith("_ptr"):          # allocator memory is 16-byte aligned
+                        if a in divisible or a.endswith("_ptr"):   # allocator memory: 16-B aligned
                             div.append(a)
                 specs.append((f"{kname}/{str(dtype)[6:]}/{layout}",
                               KernelSpec(K.__name__, attr, sig, const, tuple(div), num_warps=warps)))

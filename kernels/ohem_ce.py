@@ -106,7 +106,6 @@ def _ohem_ce_fwd_kernel(
     hist = tl.zeros([RADIX], dtype=tl.int32)
     n_valid = tl.zeros([], dtype=tl.int32)
     n_poison = tl.zeros([], dtype=tl.int32)
-    n_unbinned = tl.zeros([], dtype=tl.int32)
     for i in range(TILES):
         offs_p = (tl.program_id(0) * TILES + i) * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_p = offs_p < hw_total
@@ -132,14 +131,12 @@ def _ohem_ce_fwd_kernel(
         loss = tl.where(valid, loss, -1.0)
         tl.store(loss_ptr + offs_p, loss, mask=mask_p)
         bits = loss.to(tl.int32, bitcast=True)
-        digit = tl.where(valid, (bits >> (32 - RADIX_BITS)) & (RADIX - 1), 0)
-        hist += tl.histogram(digit, RADIX)
+        # Masked, not sent to a dummy bin: a shared-memory atomic on one address per ignored pixel
+        # would serialise (histogram's mask needs triton >= 3.4).
+        hist += tl.histogram((bits >> (32 - RADIX_BITS)) & (RADIX - 1), RADIX, mask=valid)
         n_valid += tl.sum(valid.to(tl.int32))
         n_poison += tl.sum(poison.to(tl.int32))
-        n_unbinned += tl.sum((~valid).to(tl.int32))
-    # Masked-out lanes were counted in bin 0 (histogram's mask argument is newer than triton 3.6).
     bins = tl.arange(0, RADIX)
-    hist -= tl.where(bins == 0, n_unbinned, 0)
     tl.atomic_add(state_ptr + bins, hist, mask=hist != 0)
     tl.atomic_add(state_ptr + SLOT_N_VALID, n_valid, mask=n_valid != 0)
     tl.atomic_add(state_ptr + SLOT_N_VALID + 1, n_poison, mask=n_poison != 0)
@@ -199,10 +196,10 @@ def _ohem_ce_radix_kernel(
     bits = tl.load(loss_ptr + offs, mask=mask, other=-1.0).to(tl.int32, bitcast=True)
     # Ignored pixels (negative patterns) never match: prefix >= 0 and the shift is arithmetic.
     match = mask & ((bits >> (SHIFT + RADIX_BITS)) == prefix)
-    digit = tl.where(match, (bits >> SHIFT) & (RADIX - 1), 0)
-    bins = tl.arange(0, RADIX)
-    hist = tl.histogram(digit, RADIX) - tl.where(bins == 0, tl.sum((~match).to(tl.int32)), 0)
-    tl.atomic_add(state_ptr + PASS * RADIX + bins, hist, mask=hist != 0)
+    # After the first passes few losses still match: most programs skip the histogram entirely.
+    if tl.sum(match.to(tl.int32)) > 0:
+        hist = tl.histogram((bits >> SHIFT) & (RADIX - 1), RADIX, mask=match)
+        tl.atomic_add(state_ptr + PASS * RADIX + tl.arange(0, RADIX), hist, mask=hist != 0)
 
 
 @triton.jit

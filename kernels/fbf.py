@@ -17,6 +17,8 @@ channels_last and sliced views all run without a copy. When h and w collapse int
 tensor of a launch (FLAT_HW) the kernel uses that stride; a stride equal to 1 is specialised by Triton
 to a constant, which is what lets the compiler vectorise along the contiguous dimension (hw for NCHW,
 c for channels_last). The block shape follows the contiguous dimension (see ``_pick_blocks``).
+NCHW-dense tensors (the usual case) take the ROWS path: 1-D blocks over each sample's part, started at
+a multiple of 16 elements, so accesses vectorise even when H*W is odd and rows start unaligned.
 Offsets are computed in int64: N*C*H*W passes 2^31 at realistic sizes.
 """
 

@@ -218,6 +218,26 @@ def test_torch_compile_fullgraph_no_graph_breaks(device):
     torch.testing.assert_close(out_aot, eager.detach())
 
 
+def test_torch_compile_default_backend_forward_and_backward(device):
+    """Inductor (the default backend) around the custom ops: one graph, values and gradients as eager."""
+    torch._dynamo.reset()
+    module = FBF(3, 2).to(device)
+    with torch.no_grad():
+        module.weight.normal_(0, 0.3)
+        module.bias.normal_()
+    high, low, _, _, grad = _inputs(device, torch.float32, 2, 3, 2, 3, 4)
+    results = []
+    for run in (module, torch.compile(module, fullgraph=True)):
+        h, l = high.clone().requires_grad_(), low.clone().requires_grad_()
+        module.zero_grad()
+        with ops.use_impl("fast"):
+            out = run(h, l)
+            out.backward(grad)
+        results.append([out.detach(), h.grad, l.grad, module.weight.grad.clone(), module.bias.grad.clone()])
+    for name, a, b in zip(NAMES, *results):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def test_switch_reaches_kernel_only_when_fast(device, monkeypatch):
     calls = {"fwd": 0, "bwd": 0}
     real_fwd, real_bwd = K.fbf_forward, K.fbf_backward
@@ -276,9 +296,10 @@ def test_bad_arguments_have_readable_errors(device):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("IFBF_TEST_GPU", "0") in ("", "0"),
                     reason="needs a CUDA device with ~30 GB free and IFBF_TEST_GPU=1 (2^31+ elements)")
-def test_int64_offsets_past_2_31(device):
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_int64_offsets_past_2_31(device, layout):
     n, ch, cl, h, w = 1, 4, 4, 16384, 16400      # N*C*H*W = 2.15e9 > 2^31
-    high, low, weight, bias, _ = _inputs(device, torch.bfloat16, n, ch, cl, h, w)
+    high, low, weight, bias, _ = _inputs(device, torch.bfloat16, n, ch, cl, h, w, layout)
     out, gate, pooled = K.fbf_forward(high, low, weight, bias)
     torch.testing.assert_close(out[:, -1, -1, -8:], (low[:, -1, -1, -8:].float() * (1 + gate[:, -1:])).bfloat16())
     torch.testing.assert_close(pooled[:, -1], low[:, -1].float().mean((1, 2)), rtol=1e-4, atol=1e-4)

@@ -9,6 +9,13 @@
 The result is an fp32 scalar whatever the logits' dtype. Its value does not depend on how ties at the
 k-th largest loss are broken: any k of the tied pixels have the same sum. With ``thresh`` the kept set is
 the hard set when it holds at least k pixels (it then contains the k largest), else the k largest.
+
+Fast path (``ohem_cross_entropy_fast``, kernels in ``ifbf_fast.kernels.ohem_ce``): Triton, no host
+synchronisation, exact on-device k-th value by radix select, one fp32 per pixel saved for backward.
+Its gradient equals the reference's wherever no tie sits at the k-th largest loss; with a tie, the
+tied pixels share the remaining weight equally. A label outside ``[0, C)`` that is not
+``ignore_index`` turns the loss and the whole gradient into NaN (``set_label_check(True)`` or
+``IFBF_OHEM_CHECK_LABELS=1`` raises the reference's ValueError instead, at the cost of a host sync).
 """
 
 from __future__ import annotations

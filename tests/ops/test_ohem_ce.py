@@ -403,3 +403,21 @@ def test_under_autocast_grad_in_logits_dtype(device):
     loss.backward()
     assert seen["dtype"] == torch.bfloat16 and torch.isfinite(conv.weight.grad).all()
     torch.testing.assert_close(loss, ohem_cross_entropy_ref(logits.detach(), target), **LOSS_TOL)
+
+
+def test_saves_nothing_of_logits_size_beyond_the_logits(device):
+    logits, target = _inputs((2, 19, 7, 13), torch.bfloat16, device)
+    x = logits.clone().requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ohem_cross_entropy_fast(x, target)
+    n, c, h, w = x.shape
+    assert any(t.data_ptr() == x.data_ptr() for t in saved)          # the input itself, no copy
+    extra = [t for t in saved if t.data_ptr() != x.data_ptr() and t.data_ptr() != target.data_ptr()]
+    assert sum(t.numel() * t.element_size() for t in extra) <= 4 * n * h * w + 4 * K.STATE_SIZE
+    assert all(t.numel() <= n * h * w or t.numel() == K.STATE_SIZE for t in extra)

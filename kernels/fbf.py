@@ -171,26 +171,26 @@ def _fbf_fwd_reduce_kernel(
         else:
             tl.store(out, _reduce_row(x1_ptr, x1_ptr, n, c - C0, C1, HW, hw_start, hw_stop, stride_x1n,
                                       stride_x1n, False, BLOCK_HW))
-        return
-    nb0 = tl.cdiv(C0, BLOCK_C)
-    nb = nb0 + tl.cdiv(C1, BLOCK_C)
-    n = pid // nb
-    cb = pid % nb
-    row = partial_ptr + (split * N + n).to(tl.int64) * (C0 + C1)
-    # The two parts take separate branches (not a select of pointers and strides) so that each keeps
-    # its own stride-1 specialisation, hence its own vectorisation.
-    if cb < nb0:
-        s, offs_c, mask_c = _reduce_part(x0_ptr, x0_ptr, n, cb * BLOCK_C, C0, HW, W, hw_start, hw_stop,
-                                         stride_x0n, stride_x0c, stride_x0h, stride_x0w,
-                                         stride_x0n, stride_x0c, stride_x0h, stride_x0w,
-                                         False, FLAT_HW, BLOCK_C, BLOCK_HW)
-        tl.store(row + offs_c, s, mask=mask_c)
     else:
-        s, offs_c, mask_c = _reduce_part(x1_ptr, x1_ptr, n, (cb - nb0) * BLOCK_C, C1, HW, W, hw_start, hw_stop,
-                                         stride_x1n, stride_x1c, stride_x1h, stride_x1w,
-                                         stride_x1n, stride_x1c, stride_x1h, stride_x1w,
-                                         False, FLAT_HW, BLOCK_C, BLOCK_HW)
-        tl.store(row + C0 + offs_c, s, mask=mask_c)
+        nb0 = tl.cdiv(C0, BLOCK_C)
+        nb = nb0 + tl.cdiv(C1, BLOCK_C)
+        n = pid // nb
+        cb = pid % nb
+        row = partial_ptr + (split * N + n).to(tl.int64) * (C0 + C1)
+        # The two parts take separate branches (not a select of pointers and strides) so that each keeps
+        # its own stride-1 specialisation, hence its own vectorisation.
+        if cb < nb0:
+            s, offs_c, mask_c = _reduce_part(x0_ptr, x0_ptr, n, cb * BLOCK_C, C0, HW, W, hw_start, hw_stop,
+                                             stride_x0n, stride_x0c, stride_x0h, stride_x0w,
+                                             stride_x0n, stride_x0c, stride_x0h, stride_x0w,
+                                             False, FLAT_HW, BLOCK_C, BLOCK_HW)
+            tl.store(row + offs_c, s, mask=mask_c)
+        else:
+            s, offs_c, mask_c = _reduce_part(x1_ptr, x1_ptr, n, (cb - nb0) * BLOCK_C, C1, HW, W, hw_start, hw_stop,
+                                             stride_x1n, stride_x1c, stride_x1h, stride_x1w,
+                                             stride_x1n, stride_x1c, stride_x1h, stride_x1w,
+                                             False, FLAT_HW, BLOCK_C, BLOCK_HW)
+            tl.store(row + C0 + offs_c, s, mask=mask_c)
 
 
 @triton.jit
@@ -222,24 +222,24 @@ def _fbf_bwd_reduce_kernel(
         else:
             tl.store(out, _reduce_row(x1_ptr, g1_ptr, n, c - C0, C1, HW, hw_start, hw_stop, stride_x1n,
                                       stride_gn, True, BLOCK_HW))
-        return
-    nb0 = tl.cdiv(C0, BLOCK_C)
-    nb = nb0 + tl.cdiv(C1, BLOCK_C)
-    n = pid // nb
-    cb = pid % nb
-    row = partial_ptr + (split * N + n).to(tl.int64) * (C0 + C1)
-    if cb < nb0:
-        s, offs_c, mask_c = _reduce_part(x0_ptr, g0_ptr, n, cb * BLOCK_C, C0, HW, W, hw_start, hw_stop,
-                                         stride_x0n, stride_x0c, stride_x0h, stride_x0w,
-                                         stride_gn, stride_gc, stride_gh, stride_gw,
-                                         True, FLAT_HW, BLOCK_C, BLOCK_HW)
-        tl.store(row + offs_c, s, mask=mask_c)
     else:
-        s, offs_c, mask_c = _reduce_part(x1_ptr, g1_ptr, n, (cb - nb0) * BLOCK_C, C1, HW, W, hw_start, hw_stop,
-                                         stride_x1n, stride_x1c, stride_x1h, stride_x1w,
-                                         stride_gn, stride_gc, stride_gh, stride_gw,
-                                         True, FLAT_HW, BLOCK_C, BLOCK_HW)
-        tl.store(row + C0 + offs_c, s, mask=mask_c)
+        nb0 = tl.cdiv(C0, BLOCK_C)
+        nb = nb0 + tl.cdiv(C1, BLOCK_C)
+        n = pid // nb
+        cb = pid % nb
+        row = partial_ptr + (split * N + n).to(tl.int64) * (C0 + C1)
+        if cb < nb0:
+            s, offs_c, mask_c = _reduce_part(x0_ptr, g0_ptr, n, cb * BLOCK_C, C0, HW, W, hw_start, hw_stop,
+                                             stride_x0n, stride_x0c, stride_x0h, stride_x0w,
+                                             stride_gn, stride_gc, stride_gh, stride_gw,
+                                             True, FLAT_HW, BLOCK_C, BLOCK_HW)
+            tl.store(row + offs_c, s, mask=mask_c)
+        else:
+            s, offs_c, mask_c = _reduce_part(x1_ptr, g1_ptr, n, (cb - nb0) * BLOCK_C, C1, HW, W, hw_start, hw_stop,
+                                             stride_x1n, stride_x1c, stride_x1h, stride_x1w,
+                                             stride_gn, stride_gc, stride_gh, stride_gw,
+                                             True, FLAT_HW, BLOCK_C, BLOCK_HW)
+            tl.store(row + C0 + offs_c, s, mask=mask_c)
 
 
 @triton.jit
@@ -297,24 +297,24 @@ def _fbf_scale_kernel(
         else:
             _scale_rows(src1_ptr, dst1_ptr, gate_ptr, shift_ptr, n, (b - rb0) * BLOCK_HW, C0, C1, C0 + C1, HW,
                         stride_s1n, stride_d1n, HAS_SHIFT, BLOCK_HW)
-        return
-    n_hw_blocks = tl.cdiv(HW, BLOCK_HW)
-    nb0 = tl.cdiv(C0, BLOCK_C)
-    nb = nb0 + tl.cdiv(C1, BLOCK_C)
-    rowblock = pid // n_hw_blocks
-    hw0 = (pid % n_hw_blocks) * BLOCK_HW
-    n = rowblock // nb
-    cb = rowblock % nb
-    if cb < nb0:
-        _scale_part(src0_ptr, dst0_ptr, gate_ptr, shift_ptr, n, cb * BLOCK_C, 0, C0, C0 + C1, HW, W, hw0,
-                    stride_s0n, stride_s0c, stride_s0h, stride_s0w,
-                    stride_d0n, stride_d0c, stride_d0h, stride_d0w,
-                    HAS_SHIFT, FLAT_HW, BLOCK_C, BLOCK_HW)
     else:
-        _scale_part(src1_ptr, dst1_ptr, gate_ptr, shift_ptr, n, (cb - nb0) * BLOCK_C, C0, C1, C0 + C1, HW, W, hw0,
-                    stride_s1n, stride_s1c, stride_s1h, stride_s1w,
-                    stride_d1n, stride_d1c, stride_d1h, stride_d1w,
-                    HAS_SHIFT, FLAT_HW, BLOCK_C, BLOCK_HW)
+        n_hw_blocks = tl.cdiv(HW, BLOCK_HW)
+        nb0 = tl.cdiv(C0, BLOCK_C)
+        nb = nb0 + tl.cdiv(C1, BLOCK_C)
+        rowblock = pid // n_hw_blocks
+        hw0 = (pid % n_hw_blocks) * BLOCK_HW
+        n = rowblock // nb
+        cb = rowblock % nb
+        if cb < nb0:
+            _scale_part(src0_ptr, dst0_ptr, gate_ptr, shift_ptr, n, cb * BLOCK_C, 0, C0, C0 + C1, HW, W, hw0,
+                        stride_s0n, stride_s0c, stride_s0h, stride_s0w,
+                        stride_d0n, stride_d0c, stride_d0h, stride_d0w,
+                        HAS_SHIFT, FLAT_HW, BLOCK_C, BLOCK_HW)
+        else:
+            _scale_part(src1_ptr, dst1_ptr, gate_ptr, shift_ptr, n, (cb - nb0) * BLOCK_C, C0, C1, C0 + C1, HW, W, hw0,
+                        stride_s1n, stride_s1c, stride_s1h, stride_s1w,
+                        stride_d1n, stride_d1c, stride_d1h, stride_d1w,
+                        HAS_SHIFT, FLAT_HW, BLOCK_C, BLOCK_HW)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,7 +451,8 @@ def _scale(src0: torch.Tensor, src1: torch.Tensor, dst0: torch.Tensor, dst1: tor
     _fbf_scale_kernel[grid](
         src0, src1, dst0, dst1, gate, gate if shift is None else shift, n, c0, c1, hw, w,
         *_strides(src0, flat), *_strides(src1, flat), *_strides(dst0, flat), *_strides(dst1, flat),
-        HAS_SHIFT=shift is not None, FLAT_HW=flat, ROWS=dense, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps)
+        HAS_SHIFT=shift is not None, FLAT_HW=flat, ROWS=dense, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        num_warps=num_warps)
 
 
 def _check(*tensors: torch.Tensor) -> None:

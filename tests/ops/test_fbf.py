@@ -54,8 +54,9 @@ def _inputs(device, dtype, n, ch, cl, h, w, layout="nchw", conv_weight=False, wd
         high = torch.randn(n, 2 * ch, h, w, device=device, dtype=dtype)[:, ::2]
         low = torch.randn(n, 2 * cl, h, w, device=device, dtype=dtype)[:, 1::2]
     elif layout == "sliced_cl":   # a channel slice of a channels_last tensor (flat hw, c stride 1)
-        high = torch.randn(n, ch + 3, h, w, device=device, dtype=dtype).to(memory_format=torch.channels_last)[:, 2:ch + 2]
-        low = torch.randn(n, cl, h, w + 2, device=device, dtype=dtype).to(memory_format=torch.channels_last)[..., 1:w + 1]
+        cl_fmt = torch.channels_last
+        high = torch.randn(n, ch + 3, h, w, device=device, dtype=dtype).to(memory_format=cl_fmt)[:, 2:ch + 2]
+        low = torch.randn(n, cl, h, w + 2, device=device, dtype=dtype).to(memory_format=cl_fmt)[..., 1:w + 1]
     else:
         high = torch.randn(n, ch, h, w, device=device, dtype=dtype)
         low = torch.randn(n, cl, h, w, device=device, dtype=dtype)
@@ -313,8 +314,9 @@ _KERNELS = {"fwd_reduce": ("_fbf_fwd_reduce_kernel", {}), "bwd_reduce": ("_fbf_b
             "bwd_scale": ("_fbf_scale_kernel", {"HAS_SHIFT": True})}
 # layout -> (block config, ROWS, FLAT_HW, the stride a launch specialises to the constant 1, divisible)
 # "divisible" names the size/stride arguments a real launch sees divisible by 16 (pointers always are).
-_ALL = ("C0", "C1", "HW", "W", "BLOCKS_PER_SPLIT") + tuple(f"stride_{t}{d}" for t in ("x0", "x1", "g", "s0", "s1", "d0", "d1") for d in "nchw")
-_N_STRIDES = tuple(f"stride_{t}n" for t in ("x0", "x1", "g", "s0", "s1", "d0", "d1"))
+_TENSORS = ("x0", "x1", "g", "s0", "s1", "d0", "d1")
+_ALL = ("C0", "C1", "HW", "W", "BLOCKS_PER_SPLIT") + tuple(f"stride_{t}{d}" for t in _TENSORS for d in "nchw")
+_N_STRIDES = tuple(f"stride_{t}n" for t in _TENSORS)
 _LAYOUTS = {
     "nchw": (K.ROWS, True, True, "w", _ALL),                          # 256 x 512
     "nchw_odd_hw": (K.ROWS, True, True, "w", ("C0", "C1") + _N_STRIDES),  # 219 x 219: rows unaligned

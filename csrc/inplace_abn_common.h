@@ -27,39 +27,50 @@ struct ActFn;
 template <typename T>
 struct ActFn<Act::Identity, T> {
   static IFBF_HD T forward(T z, T /*slope*/) { return z; }
-  // z = act^-1(y) and dact = act'(z)
-  static IFBF_HD void inverse(T y, T /*slope*/, T& z, T& dact) {
+  // z = act^-1(y) and dact = act'(z); inv_slope = 1 / slope, computed once by the caller
+  static IFBF_HD void inverse(T y, T /*slope*/, T /*inv_slope*/, T& z, T& dact) {
     z = y;
     dact = T(1);
   }
 };
 
+IFBF_HD float abn_abs(float v) { return fabsf(v); }
+IFBF_HD double abn_abs(double v) { return fabs(v); }
+IFBF_HD float abn_copysign(float m, float s) { return copysignf(m, s); }
+IFBF_HD double abn_copysign(double m, double s) { return copysign(m, s); }
+
+// The activations avoid comparisons: with signs that vary element to element a branch mispredicts
+// half the time on the CPU and diverges on the GPU, and GCC does not turn float comparisons into
+// selects (they may trap) so a loop holding one is not vectorised. max(v, 0) and min(v, 0) are exact
+// as (v +- |v|) / 2; the sign comes from copysign (a bit operation).
+template <typename T>
+IFBF_HD T abn_max0(T v) { return T(0.5) * (v + abn_abs(v)); }
+template <typename T>
+IFBF_HD T abn_min0(T v) { return T(0.5) * (v - abn_abs(v)); }
+template <typename T>
+IFBF_HD T abn_is_neg(T v) { return T(0.5) - T(0.5) * abn_copysign(T(1), v); }  // 1 for v < 0 (and -0)
+
 template <typename T>
 struct ActFn<Act::LeakyRelu, T> {
-  static IFBF_HD T forward(T z, T slope) { return z >= T(0) ? z : z * slope; }
+  static IFBF_HD T forward(T z, T slope) { return abn_max0(z) + abn_min0(z) * slope; }
   // slope > 0 keeps the sign, so y < 0 exactly when z < 0.
-  static IFBF_HD void inverse(T y, T slope, T& z, T& dact) {
-    const bool neg = y < T(0);
-    z = neg ? y / slope : y;
-    dact = neg ? slope : T(1);
+  static IFBF_HD void inverse(T y, T slope, T inv_slope, T& z, T& dact) {
+    z = abn_max0(y) + abn_min0(y) * inv_slope;
+    dact = T(1) + (slope - T(1)) * abn_is_neg(y);
   }
 };
 
 template <typename T>
 struct ActFn<Act::Elu, T> {  // alpha = 1 (ELU_ALPHA in ifbf_fast/ops/inplace_abn.py)
-  static IFBF_HD T forward(T z, T /*slope*/) { return z > T(0) ? z : abn_expm1(z); }
+  static IFBF_HD T forward(T z, T /*slope*/) { return abn_max0(z) + abn_expm1(abn_min0(z)); }
   // act'(z) = exp(z) = y + 1 on the negative side (as torch's elu backward on the result). Where y
   // has saturated to -1 (z below about -17 in fp32, far less in fp16/bf16), z cannot be recovered:
   // it is clamped to a finite value so that dact = 0 multiplies a finite number, not -inf.
-  static IFBF_HD void inverse(T y, T /*slope*/, T& z, T& dact) {
-    if (y > T(0)) {
-      z = y;
-      dact = T(1);
-    } else {
-      const T yc = y > T(-0.9999999) ? y : T(-0.9999999);
-      z = abn_log1p(yc);
-      dact = y + T(1);
-    }
+  static IFBF_HD void inverse(T y, T /*slope*/, T /*inv_slope*/, T& z, T& dact) {
+    const T neg = abn_min0(y);
+    const T clamped = neg > T(-0.9999999) ? neg : T(-0.9999999);
+    z = abn_max0(y) + abn_log1p(clamped);
+    dact = T(1) + neg;
   }
 };
 

@@ -37,7 +37,8 @@ void dispatch_act(Act act, F f) {
 
 template <typename F>
 void dispatch_index(int64_t numel, F f) {
-  if (numel < std::numeric_limits<int32_t>::max()) {
+  // headroom: grid-stride loop counters step past the last index before the loop test
+  if (numel < std::numeric_limits<int32_t>::max() - (int64_t{1} << 26)) {
     f(int32_t{0});
   } else {
     f(int64_t{0});
@@ -206,16 +207,16 @@ Sums abn_backward_reduce_cuda(const at::Tensor& y, const at::Tensor& dy,
   const c10::cuda::CUDAGuard guard(y.device());
   const Geometry g = geometry_of(y);
   const auto popt = y.options().dtype(at::kFloat);
-  auto sum_dz = at::zeros({g.c}, popt);
-  auto sum_dz_xhat = at::zeros({g.c}, popt);
-  if (y.numel() == 0) return {sum_dz, sum_dz_xhat};
+  auto sum_dz = at::empty({g.c}, popt);
+  auto sum_dz_xhat = at::empty({g.c}, popt);
+  if (y.numel() == 0) return {sum_dz.zero_(), sum_dz_xhat.zero_()};
   c10::optional<at::Tensor> wk, bk;
   const float* pw = opt_ptr(weight, wk);
   const float* pb = opt_ptr(bias, bk);
   IFBF_DISPATCH_CUDA_TYPES(y.scalar_type(), "abn_backward_reduce_cuda", [&] {
     dispatch_act(act, [&](auto a) {
       reduce(g, y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
-             cuda::BackwardRed<decltype(a)::value, scalar_t>{pb, float(slope)},
+             cuda::BackwardRed<decltype(a)::value, scalar_t>{pb, float(slope), float(1.0 / slope)},
              cuda::BackwardFin{pw, float(eps), sum_dz.data_ptr<float>(), sum_dz_xhat.data_ptr<float>()},
              y.options());
     });
@@ -238,7 +239,7 @@ void abn_backward_cuda(const at::Tensor& y, const at::Tensor& dy, const at::Tens
   IFBF_DISPATCH_CUDA_TYPES(y.scalar_type(), "abn_backward_cuda", [&] {
     dispatch_act(act, [&](auto a) {
       cuda::BackwardMap<decltype(a)::value, scalar_t> f{var.const_data_ptr<float>(), pw, pb, pm, px,
-                                                       float(eps), float(slope)};
+                                                       float(eps), float(slope), float(1.0 / slope)};
       map(g, y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), f);
     });
   });

@@ -100,14 +100,14 @@ template <Act A, typename scalar_t>
 struct BackwardRed {  // sums of dz and dz * (z - b); divided by g once per channel at the end
   using State = Pair;
   const float* bias;
-  float slope;
+  float slope, inv_slope;
   struct Ch {
     float b;
   };
   __device__ __forceinline__ Ch channel(int64_t c) const { return {bias ? bias[c] : 0.f}; }
   __device__ __forceinline__ void update(State& s, const Ch& ch, scalar_t y, scalar_t dy) const {
     float z, dact;
-    ActFn<A, float>::inverse(static_cast<float>(y), slope, z, dact);
+    ActFn<A, float>::inverse(static_cast<float>(y), slope, inv_slope, z, dact);
     const float dz = static_cast<float>(dy) * dact;
     s.a += dz;
     s.b += dz * (z - ch.b);
@@ -136,7 +136,7 @@ struct BackwardMap {
   // dx = g * invstd * (dz - mdz - xhat * mdzx) with xhat = (z - b) / g
   //    = a * dz - k * (z - b) + c0,  a = g * invstd, k = invstd * mdzx, c0 = -a * mdz
   const float *var, *weight, *bias, *mean_dz, *mean_dz_xhat;
-  float eps, slope;
+  float eps, slope, inv_slope;
   struct Ch {
     float a, k, b, c0;
   };
@@ -148,7 +148,7 @@ struct BackwardMap {
   }
   __device__ __forceinline__ scalar_t operator()(const Ch& ch, scalar_t y, scalar_t dy) const {
     float z, dact;
-    ActFn<A, float>::inverse(static_cast<float>(y), slope, z, dact);
+    ActFn<A, float>::inverse(static_cast<float>(y), slope, inv_slope, z, dact);
     return static_cast<scalar_t>(ch.a * (static_cast<float>(dy) * dact) - ch.k * (z - ch.b) + ch.c0);
   }
 };

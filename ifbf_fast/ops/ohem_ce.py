@@ -214,3 +214,98 @@ def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, keep_ratio: f
     if choose("ohem_cross_entropy", _fast_unavailable(logits)):
         return ohem_cross_entropy_fast(logits, target, keep_ratio, thresh, ignore_index)
     return ohem_cross_entropy_ref(logits, target, keep_ratio, thresh, ignore_index)
+
+
+# --- optional: the bilinear upsampling of the logits fused into the loss ------------------------
+
+def ohem_cross_entropy_upsampled_ref(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float = 0.75,
+                                     thresh: Optional[float] = None, ignore_index: int = 255) -> torch.Tensor:
+    """Reference: ``F.interpolate(logits, target's (H, W), bilinear, align_corners=False)`` then
+    :func:`ohem_cross_entropy_ref` (the head's upsampling followed by the loss)."""
+    _check_upsampled_args(logits, target)
+    up = torch.nn.functional.interpolate(logits, size=tuple(target.shape[-2:]), mode="bilinear",
+                                         align_corners=False)
+    return ohem_cross_entropy_ref(up, target, keep_ratio, thresh, ignore_index)
+
+
+def _check_upsampled_args(logits: torch.Tensor, target: torch.Tensor) -> None:
+    if logits.dim() != 4 or target.dim() != 3 or logits.shape[0] != target.shape[0]:
+        raise ValueError(f"ohem_cross_entropy_upsampled: logits (N, C, h, w) and target (N, H, W) expected; "
+                         f"got {tuple(logits.shape)} and {tuple(target.shape)}")
+
+
+@torch.library.custom_op("ifbf_fast::ohem_ce_up_fwd", mutates_args=())
+def _ohem_ce_up_fwd_op(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float, thresh: float,
+                       ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, per-pixel losses at the target's size, state) of the upsampled logits."""
+    from ifbf_fast.kernels.ohem_ce import ohem_ce_up_fwd
+    return ohem_ce_up_fwd(logits, target, keep_ratio, thresh, ignore_index)
+
+
+@_ohem_ce_up_fwd_op.register_fake
+def _ohem_ce_up_fwd_fake(logits, target, keep_ratio, thresh, ignore_index):
+    from ifbf_fast.kernels.ohem_ce import STATE_SIZE
+    return (logits.new_empty((), dtype=torch.float32), target.new_empty(target.shape, dtype=torch.float32),
+            logits.new_empty((STATE_SIZE,), dtype=torch.int32))
+
+
+@torch.library.custom_op("ifbf_fast::ohem_ce_up_bwd", mutates_args=())
+def _ohem_ce_up_bwd_op(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, losses: torch.Tensor,
+                       state: torch.Tensor) -> torch.Tensor:
+    """Gradient wrt the low-resolution logits."""
+    from ifbf_fast.kernels.ohem_ce import ohem_ce_up_bwd
+    return ohem_ce_up_bwd(grad, logits, target, losses, state)
+
+
+@_ohem_ce_up_bwd_op.register_fake
+def _ohem_ce_up_bwd_fake(grad, logits, target, losses, state):
+    return torch.empty_like(logits)
+
+
+def _ohem_ce_up_backward(ctx, grad_loss, grad_losses, grad_state):
+    logits, target, losses, state = ctx.saved_tensors
+    grad_logits = None
+    if ctx.needs_input_grad[0]:
+        grad_logits = _ohem_ce_up_bwd_op(grad_loss, logits, target, losses, state)
+    return grad_logits, None, None, None, None
+
+
+_ohem_ce_up_fwd_op.register_autograd(_ohem_ce_up_backward, setup_context=_ohem_ce_setup_context)
+
+
+def ohem_cross_entropy_upsampled_fast(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float = 0.75,
+                                      thresh: Optional[float] = None, ignore_index: int = 255) -> torch.Tensor:
+    """OHEM cross-entropy of the bilinearly upsampled logits, the full-size logits never stored.
+
+    The interpolation is computed in fp32 (the unfused path rounds the upsampled logits to their
+    dtype first); ties, gradients and bad labels as in :func:`ohem_cross_entropy_fast`.
+    """
+    _check_upsampled_args(logits, target)
+    from ifbf_fast.kernels.ohem_ce import upsample_unsupported_reason
+    reason = upsample_unsupported_reason(tuple(logits.shape[-2:]), tuple(target.shape[-2:]))
+    if reason is not None:
+        raise ValueError(f"ohem_cross_entropy_upsampled: {reason}")
+    h_in, w_in = logits.shape[-2:]
+    c = logits.shape[1]
+    # The shared checks (dtypes, device, keep_ratio, thresh) on a view of the target at the logits' size.
+    check_ohem_args(logits, target[:, :h_in, :w_in], keep_ratio, thresh, ignore_index)
+    if _label_check_enabled():
+        _raise_on_bad_labels(target, c, ignore_index)
+    thresh_arg = -1.0 if thresh is None else float(thresh)
+    return _ohem_ce_up_fwd_op(logits, target, float(keep_ratio), thresh_arg, int(ignore_index))[0]
+
+
+def _fast_upsampled_unavailable(logits: torch.Tensor, target: torch.Tensor) -> str | None:
+    reason = _fast_unavailable(logits)
+    if reason is None and logits.dim() == 4 and target.dim() == 3:
+        from ifbf_fast.kernels.ohem_ce import upsample_unsupported_reason
+        reason = upsample_unsupported_reason(tuple(logits.shape[-2:]), tuple(target.shape[-2:]))
+    return reason
+
+
+def ohem_cross_entropy_upsampled(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float = 0.75,
+                                 thresh: Optional[float] = None, ignore_index: int = 255) -> torch.Tensor:
+    """``ohem_cross_entropy(interpolate(logits, target's size, bilinear), target, ...)`` through the switch."""
+    if choose("ohem_cross_entropy_upsampled", _fast_upsampled_unavailable(logits, target)):
+        return ohem_cross_entropy_upsampled_fast(logits, target, keep_ratio, thresh, ignore_index)
+    return ohem_cross_entropy_upsampled_ref(logits, target, keep_ratio, thresh, ignore_index)

@@ -22,6 +22,12 @@ def _all_specs():
     for target_dtype in (torch.int32, torch.uint8):         # labels as other loaders hand them over
         specs += K.kernel_specs(19, torch.bfloat16, target_dtype)
     specs += K.kernel_specs(19, torch.float32, aligned=False)
+    for dtype in DTYPES:                                      # the optional fused x4 upsampling
+        specs += K.upsample_kernel_specs(19, dtype)
+    specs += K.upsample_kernel_specs(19, torch.bfloat16, channels_last=True)
+    specs += K.upsample_kernel_specs(19, torch.bfloat16, (256, 512), (1024, 2048))
+    specs += K.upsample_kernel_specs(19, torch.bfloat16, (4, 4), (13, 17))[1:]   # footprint 8 x 4
+    specs += K.upsample_kernel_specs(19, torch.bfloat16, (4, 4), (17, 13))[1:]   # footprint 4 x 8
     return specs + K.select_kernel_specs()
 
 

@@ -1,0 +1,101 @@
+"""Optional fused variant: bilinear upsampling of the logits inside the OHEM loss, against
+``F.interpolate`` + the reference (under the interpreter unless IFBF_TEST_GPU=1)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ifbf_fast import ops
+from ifbf_fast.kernels import ohem_ce as K
+from ifbf_fast.ops.ohem_ce import (ohem_cross_entropy_ref, ohem_cross_entropy_upsampled,
+                                   ohem_cross_entropy_upsampled_fast, ohem_cross_entropy_upsampled_ref)
+
+from .test_ohem_ce import GRAD_TOL, LOSS_TOL, _assert_close, _run, _separated_at_kth
+
+# (N, C, h, w) -> (H, W): the exact x4 of the network, a non-integer factor, one class, odd sizes.
+CASES = [((2, 19, 5, 9), (20, 36)), ((1, 19, 4, 4), (13, 17)), ((1, 1, 3, 3), (12, 12)), ((2, 5, 3, 7), (11, 29))]
+
+
+def _fresh(shape, size, dtype, device, keep_ratio=0.75):
+    for _ in range(20):
+        logits = (torch.randn(shape) * 2).to(dtype).to(device)
+        target = torch.randint(0, shape[1], (shape[0],) + size)
+        target[torch.rand(target.shape) < 0.2] = 255
+        target = target.to(device)
+        up = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+        if shape[1] == 1 or _separated_at_kth(up, target, keep_ratio):
+            return logits, target
+    raise RuntimeError("no input without near-ties in 20 draws")
+
+
+def _ref_fp32_interp(x, t, *args):
+    # The fused kernels' semantics: interpolation in fp32 from the given (possibly low-precision) logits.
+    return ohem_cross_entropy_ref(F.interpolate(x.float(), size=tuple(t.shape[-2:]), mode="bilinear",
+                                                align_corners=False), t, *args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("thresh", [None, 0.7])
+def test_matches_interpolate_then_reference(device, dtype, case, thresh):
+    shape, size = case
+    logits, target = _fresh(shape, size, dtype, device)
+    got, g_got = _run(ohem_cross_entropy_upsampled_fast, logits, target, 0.75, thresh)
+    want, g_want = _run(_ref_fp32_interp, logits, target, 0.75, thresh)
+    _assert_close(got, want, "loss", **LOSS_TOL)
+    assert g_got.dtype == dtype and g_got.shape == logits.shape
+    _assert_close(g_got, g_want, "grad_logits", **GRAD_TOL[dtype])
+    if dtype != torch.float32:
+        # Against the unfused low-precision path (upsampled logits rounded to bf16/fp16): no worse than
+        # that path's own distance to fp32, plus a small slack.
+        ref_lowp = ohem_cross_entropy_upsampled_ref(logits, target, 0.75, thresh)
+        ref_fp32 = ohem_cross_entropy_upsampled_ref(logits.float(), target, 0.75, thresh)
+        assert (got - ref_fp32).abs() <= 2 * (ref_lowp - ref_fp32).abs() + 1e-5
+
+
+def test_layouts_all_ignored_and_switch(device):
+    logits, target = _fresh((2, 19, 5, 9), (20, 36), torch.float32, device)
+    cl = logits.contiguous(memory_format=torch.channels_last)
+    got, g_got = _run(ohem_cross_entropy_upsampled_fast, cl, target)
+    want, g_want = _run(ohem_cross_entropy_upsampled_ref, logits, target)
+    _assert_close(got, want, "loss", **LOSS_TOL)
+    _assert_close(g_got, g_want, "grad_logits", **GRAD_TOL[torch.float32])
+    assert g_got.is_contiguous(memory_format=torch.channels_last)
+    ignored = torch.full_like(target, 255)
+    loss, grad = _run(ohem_cross_entropy_upsampled_fast, logits, ignored)
+    assert float(loss) == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+    bad = target.clone()
+    bad[0, 0, 0] = 19
+    loss, grad = _run(ohem_cross_entropy_upsampled_fast, logits, bad)
+    assert torch.isnan(loss) and torch.isnan(grad).all()
+    # A factor below ~3 is not fused: "fast" says so, "auto" takes the reference.
+    small = torch.randn(1, 19, 10, 10, device=device)
+    t2 = torch.randint(0, 19, (1, 15, 15), device=device)
+    with pytest.raises(ValueError, match="factor"):
+        ohem_cross_entropy_upsampled_fast(small, t2)
+    with ops.use_impl("fast"), pytest.raises(ops.FastPathUnavailable, match="factor"):
+        ohem_cross_entropy_upsampled(small, t2)
+    with ops.use_impl("auto"):
+        torch.testing.assert_close(ohem_cross_entropy_upsampled(small, t2), ohem_cross_entropy_upsampled_ref(small, t2))
+
+
+def test_opcheck_and_compile(device):
+    import torch._dynamo
+
+    logits, target = _fresh((1, 5, 3, 4), (12, 16), torch.float32, device)
+    torch.library.opcheck(torch.ops.ifbf_fast.ohem_ce_up_fwd.default,
+                          (logits.clone().requires_grad_(True), target, 0.75, 0.7, 255))
+    _, losses, state = K.ohem_ce_up_fwd(logits, target, 0.75, -1.0, 255)
+    torch.library.opcheck(torch.ops.ifbf_fast.ohem_ce_up_bwd.default,
+                          (torch.tensor(1.0, device=device), logits, target, losses, state))
+
+    def step(x, t):
+        return ohem_cross_entropy_upsampled(x * 2.0, t, 0.75) + 1.0
+
+    torch._dynamo.reset()
+    with ops.use_impl("fast"):
+        explain = torch._dynamo.explain(step)(logits, target)
+        assert explain.graph_break_count == 0 and explain.graph_count == 1, explain
+        got, g_got = _run(torch.compile(step, fullgraph=True, backend="aot_eager"), logits, target)
+    want, g_want = _run(lambda x, t: ohem_cross_entropy_upsampled_ref(x * 2.0, t, 0.75) + 1.0, logits, target)
+    _assert_close(got, want, "compiled loss", **LOSS_TOL)
+    _assert_close(g_got, g_want, "compiled grad", **GRAD_TOL[torch.float32])

@@ -20,15 +20,22 @@ except ImportError as exc:  # re-raised with the fix in the message
 ops = torch.ops.ifbf_fast
 
 
+# Looked up once: a torch._C query inside a function that torch.compile traces would break the graph.
+_HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("ifbf_fast::abn_statistics", "CUDA")
+
+
 def has_cuda_kernels() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("ifbf_fast::abn_statistics", "CUDA")
+    return _HAS_CUDA_KERNELS
 
 
 def abn_unavailable_reason(x: torch.Tensor) -> Optional[str]:
     """Why the C++ InPlace-ABN kernels cannot run on ``x``, or ``None`` if they can."""
-    if x.device.type == "cpu":
-        return None
-    if x.device.type == "cuda":
-        return None if has_cuda_kernels() else "ifbf_fast._C was built without its CUDA kernels"
-    return f"no ifbf_fast._C kernels for device {x.device}"
+    if x.device.type not in ("cpu", "cuda"):
+        return f"no ifbf_fast._C kernels for device {x.device}"
+    if x.device.type == "cuda" and not has_cuda_kernels():
+        return "ifbf_fast._C was built without its CUDA kernels"
+    supported = (torch.float32, torch.float16, torch.bfloat16) + ((torch.float64,) if x.device.type == "cpu" else ())
+    if x.dtype not in supported:
+        return f"the InPlace-ABN kernels take {', '.join(str(d) for d in supported)} on {x.device.type}, not {x.dtype}"
+    return None

@@ -264,6 +264,15 @@ def test_readable_errors():
         inplace_abn_fast(x, None, None, None, None, True, slope=-0.1)
 
 
+@pytest.mark.parametrize("key", ["CPU", "CUDA"])
+def test_every_op_has_a_kernel(key):
+    """CPU kernels always; CUDA kernels wherever the extension was built with nvcc (CI, GPU machines)."""
+    if key == "CUDA" and not _ext.has_cuda_kernels():
+        pytest.skip("ifbf_fast._C was built without its CUDA kernels (no nvcc / CPU-only torch)")
+    for op in ("abn_statistics", "abn_forward", "abn_backward_reduce", "abn_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ifbf_fast::{op}", key), (op, key)
+
+
 def _opcheck_samples(device):
     out = []
     for dtype in _dtypes(device):
@@ -289,6 +298,25 @@ def test_opcheck_every_op(device):
             torch.library.opcheck(ops.abn_backward_reduce.default, (y, dy, w, b, 1e-5, act, 0.1))
             torch.library.opcheck(ops.abn_backward.default, (y, dy, v, w, b, m, v, 1e-5, act, 0.1))
         torch.library.opcheck(ops.abn_backward.default, (x, x, v, None, None, None, None, 1e-5, "identity", 0.1))
+
+
+def test_gradient_with_other_strides_than_y(device):
+    """dy arriving channels-last, sliced or broadcast (as from .sum()) for an NCHW y, and vice versa."""
+    x = torch.randn(2, 4, 5, 6, device=device)
+    m, v = torch.randn(4, device=device), torch.rand(4, device=device) + 0.5
+    w, b = _weights(4, device), torch.randn(4, device=device)
+    for y_layout in ("contiguous", "channels_last"):
+        y = ops.abn_forward(_layout(x, y_layout), m, v, w, b, 1e-5, "leaky_relu", 0.1)
+        dy = torch.randn(x.shape, device=device)
+        want_r = ops.abn_backward_reduce(y, dy.contiguous(), w, b, 1e-5, "leaky_relu", 0.1)
+        want = ops.abn_backward(y, dy.contiguous(), v, w, b, m, v, 1e-5, "leaky_relu", 0.1)
+        for other in (_layout(dy, "channels_last"), _layout(dy, "sliced"), _layout(dy, "contiguous")):
+            for got, exp in zip(ops.abn_backward_reduce(y, other, w, b, 1e-5, "leaky_relu", 0.1), want_r):
+                torch.testing.assert_close(got, exp)
+            torch.testing.assert_close(ops.abn_backward(y, other, v, w, b, m, v, 1e-5, "leaky_relu", 0.1), want)
+        ones = torch.ones((), device=device).expand(x.shape)  # stride 0 everywhere
+        torch.testing.assert_close(ops.abn_backward(y, ones, v, w, b, m, v, 1e-5, "identity", 0.1),
+                                   ops.abn_backward(y, ones.contiguous(), v, w, b, m, v, 1e-5, "identity", 0.1))
 
 
 def _saved_bytes(fn, x, exclude):

@@ -162,3 +162,91 @@ def test_ohem_ce(benchmark, pass_, dtype, thresh, provider):
         provider=provider, bytes_moved=nbytes, fast_path_bytes=fast_path_bytes(SHAPE, DTYPES[dtype], backward=backward),
         gb_per_s=nbytes / median / 1e9, median_ms=median * 1e3, peak_mem_bytes=peak,
         device=torch.cuda.get_device_name())
+
+
+# --- optional: the x4 bilinear upsampling fused into the loss ------------------------------------
+
+LOWRES = (4, 19, 219, 219)            # the head's 1/4-resolution logits of an 876 x 876 crop
+UP_SIZE = (876, 876)
+UP_PROVIDERS = ("reference", "compiled_reference", "fast_unfused", "fast_fused")
+
+
+def bytes_moved_upsampled(lowres_shape: Sequence[int], size: Sequence[int], logits_dtype: torch.dtype,
+                          target_dtype: torch.dtype = torch.int64, backward: bool = False) -> int:
+    """Minimal bytes of upsample + OHEM when fused: the low-resolution logits and the full-size labels
+    read once (forward); the backward reads both again and writes the low-resolution gradient. The
+    same count is the yardstick for every provider (the unfused ones also write and re-read the
+    full-size logits and their gradient: ``bytes_moved`` at full size on top)."""
+    n, c, h, w = lowres_shape
+    logits = n * c * h * w * _size(logits_dtype)
+    labels = n * size[0] * size[1] * _size(target_dtype)
+    if not backward:
+        return logits + labels
+    return 2 * (logits + labels) + logits
+
+
+def _upsampled_fn(provider: str) -> Callable:
+    global _compiled_up_ref
+    if provider == "reference":
+        return OPS.ohem_cross_entropy_upsampled_ref
+    if provider == "compiled_reference":
+        if _compiled_up_ref is None:
+            _compiled_up_ref = torch.compile(OPS.ohem_cross_entropy_upsampled_ref, dynamic=False)
+        return _compiled_up_ref
+    if provider == "fast_unfused":
+        def unfused(x, t, *args):
+            up = torch.nn.functional.interpolate(x, size=tuple(t.shape[-2:]), mode="bilinear", align_corners=False)
+            with ops.use_impl("fast"):
+                return ops.ohem_cross_entropy(up, t, *args)
+        return unfused
+    if provider == "fast_fused":
+        def fused(*args):
+            with ops.use_impl("fast"):
+                return OPS.ohem_cross_entropy_upsampled(*args)
+        return fused
+    raise ValueError(f"unknown provider {provider!r}; expected one of {UP_PROVIDERS}")
+
+
+_compiled_up_ref = None
+
+
+def make_upsampled_case(provider: str, pass_: str, lowres_shape: Sequence[int], size: Sequence[int],
+                        dtype: torch.dtype, thresh: Optional[float] = None, keep_ratio: float = 0.75,
+                        device: str = "cuda") -> Callable:
+    """Like ``make_case`` for low-resolution logits upsampled (bilinear) to the labels' ``size``."""
+    n, c, _, _ = lowres_shape
+    logits = (torch.randn(lowres_shape, device=device) * 3).to(dtype)
+    target = torch.randint(0, c, (n,) + tuple(size), device=device)
+    target[torch.rand(target.shape, device=device) < IGNORE_FRAC] = 255
+    fn = _upsampled_fn(provider)
+    if pass_ == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(logits, target, keep_ratio, thresh)
+        return run
+    logits.requires_grad_()
+
+    def run_bwd():
+        loss = fn(logits, target, keep_ratio, thresh)
+        return (loss.detach(),) + torch.autograd.grad(loss, [logits])
+    return run_bwd
+
+
+@needs_cuda
+@pytest.mark.benchmark(group="ohem_ce_upsampled", warmup=False)
+@pytest.mark.parametrize("provider", UP_PROVIDERS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("pass_", PASSES)
+def test_ohem_ce_upsampled(benchmark, pass_, dtype, provider):
+    torch.manual_seed(0)
+    run = _synced(make_upsampled_case(provider, pass_, LOWRES, UP_SIZE, DTYPES[dtype]))
+    for _ in range(3):
+        run()
+    peak = _peak_bytes(run)
+    benchmark.group = f"ohem_ce_upsampled {pass_} {'x'.join(map(str, LOWRES))}->{UP_SIZE[0]}x{UP_SIZE[1]} {dtype}"
+    benchmark(run)
+    nbytes = bytes_moved_upsampled(LOWRES, UP_SIZE, DTYPES[dtype], backward=pass_ == "fwd_bwd")
+    median = benchmark.stats["median"]
+    benchmark.extra_info.update(
+        provider=provider, bytes_moved=nbytes, gb_per_s=nbytes / median / 1e9, median_ms=median * 1e3,
+        peak_mem_bytes=peak, device=torch.cuda.get_device_name())

@@ -33,6 +33,11 @@ raises the reference's ValueError instead.
 
 Memory: the per-pixel loss buffer (4 bytes per pixel, saved for backward), 4 KiB of histogram and
 state, and 3 fp32 partials per 2048 pixels. Nothing of size (N, C, H, W) besides ``grad_logits``.
+The forward is bitwise deterministic (integer atomics only, partial sums added in a fixed order).
+
+Optional (``_ohem_ce_up_*``): the same loss on ``interpolate(logits, (H, W), bilinear,
+align_corners=False)`` of 1/4-resolution logits, interpolated on the fly; the selection kernels are
+shared. Its low-resolution gradient is accumulated with fp32 atomics (not bitwise deterministic).
 """
 
 from __future__ import annotations

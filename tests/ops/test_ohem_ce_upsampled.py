@@ -99,3 +99,23 @@ def test_opcheck_and_compile(device):
     want, g_want = _run(lambda x, t: ohem_cross_entropy_upsampled_ref(x * 2.0, t, 0.75) + 1.0, logits, target)
     _assert_close(got, want, "compiled loss", **LOSS_TOL)
     _assert_close(g_got, g_want, "compiled grad", **GRAD_TOL[torch.float32])
+
+
+def test_bench_helpers(device):
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "bench_ohem_ce.py")
+    spec = importlib.util.spec_from_file_location("bench_ohem_ce", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    lr, lab = 4 * 19 * 219 * 219 * 2, 4 * 876 * 876 * 8
+    assert bench.bytes_moved_upsampled((4, 19, 219, 219), (876, 876), torch.bfloat16) == lr + lab
+    assert bench.bytes_moved_upsampled((4, 19, 219, 219), (876, 876), torch.bfloat16, backward=True) == 3 * lr + 2 * lab
+    outs = []
+    for provider in bench.UP_PROVIDERS[::2] + ("fast_fused",):    # reference, fast_unfused, fast_fused
+        torch.manual_seed(5)
+        outs.append(bench.make_upsampled_case(provider, "fwd_bwd", (1, 19, 3, 4), (12, 16), torch.float32,
+                                              device=device.type)())
+    for other in outs[1:]:
+        for got, want in zip(other, outs[0]):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

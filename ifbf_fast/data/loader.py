@@ -22,6 +22,8 @@ The default batch size is 1 because full-size images may differ in size.
 Workers: ``worker_init_fn`` seeds ``torch``, ``numpy`` and ``random`` in each worker from
 ``(seed, epoch, rank, worker_id)`` (for any user code that draws from the global generators) and
 limits OpenCV to one thread per worker (the machines are shared; parallelism comes from workers).
+``build_loader`` with workers also sets the parent's OpenCV to one thread first: a worker forked
+while the parent's OpenCV thread pool exists deadlocks in its first OpenCV call.
 """
 
 from __future__ import annotations
@@ -200,6 +202,10 @@ def build_loader(root, split: str, batch_size: int | None = None, crop_size=DEFA
             f"rank(s), fewer than one batch of {batch_size}; lower batch_size or world_size")
     extra = {}
     if workers > 0:
+        # OpenCV's thread pool does not survive fork: a worker forked while the parent's pool exists
+        # (started by any earlier cv2 call, e.g. the synthetic city or the preflight check) hangs in
+        # its first cv2 call. One thread in the parent tears the pool down before the workers fork.
+        cv2.setNumThreads(1)
         extra["persistent_workers"] = persistent_workers
         if prefetch_factor is not None:
             extra["prefetch_factor"] = prefetch_factor

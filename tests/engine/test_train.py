@@ -1,0 +1,145 @@
+"""train.py end to end on a tiny synthetic city: the CLI, bad input, a run whose loss falls, exact
+resume, refusal of another model's checkpoint, the non-finite-loss guard."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ifbf_fast.engine import checkpoint as ck
+from ifbf_fast.engine.config import args_list, parse_args
+from ifbf_fast.engine.trainer import TrainingError, main, train, train_one_step
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def city(tmp_path_factory):
+    from ifbf_fast.data import generate_city
+    return generate_city(str(tmp_path_factory.mktemp("city")), n_train=8, n_val=2, height=64, width=128, seed=3)
+
+
+def tiny(city, out, **overrides):
+    values = dict(data=city, out=str(out), backbone="resnet18", crop_size=64, scales=[0.75, 1.0, 1.25],
+                  batch_size=4, workers=0, iters=6, warmup_iters=1, lr=0.01, eval_every=0, ckpt_every=3,
+                  log_every=1, progress=False, gpus=0, seed=1, impl="reference")
+    values.update(overrides)
+    words = args_list({k: v for k, v in values.items() if k != "progress"})
+    if not values["progress"]:
+        words.append("--no-progress")
+    return parse_args(words)
+
+
+def test_help_lists_the_main_options():
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    for flag in ("--gpus", "--compile", "--impl", "--data", "--amp", "--resume", "--config"):
+        assert flag in out
+
+
+@pytest.mark.parametrize("words, message", [
+    (["--data", "/no/such/dir"], "--data /no/such/dir: no such directory"),
+    (["--pretrained", "/no/such.pth"], "--pretrained /no/such.pth: no such file"),
+    (["--impl", "fastest"], "invalid choice: 'fastest'"),
+    (["--iters", "0"], "--iters must be > 0"),
+    (["--keep-ratio", "1.5"], "--keep-ratio must be in (0, 1]"),
+])
+def test_bad_options_give_one_line_errors(words, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(words)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_config_file(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("backbone: resnet18\nlearning_rate: 0.1\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(cfg)])
+    assert "unknown option(s) ['learning_rate']" in capsys.readouterr().err
+    cfg.write_text("backbone: vgg16\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(cfg)])
+    assert "backbone='vgg16' is not one of" in capsys.readouterr().err
+
+
+def test_not_a_cityscapes_folder_is_refused_before_work(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    assert main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--gpus", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error:") and "leftImg8bit" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_defaults_are_the_paper_recipe_with_data(tmp_path):
+    args = parse_args(["--data", str(tmp_path)])
+    assert (args.backbone, args.crop_size, args.batch_size, args.iters, args.lr) == ("resnet101", 876, 4, 81000, 0.01)
+    assert (args.lr_mult, args.aux_weight, args.keep_ratio, args.weight_decay) == (10.0, 0.4, 0.75, 5e-4)
+    assert args.config_used is None
+    assert parse_args([]).config_used.endswith("cpu_default.yaml")
+
+
+@pytest.mark.slow
+def test_short_run_loss_falls_and_writes_checkpoints(city, tmp_path):
+    args = tiny(city, tmp_path, iters=24, lr=0.02, ckpt_every=12, keep_last=1, eval_every=24)
+    out = train(args)
+    losses = out["losses"]
+    assert len(losses) == 24 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    assert out["eval"]["pixels"] == 2 * 64 * 128 - 0 or out["eval"]["pixels"] > 0
+    assert [os.path.basename(p) for p in ck.list_checkpoints(str(tmp_path))] == ["iter_00000024.pt"]
+    assert os.path.exists(tmp_path / "best.pt") and os.path.exists(tmp_path / "args.yaml")
+    state = ck.load(str(tmp_path / "iter_00000024.pt"))
+    assert state["iteration"] == 24 and state["args"]["backbone"] == "resnet18"
+
+
+@pytest.mark.slow
+def test_resume_is_exact(city, tmp_path):
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        full = train(tiny(city, tmp_path / "full", iters=6, ckpt_every=3))
+        half = train(tiny(city, tmp_path / "half", iters=6, ckpt_every=3))
+        # Pretend the second run died after step 3: drop its later checkpoint and resume.
+        os.remove(tmp_path / "half" / "iter_00000006.pt")
+        resumed = train(tiny(city, tmp_path / "half", iters=6, ckpt_every=3, resume="latest"))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert half["losses"] == full["losses"], (half["losses"], full["losses"])
+    assert resumed["losses"] == half["losses"][3:], (resumed["losses"], half["losses"])
+    a = ck.load(str(tmp_path / "full" / "iter_00000006.pt"))["model"]
+    b = ck.load(str(tmp_path / "half" / "iter_00000006.pt"))["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_is_refused(city, tmp_path, capsys):
+    train(tiny(city, tmp_path, iters=2, ckpt_every=2))
+    words = args_list(dict(data=city, out=str(tmp_path), backbone="resnet18", crop_size=64, batch_size=4,
+                           workers=0, iters=4, warmup_iters=1, gpus=0, num_classes=8, resume="latest"))
+    assert main(words) == 1
+    assert "num_classes: checkpoint 19 vs this run 8" in capsys.readouterr().err
+
+
+def test_nonfinite_loss_skips_the_step():
+    model = torch.nn.Conv2d(3, 2, 1)
+    before = model.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = {"image": torch.randn(1, 3, 4, 4), "label": torch.zeros(1, 4, 4, dtype=torch.long)}
+
+    def nan_loss(outputs, labels):
+        return {"loss": outputs["out"].sum() * float("nan")}
+
+    import contextlib
+    got = train_one_step(lambda x: {"out": model(x)}, nan_loss, batch, opt, None, contextlib.nullcontext,
+                         torch.device("cpu"))
+    assert got is None and torch.equal(model.weight, before)
+
+
+@pytest.mark.slow
+def test_two_steps_with_every_fast_path(city, tmp_path):
+    """impl=fast: the Triton FBF and OHEM kernels (interpreter on CPU) and the C++ ABN all run in
+    training; asking for "fast" raises instead of falling back, so this fails if any path is missing."""
+    out = train(tiny(city, tmp_path, iters=2, crop_size=32, batch_size=2, ckpt_every=2, impl="fast"))
+    assert len(out["losses"]) == 2 and all(v == v for v in out["losses"])

@@ -93,7 +93,7 @@ def _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C):
     x_t = tl.sum(tl.where(offs_c[None, :] == t[:, None], x, 0.0), axis=1)
     # (m - x_t) >= 0 and log(s) >= 0 (s >= 1) term by term: no cancellation against the max.
     loss = (m - x_t) + tl.log(s)
-    loss = tl.where(loss < 0.0, 0.0, loss)          # where, not maximum: keeps NaN
+    loss = tl.where(loss <= 0.0, 0.0, loss)         # where, not maximum: keeps NaN; -0.0 -> +0.0
     poison = valid & ((t < 0) | (t >= C) | (loss != loss))
     nan = tl.full(loss.shape, 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
     loss = tl.where(poison, nan, loss)

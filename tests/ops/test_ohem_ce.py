@@ -343,7 +343,8 @@ def test_opcheck(device):
                           (torch.tensor(1.0, device=device), logits.detach(), target, losses, state))
 
 
-def test_compile_fullgraph_no_graph_breaks(device):
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_no_graph_breaks(device, backend):
     import torch._dynamo
 
     logits, target = _fresh_separated((2, 19, 7, 13), torch.float32, device, 0.75)
@@ -355,7 +356,7 @@ def test_compile_fullgraph_no_graph_breaks(device):
     with ops.use_impl("fast"):
         explain = torch._dynamo.explain(step)(logits, target)
         assert explain.graph_break_count == 0 and explain.graph_count == 1, explain
-        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        compiled = torch.compile(step, fullgraph=True, backend=backend)
         loss, grad = _run(compiled, logits, target)
         want, g_want = _run(step, logits, target)
     _assert_close(loss, want, "compiled loss", **LOSS_TOL)

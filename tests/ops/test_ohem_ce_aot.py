@@ -39,7 +39,7 @@ def test_every_launched_configuration_compiles_cleanly_for_sm80_and_sm90():
         assert [r.arch for r in per_arch] == [80, 90]
         for r in per_arch:
             assert f".entry {spec.attr}" in r.ptx
-            rows.append(f"{spec.attr:28s} {str(spec.signature.get('logits_ptr', '-')):6s} "
+            rows.append(f"{spec.attr:28s} {str(spec.signature.get('logits_ptr', spec.signature.get('lr_ptr', '-'))):6s} "
                         f"BLOCK_C={spec.constexprs.get('BLOCK_C', '-')!s:4s} "
                         f"unit={'c' if spec.constexprs.get('stride_lc') == 1 else 'w'} sm_{r.arch} "
                         f"regs={r.registers:3d} spills={r.spills} smem={r.shared} vec={r.vector_loads}")

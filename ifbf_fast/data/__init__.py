@@ -4,7 +4,9 @@ synthetic city. The DALI pipeline (``ifbf_fast.data.dali``, another module) must
 
 Modules: ``labels`` (tables from cityscapesscripts), ``cityscapes`` (layout + reader),
 ``check`` (preflight, ``python -m ifbf_fast.data.check DIR``), ``transforms`` (augmentation spec),
-``loader`` (``build_loader``), ``synthetic`` (``python -m ifbf_fast.data.synthetic --out DIR``).
+``loader`` (``build_loader``), ``synthetic`` (``python -m ifbf_fast.data.synthetic --out DIR``),
+``dali`` (``build_dali_loader``, same batches with the pixel work in DALI), ``prepare``
+(``python -m ifbf_fast.data.prepare SRC DST``: decode-free .npy form).
 """
 
 from .cityscapes import (CityscapesDataset, DataReadError, DatasetLayoutError, Sample, find_pairs,
@@ -21,7 +23,8 @@ from .transforms import (DEFAULT_CROP, DEFAULT_SCALES, IMAGENET_MEAN, IMAGENET_S
 # check and synthetic are also run as ``python -m``: importing them here eagerly would make runpy
 # warn (the module would already be in sys.modules), so they load on first attribute access.
 _LAZY = {"check_dataset": "check", "DatasetReport": "check", "generate_city": "synthetic",
-         "render_scene": "synthetic"}
+         "render_scene": "synthetic", "build_dali_loader": "dali", "DaliLoader": "dali",
+         "dali_available": "dali"}
 
 
 def __getattr__(name):
@@ -41,4 +44,5 @@ __all__ = [
     "read_image", "read_label", "read_label_ids", "render_scene", "Sample", "sample_generator",
     "sample_params", "scaled_size", "SegmentationLoader", "SegmentationSet", "ShardedSampler",
     "to_label_ids", "to_train_ids", "TRAIN_TO_LABEL", "TrainTransform", "VALID_LABEL_IDS",
+    "build_dali_loader", "DaliLoader", "dali_available",
 ]

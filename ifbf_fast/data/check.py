@@ -10,6 +10,10 @@ Problems found: missing root / split folders (a split folder missing is reported
 skipped), an image without its label and a label without its image, an empty split, a file that is
 unreadable, truncated or not decodable, a label that is not single-channel 8-bit, image/label size
 mismatch, label values that are not Cityscapes labelIds (the official table's ids, 0..33).
+
+A split holding prepared arrays (``python -m ifbf_fast.data.prepare``: ``*_leftImg8bit.npy`` /
+``*_gtFine_labelIds.npy``) instead of PNGs is checked the same way (unreadable array, wrong dtype or
+shape instead of an undecodable PNG).
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from glob import glob
 import numpy as np
 
 from .cityscapes import (IMAGE_DIR, IMAGE_SUFFIX, LABEL_DIR, LABEL_SUFFIX, DataReadError,
-                         Sample, label_path_for, read_image, read_label_ids, stem_of)
+                         Sample, read_image, read_label_ids)
 from .labels import VALID_LABEL_IDS
+from .prepare import PREP_IMAGE_SUFFIX, PREP_LABEL_SUFFIX, load_array
 
 _INVALID_LUT = np.ones(256, dtype=bool)
 _INVALID_LUT[sorted(VALID_LABEL_IDS)] = False
@@ -55,12 +60,14 @@ class DatasetReport:
 def _check_pair(sample: Sample) -> list[str]:
     """Every problem of one pair (decoding both files even when the first fails)."""
     problems, image, label = [], None, None
+    prepared = sample.image_path.endswith(PREP_IMAGE_SUFFIX)
     try:
-        image = read_image(sample.image_path)
+        image = load_array(sample.image_path, 3) if prepared else read_image(sample.image_path)
     except DataReadError as exc:
         problems.append(str(exc))
     try:
-        label = read_label_ids(sample.label_path)
+        label = (load_array(sample.label_path, 2) if prepared
+                 else read_label_ids(sample.label_path))
     except DataReadError as exc:
         problems.append(str(exc))
     if image is not None and label is not None and image.shape[:2] != label.shape:
@@ -88,25 +95,32 @@ def _scan_split(root: str, split: str, report: DatasetReport) -> list[Sample]:
             report.problems.append(f"split {split!r}: expected the folder {d!r} (not a Cityscapes "
                                    f"layout: ROOT/{IMAGE_DIR}/{split}/CITY/*{IMAGE_SUFFIX})")
         return []
+    image_suffix, label_suffix = IMAGE_SUFFIX, LABEL_SUFFIX
     images = sorted(glob(os.path.join(glob_escape(image_dir), "*", "*" + IMAGE_SUFFIX)))
-    labels = sorted(glob(os.path.join(glob_escape(label_dir), "*", "*" + LABEL_SUFFIX)))
+    if not images:  # a prepared (.npy) split?
+        prep = sorted(glob(os.path.join(glob_escape(image_dir), "*", "*" + PREP_IMAGE_SUFFIX)))
+        if prep:
+            images, image_suffix, label_suffix = prep, PREP_IMAGE_SUFFIX, PREP_LABEL_SUFFIX
+    labels = sorted(glob(os.path.join(glob_escape(label_dir), "*", "*" + label_suffix)))
     if not images:
         report.problems.append(f"split {split!r}: no images matching "
                                f"{os.path.join(image_dir, 'CITY', '*' + IMAGE_SUFFIX)!r}")
     expected_labels = set()
     pairs = []
     for image_path in images:
-        label_path = label_path_for(root, split, image_path)
+        city = os.path.basename(os.path.dirname(image_path))
+        stem = os.path.basename(image_path)[: -len(image_suffix)]
+        label_path = os.path.join(label_dir, city, stem + label_suffix)
         expected_labels.add(os.path.normpath(label_path))
         if os.path.isfile(label_path):
-            pairs.append(Sample(stem_of(image_path), image_path, label_path))
+            pairs.append(Sample(stem, image_path, label_path))
         else:
             report.problems.append(f"image {image_path!r} has no label: expected {label_path!r}")
     for label_path in labels:
         if os.path.normpath(label_path) not in expected_labels:
             city = os.path.basename(os.path.dirname(label_path))
-            stem = os.path.basename(label_path)[: -len(LABEL_SUFFIX)]
-            image_path = os.path.join(image_dir, city, stem + IMAGE_SUFFIX)
+            stem = os.path.basename(label_path)[: -len(label_suffix)]
+            image_path = os.path.join(image_dir, city, stem + image_suffix)
             report.problems.append(f"label {label_path!r} has no image: expected {image_path!r}")
     return pairs
 

@@ -66,3 +66,27 @@ def test_dali_png_and_npy_batches_identical(city, prepared, split, train):
         for a, b in zip(png, npy, strict=True):
             assert a["name"] == b["name"]
             assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+def test_preflight_checks_prepared_form(prepared, tmp_path):
+    from ifbf_fast.data import check_dataset
+
+    report = check_dataset(prepared)
+    assert report.ok and report.pairs == {"train": 6, "val": 3}, report.format()
+    root = str(tmp_path / "bad")
+    shutil.copytree(prepared, root)
+    samples = find_prepared_pairs(root, "train")
+    os.remove(samples[0].label_path)                                        # missing partner
+    with open(samples[1].image_path, "r+b") as f:                           # truncated array
+        f.truncate(200)
+    np.save(samples[2].label_path, np.zeros((10, 10), np.uint8))            # size mismatch
+    np.save(samples[3].label_path, np.full((64, 128), 40, np.uint8))        # not a labelId
+    np.save(samples[4].image_path, np.zeros((64, 128, 3), np.float32))      # wrong dtype
+    report = check_dataset(root)
+    text = report.format()
+    assert len(report.problems) == 5, text
+    for needle, sample in (("has no label", samples[0]), ("cannot read prepared", samples[1]),
+                           ("size mismatch", samples[2]), ("not Cityscapes labelIds", samples[3]),
+                           ("must be uint8", samples[4])):
+        line = next((p for p in report.problems if needle in p), None)
+        assert line is not None and os.path.basename(sample.name) in line, (needle, text)

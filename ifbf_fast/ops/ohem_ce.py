@@ -79,7 +79,7 @@ def ohem_cross_entropy_ref(logits: torch.Tensor, target: torch.Tensor, keep_rati
     loss = -logp.gather(1, safe_target.unsqueeze(1)).squeeze(1)             # (N, H, W) fp32
 
     n_valid = int(valid.sum())
-    kept = torch.zeros_like(valid)
+    kept = torch.zeros(valid.shape, dtype=torch.bool, device=valid.device)  # row-major: .view(-1) below
     if n_valid > 0:
         k = num_kept(n_valid, keep_ratio)
         flat_valid = valid.flatten().nonzero().squeeze(1)

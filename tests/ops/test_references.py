@@ -178,3 +178,10 @@ def test_abn_ref_low_precision_and_errors():
         inplace_abn_ref(x, torch.ones(4), None, None, None, True)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         inplace_abn_ref(torch.randn(1, 3), None, None, None, None, True)
+
+
+def test_ohem_ref_accepts_any_target_strides():
+    logits = torch.randn(2, 3, 4, 5)
+    target = torch.randint(0, 3, (2, 5, 4)).transpose(1, 2)      # not row-major
+    torch.testing.assert_close(ohem_cross_entropy_ref(logits, target),
+                               ohem_cross_entropy_ref(logits, target.contiguous()))

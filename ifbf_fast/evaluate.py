@@ -1,0 +1,300 @@
+"""Evaluate a train.py checkpoint on Cityscapes (or the synthetic city): per-class IoU, mIoU, accuracy.
+
+    python -m ifbf_fast.evaluate --checkpoint runs/ifbfnet/best.pt --data DIR [--split val]
+        [--mode whole|slide --crop H W --stride H W] [--scales 0.5 0.75 1.0 1.25 1.5 1.75] [--flip]
+        [--gpus N | --procs N] [--batch-size B] [--amp [bf16|fp16]] [--out results.json]
+        [--save-predictions DIR]
+
+The model is rebuilt from the arguments saved in the checkpoint (its ``meta`` block is checked
+against them) and runs in eval mode, so the norm layers use their running statistics whichever
+norm (InPlace-ABN-Sync included) it was trained with. Several processes (torchrun, ``--gpus N``
+over NCCL, ``--procs N`` over gloo on the CPU) each evaluate a disjoint shard of the images and the
+confusion matrix is all-reduced, so every image counts exactly once. Rank 0 prints the table and
+writes the JSON file. ``--save-predictions`` writes every prediction as a labelIds PNG in the
+layout ``cityscapesscripts``' evaluation and the benchmark server read (see ``ifbf_fast.predict``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from ifbf_fast import ops
+from ifbf_fast.engine import checkpoint as ck
+from ifbf_fast.engine.evaluate import MODES, evaluate
+from ifbf_fast.utils import dist as du
+
+PROG = "python -m ifbf_fast.evaluate"
+
+
+class EvaluationError(RuntimeError):
+    """Bad input or set-up; the message is one line."""
+
+
+# --- the model from a checkpoint ----------------------------------------------------------------
+
+def load_model(path: str, device: torch.device, channels_last: Optional[bool] = None):
+    """(model in eval mode with the checkpoint's weights, the checkpoint's saved arguments).
+
+    Raises ``CheckpointError`` for a missing or unreadable file, a file train.py did not write, or
+    weights that do not fit the model its arguments describe."""
+    from ifbf_fast.engine.config import model_meta
+    from ifbf_fast.engine.trainer import build_model
+
+    state = ck.load(path, map_location="cpu")
+    saved = state.get("args")
+    if not isinstance(saved, dict) or not isinstance(state.get("meta"), dict):
+        raise ck.CheckpointError(f"checkpoint {path} is not an ifbf_fast checkpoint (no 'args'/'meta' entries)")
+    args = argparse.Namespace(**saved)
+    args.pretrained = None          # the ImageNet file of the training machine is neither needed nor there
+    if channels_last is not None:
+        args.channels_last = channels_last
+    try:
+        ck.check_meta(state["meta"], model_meta(args), path)
+        model = build_model(args, device)
+        model.load_state_dict(state["model"])
+    except ck.CheckpointError:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ck.CheckpointError(f"checkpoint {path}: cannot rebuild its model ({first})") from exc
+    model.eval()
+    return model, args
+
+
+def resolve_device(gpus: Optional[int], local_rank: int) -> torch.device:
+    gpus = gpus if gpus is not None else (1 if torch.cuda.is_available() else 0)
+    if gpus > 0:
+        if not torch.cuda.is_available():
+            raise EvaluationError(f"--gpus {gpus} but CUDA is not available here; use --gpus 0 for the CPU")
+        if gpus > torch.cuda.device_count():
+            raise EvaluationError(f"--gpus {gpus} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def autocast_for(amp: str, device: torch.device):
+    """Autocast factory for ``--amp`` (off, auto, bf16, fp16); logits are averaged in fp32 anyway."""
+    import contextlib
+
+    if amp == "auto":
+        amp = "off" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if amp == "off":
+        return contextlib.nullcontext
+    if amp == "fp16" and device.type != "cuda":
+        raise EvaluationError("--amp fp16 needs a GPU; use --amp bf16 on the CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+# --- options ------------------------------------------------------------------------------------
+
+def add_inference_options(p: argparse.ArgumentParser) -> None:
+    """Options shared with ``ifbf_fast.predict``: test-time augmentation and runtime."""
+    g = p.add_argument_group("inference")
+    g.add_argument("--mode", choices=MODES, default="whole",
+                   help="whole: the full image in one forward; slide: overlapping --crop tiles, averaged")
+    g.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="sliding-window tile (default: the training crop saved in the checkpoint)")
+    g.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="sliding-window step (default: two thirds of the crop)")
+    g.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                   help="test scales, logits averaged at full resolution (paper: 0.5 0.75 1.0 1.25 1.5 1.75)")
+    g.add_argument("--flip", action="store_true", help="also average the horizontally flipped image")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--amp", nargs="?", const="auto", choices=("auto", "off", "bf16", "fp16"), default="off",
+                   help="mixed precision (--amp alone: bf16 where the GPU supports it, else fp16)")
+    g.add_argument("--impl", choices=ops.IMPLS, default=None,
+                   help="fused-op implementation (default: IFBF_IMPL or auto)")
+    g.add_argument("--channels-last", action="store_true", help="run the model in channels_last layout")
+    g.add_argument("--max-batch", type=int, default=None,
+                   help="at most this many inputs (images x flips, or tiles) per forward; default: all")
+
+
+def check_inference_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if any(s <= 0 for s in a.scales):
+        p.error("--scales must be positive")
+    for name in ("crop", "stride"):
+        v = getattr(a, name)
+        if v is not None and min(v) <= 0:
+            p.error(f"--{name} must be positive; got {v[0]} {v[1]}")
+    if a.mode == "whole" and (a.crop is not None or a.stride is not None):
+        p.error("--crop/--stride are for --mode slide")
+    if a.max_batch is not None and a.max_batch <= 0:
+        p.error(f"--max-batch must be > 0; got {a.max_batch}")
+
+
+def slide_crop(a: argparse.Namespace, saved: argparse.Namespace):
+    """(crop, stride) for ``predict``: --crop, else the checkpoint's training crop."""
+    if a.mode != "slide":
+        return None, None
+    crop = a.crop
+    if crop is None:
+        c = getattr(saved, "crop_size", None)
+        crop = [int(c), int(c)] if isinstance(c, int) else list(c) if c else None
+        if crop is None:
+            raise EvaluationError("--mode slide: give --crop H W (the checkpoint records no training crop)")
+    return tuple(crop), (tuple(a.stride) if a.stride else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Evaluate a train.py checkpoint: per-class IoU, mIoU and pixel accuracy "
+                                            "on a Cityscapes-layout split.")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="iter_XXXXXXXX.pt or best.pt written by train.py")
+    p.add_argument("--data", required=True, metavar="DIR", help="Cityscapes root (leftImg8bit/ and gtFine/)")
+    p.add_argument("--split", default="val", help="split with ground truth (gtFine/SPLIT)")
+    p.add_argument("--out", metavar="JSON", default=None, help="write the results here")
+    p.add_argument("--save-predictions", metavar="DIR", default=None,
+                   help="also write labelIds PNGs (DIR/CITY/STEM_leftImg8bit.png) for cityscapesscripts")
+    add_inference_options(p)
+    g = p.add_argument_group("processes")
+    g.add_argument("--gpus", type=int, default=None,
+                   help="GPUs (one process each); 0 = CPU; default: 1 if CUDA is available else 0")
+    g.add_argument("--procs", type=int, default=1, help="with --gpus 0: CPU processes over gloo")
+    g.add_argument("--batch-size", type=int, default=1, help="images per forward and process (same-size images)")
+    g.add_argument("--workers", type=int, default=2, help="loader worker processes per process")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    a = p.parse_args(argv)
+    check_inference_options(p, a)
+    if a.batch_size <= 0 or a.procs <= 0 or a.workers < 0 or (a.gpus is not None and a.gpus < 0):
+        p.error("--batch-size and --procs must be > 0, --workers and --gpus >= 0")
+    if a.gpus and a.procs != 1:
+        p.error("--procs is for CPU runs (--gpus 0); with GPUs there is one process per GPU")
+    return a
+
+
+# --- running ------------------------------------------------------------------------------------
+
+def run(a: argparse.Namespace, local_rank: int = 0) -> Dict[str, object]:
+    """Evaluate in this process (rank); every rank returns the same all-reduced result."""
+    from ifbf_fast.data import CLASS_NAMES, build_loader
+    from ifbf_fast.data.cityscapes import find_pairs
+    from ifbf_fast.engine.metrics import format_table
+
+    if a.impl:
+        ops.set_impl(a.impl)
+    device = resolve_device(a.gpus, local_rank)
+    find_pairs(a.data, a.split)         # layout errors before the model is built
+    model, saved = load_model(a.checkpoint, device, channels_last=a.channels_last or None)
+    crop, stride = slide_crop(a, saved)
+    autocast = autocast_for(a.amp, device)
+    rank, world = du.rank(), du.world_size()
+    loader = build_loader(a.data, a.split, a.batch_size, train=False, workers=a.workers, rank=rank,
+                          world_size=world, pin_memory=device.type == "cuda")
+    progress = None
+    if a.progress and du.is_primary() and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        progress = lambda it: tqdm(it, desc=f"evaluate (rank 0 of {world})", dynamic_ncols=True)  # noqa: E731
+    writer = None
+    if a.save_predictions:
+        from ifbf_fast.predict import write_submission
+
+        writer = lambda names, pred: [write_submission(a.save_predictions, n, p)  # noqa: E731
+                                      for n, p in zip(names, pred.cpu().numpy())]
+    result = evaluate(model, loader, saved.num_classes, device, a.scales, a.flip, autocast,
+                      saved.channels_last, progress, mode=a.mode, crop_size=crop, stride=stride,
+                      max_batch=a.max_batch, on_prediction=writer)
+    names = CLASS_NAMES if saved.num_classes == len(CLASS_NAMES) else [str(i) for i in range(saved.num_classes)]
+    if du.is_primary():
+        print(f"{a.checkpoint}: {a.split} split of {a.data}, {result['images']} images, mode {a.mode}"
+              f"{f' crop {crop[0]}x{crop[1]}' if crop else ''}, scales {a.scales}, flip {a.flip}, "
+              f"{world} process(es) on {device.type}")
+        print(format_table(result, names))
+        if a.out:
+            write_json(a.out, result, names, a, crop, stride, world)
+            print(f"results written to {a.out}")
+    return result
+
+
+def write_json(path: str, result: Dict[str, object], names, a: argparse.Namespace, crop, stride, world: int) -> None:
+    def num(v):
+        return None if isinstance(v, float) and math.isnan(v) else v
+
+    doc = {"checkpoint": os.path.abspath(a.checkpoint), "data": os.path.abspath(a.data), "split": a.split,
+           "mode": a.mode, "crop": list(crop) if crop else None, "stride": list(stride) if stride else None,
+           "scales": list(a.scales), "flip": a.flip, "amp": a.amp, "processes": world,
+           "images": result["images"], "pixels": result["pixels"], "miou": num(result["miou"]),
+           "pixel_acc": num(result["pixel_acc"]), "mean_acc": num(result["mean_acc"]),
+           "iou": {n: num(v) for n, v in zip(names, result["iou"])}, "confusion": result["confusion"]}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _worker(local_rank: int, a: argparse.Namespace, world: int, port: int, backend: str) -> None:
+    du.init_local_group(local_rank, world, port, backend)
+    if backend == "gloo":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        run(a, local_rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(a: argparse.Namespace) -> Optional[Dict[str, object]]:
+    """Run ``run`` in as many processes as asked: torchrun's, ``--gpus N``, or ``--procs N``.
+    Returns the result in a single process (and under torchrun), ``None`` after a spawn."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        dist.init_process_group("nccl" if (a.gpus != 0 and torch.cuda.is_available()) else "gloo")
+        try:
+            return run(a, local_rank)
+        finally:
+            dist.destroy_process_group()
+    gpus = a.gpus if a.gpus is not None else (1 if torch.cuda.is_available() else 0)
+    if gpus > 1 and gpus > torch.cuda.device_count():
+        raise EvaluationError(f"--gpus {gpus} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    world, backend = (gpus, "nccl") if gpus > 1 else (a.procs if gpus == 0 else 1, "gloo")
+    if world <= 1:
+        return run(a)
+    # Fail on bad input here, once, rather than in every spawned rank.
+    from ifbf_fast.data.cityscapes import find_pairs
+
+    find_pairs(a.data, a.split)
+    ck.load(a.checkpoint)
+    torch.multiprocessing.spawn(_worker, args=(a, world, du.free_port(), backend), nprocs=world, join=True)
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """The message on one line (torch.load's own messages span several)."""
+    return " ".join(str(exc).split())
+
+
+def main(argv=None) -> int:
+    from ifbf_fast.data.cityscapes import DataReadError, DatasetLayoutError
+
+    a = parse_args(argv)
+    try:
+        launch(a)
+    except (EvaluationError, ck.CheckpointError, DatasetLayoutError, DataReadError) as exc:
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except torch.multiprocessing.ProcessRaisedException as exc:
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        print(f"{PROG}: error in a worker process: {lines[-1] if lines else exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

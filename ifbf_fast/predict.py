@@ -1,0 +1,199 @@
+"""Segment images with a train.py checkpoint: colour masks, overlays, Cityscapes submission files.
+
+    python -m ifbf_fast.predict --checkpoint CKPT IMAGE_OR_DIR [...] --out DIR
+        [--format color overlay panel submission] [--scales ...] [--flip] [--mode slide --crop H W]
+
+Folders are searched recursively for ``*.png``, ``*.jpg``, ``*.jpeg``. Formats (several allowed):
+
+* ``color``      ``DIR/REL/STEM_color.png``: the prediction in the official Cityscapes palette
+                 (``ifbf_fast.data.PALETTE``; ignore would be black);
+* ``overlay``    ``DIR/REL/STEM_overlay.png``: the colours blended over the input (``--alpha``);
+* ``panel``      ``DIR/REL/STEM_panel.png``: input, colour mask and overlay side by side;
+* ``submission`` ``DIR/CITY/CITY_SEQ_FRAME_leftImg8bit.png``: 8-bit single-channel **labelIds**
+                 (trainIds mapped with ``TRAIN_TO_LABEL``), one file per image, the layout of the
+                 Cityscapes benchmark for the test split: the server (and ``cityscapesscripts``'
+                 ``evalPixelLevelSemanticLabeling``) finds the prediction of ``CITY_SEQ_FRAME`` by
+                 the pattern ``CITY_SEQ_FRAME*.png`` anywhere under the results folder. Zip ``DIR``'s
+                 content to submit. Input names must follow the Cityscapes pattern for this format.
+
+``REL`` is the image's folder relative to the folder given on the command line (empty for files
+given directly), so a directory tree of inputs keeps its shape in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Iterable, List, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+
+from ifbf_fast.engine import checkpoint as ck
+from ifbf_fast.engine.evaluate import predict as predict_logits
+
+PROG = "python -m ifbf_fast.predict"
+FORMATS = ("color", "overlay", "panel", "submission")
+EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+class PredictError(RuntimeError):
+    """Bad input; the message is one line."""
+
+
+# --- outputs ------------------------------------------------------------------------------------
+
+def submission_name(name: str) -> Tuple[str, str]:
+    """(city, file name) of the submission PNG for an image name or stem: ``berlin_000123_000019``
+    or ``berlin_000123_000019_leftImg8bit.png`` -> ``("berlin", "berlin_000123_000019_leftImg8bit.png")``."""
+    from cityscapesscripts.helpers.csHelpers import getCsFileInfo
+
+    base = os.path.basename(name)
+    stem = os.path.splitext(base)[0] if base.lower().endswith(EXTENSIONS) else base
+    parts = stem.split("_")
+    if len(parts) < 3 or not (parts[1].isdigit() and parts[2].isdigit()):
+        raise PredictError(f"{name}: not a Cityscapes file name (CITY_SEQ_FRAME[_leftImg8bit].png); "
+                           f"--format submission needs them")
+    info = getCsFileInfo("_".join(parts[:3]) + "_leftImg8bit.png")
+    return info.city, f"{info.city}_{info.sequenceNb}_{info.frameNb}_leftImg8bit.png"
+
+
+def write_png(path: str, array: np.ndarray) -> None:
+    """Write an (H, W) gray or (H, W, 3) RGB uint8 PNG, creating folders; a clear error on failure."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    data = array[:, :, ::-1] if array.ndim == 3 else array
+    if not cv2.imwrite(path, np.ascontiguousarray(data)):
+        raise PredictError(f"cannot write {path}")
+
+
+def write_submission(out_dir: str, name: str, train_ids: np.ndarray) -> str:
+    """Write (H, W) trainIds as the benchmark's labelIds PNG for image ``name``; returns the path."""
+    from ifbf_fast.data import to_label_ids
+
+    city, file = submission_name(name)
+    path = os.path.join(out_dir, city, file)
+    write_png(path, to_label_ids(np.asarray(train_ids)))
+    return path
+
+
+def overlay(image: np.ndarray, color: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """``alpha`` of the colour mask over the RGB image, uint8."""
+    mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * color.astype(np.float32)
+    return np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+def list_inputs(paths: Sequence[str]) -> List[Tuple[str, str]]:
+    """(image path, output folder relative to --out) for every image under ``paths``, sorted."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            hits = []
+            for root, _, files in os.walk(path):
+                hits += [os.path.join(root, f) for f in files if f.lower().endswith(EXTENSIONS)]
+            if not hits:
+                raise PredictError(f"{path}: no {'/'.join(EXTENSIONS)} images in this folder")
+            found += [(f, os.path.relpath(os.path.dirname(f), path)) for f in sorted(hits)]
+        elif os.path.isfile(path):
+            found.append((path, "."))
+        else:
+            raise PredictError(f"{path}: no such file or folder")
+    return found
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (1, 3, H, W) normalised float32, as the evaluation loader does."""
+    from ifbf_fast.data import normalize
+
+    return torch.from_numpy(np.ascontiguousarray(normalize(image).transpose(2, 0, 1)))[None]
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from ifbf_fast.evaluate import add_inference_options
+
+    p = argparse.ArgumentParser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Segment images with a train.py checkpoint.")
+    p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIR", help="image files and/or folders")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="iter_XXXXXXXX.pt or best.pt written by train.py")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--format", nargs="+", choices=FORMATS, default=["color", "overlay"],
+                   help="what to write (several allowed)")
+    p.add_argument("--alpha", type=float, default=0.5, help="colour weight of the overlay")
+    p.add_argument("--gpus", type=int, choices=(0, 1), default=None,
+                   help="1: the GPU, 0: the CPU; default: the GPU if there is one")
+    add_inference_options(p)
+    return p
+
+
+def run(a: argparse.Namespace) -> List[str]:
+    """Predict every input; returns the paths written."""
+    from ifbf_fast import ops
+    from ifbf_fast.data import colorize, read_image
+    from ifbf_fast.evaluate import autocast_for, load_model, resolve_device, slide_crop
+
+    if a.impl:
+        ops.set_impl(a.impl)
+    inputs = list_inputs(a.inputs)
+    if "submission" in a.format:
+        if len(a.format) > 1:
+            # The server takes any CITY_SEQ_FRAME*.png under the folder as the prediction: the
+            # colour images would be found as second predictions of the same image.
+            raise PredictError("--format submission writes a folder to zip and upload as it is; write the "
+                               "other formats into another --out")
+        for path, _ in inputs:
+            submission_name(path)       # refuse bad names before any work
+    device = resolve_device(a.gpus, 0)
+    model, saved = load_model(a.checkpoint, device, channels_last=a.channels_last or None)
+    if saved.num_classes != 19:
+        raise PredictError(f"the checkpoint predicts {saved.num_classes} classes; the Cityscapes palette "
+                           f"and labelIds need 19")
+    crop, stride = slide_crop(a, saved)
+    autocast = autocast_for(a.amp, device)
+    written = []
+    for path, rel in inputs:
+        image = read_image(path)
+        logits = predict_logits(model, to_tensor(image).to(device), a.scales, a.flip, autocast, mode=a.mode,
+                                crop_size=crop, stride=stride, max_batch=a.max_batch,
+                                channels_last=saved.channels_last)
+        pred = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        stem = os.path.splitext(os.path.basename(path))[0]
+        folder = os.path.normpath(os.path.join(a.out, rel))
+        color = colorize(pred)
+        outputs = {"color": lambda: color, "overlay": lambda: overlay(image, color, a.alpha),
+                   "panel": lambda: np.concatenate([image, color, overlay(image, color, a.alpha)], axis=1)}
+        for fmt in a.format:
+            if fmt == "submission":
+                written.append(write_submission(a.out, path, pred))
+            else:
+                target = os.path.join(folder, f"{stem}_{fmt}.png")
+                write_png(target, outputs[fmt]())
+                written.append(target)
+    return written
+
+
+def main(argv: Iterable[str] = None) -> int:
+    from ifbf_fast.data.cityscapes import DataReadError
+    from ifbf_fast.evaluate import EvaluationError, check_inference_options, one_line
+
+    p = build_parser()
+    a = p.parse_args(argv)
+    check_inference_options(p, a)
+    if not 0.0 <= a.alpha <= 1.0:
+        p.error(f"--alpha must be in [0, 1]; got {a.alpha}")
+    try:
+        written = run(a)
+    except (PredictError, EvaluationError, ck.CheckpointError, DataReadError) as exc:
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    print(f"{len(written)} file(s) written to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

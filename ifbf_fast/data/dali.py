@@ -36,17 +36,21 @@ CUDA tensors on that device. Python reads the file bytes and computes the parame
 form (``python -m ifbf_fast.data.prepare``: raw uint8 ``.npy``) skips the decoder: the arrays go in
 through ``external_source`` (copied to the GPU first on a GPU).
 
-**Conventions vs the reference** (measured by ``tests/data/test_dali.py``): the label is *exactly*
-``floor((j + 0.5) * H / h)`` nearest (the rule ``transforms`` documents; DALI's nearest resize uses
-it, like ``F.interpolate(mode="nearest-exact")``). OpenCV 5's ``INTER_NEAREST_EXACT``, which
-``transforms.augment`` calls, departs from that rule where ``(j + 0.5) * H / h`` is an integer (a
-tie; it then takes the pixel above/left): with Cityscapes sizes that happens at scales 0.75, 1.25,
-1.5 and 1.75, so there the reference label differs from its own documented rule (and from DALI) on
-those rows/columns. Fixing it belongs in ``transforms.augment``. The image: DALI's linear resize
-uses the same half-pixel centres and clamped edges as ``cv2.INTER_LINEAR``; they differ by float
-rounding only (< 5e-3 on the 0..255 scale, i.e. < 1e-4 after normalisation). The resize computes
-the full scaled image before the crop, like the reference (a ROI resize of the crop window alone
-would be cheaper but DALI's float32 ROI arithmetic moves nearest-neighbour ties).
+**Conventions vs the reference** (measured by ``tests/data/test_dali.py``). The label is *exactly*
+the documented rule ``src = floor((j + 0.5) * H / h)`` (= ``F.interpolate(mode="nearest-exact")``).
+DALI's nearest resize follows it except at ties (``(j + 0.5) * H / h`` an integer), where its
+float32 arithmetic falls on either side; a sub-pixel shift of the label's sampling grid
+(``tie_shift``, passed as the label resize's ROI) resolves every tie the documented way and moves
+no other pixel. OpenCV 5's ``INTER_NEAREST_EXACT``, which ``transforms.augment`` calls, resolves
+many ties downwards (fixed-point arithmetic): with Cityscapes sizes ties occur at scales 0.75,
+1.25, 1.5 and 1.75, and there the reference label departs from its own documented rule (and from
+DALI) on some tie rows/columns, ~0.1% of a full-size crop's pixels; elsewhere DALI and the
+reference labels are identical. The fix belongs in ``transforms.augment`` (an exact integer index
+gather). The image: DALI's linear resize uses the same half-pixel centres and clamped edges as
+``cv2.INTER_LINEAR``; they differ by float rounding only (< 2e-3 on the 0..255 scale measured,
+< 1e-4 after normalisation). The image is resized in full before the crop, like the reference: a
+ROI resize of the crop window alone would be cheaper, but float32 ROI offsets near 2048 px move
+the samples by ~1e-4 px (image errors ~0.04 on 0..255, label ties).
 
 A file that fails to decode stops the pipeline (DALI cannot skip it): run the preflight
 ``python -m ifbf_fast.data.check`` first (``train.py`` does). Missing partners, truncated PNGs and

@@ -16,12 +16,12 @@ parameters in the same order.
 
 **Graph** (training; ``transforms`` module docstring for the conventions), per sample:
 
-    decode image (RGB) and label (as stored)     fn.decoders.image
+    decode image (RGB) and label (as stored)      fn.decoders.image
     labelIds -> trainIds                          fn.lookup_table (LABEL_TO_TRAIN)
     resize to int(H*s+0.5) x int(W*s+0.5)         fn.resize: image linear, no antialias, float out;
                                                   label nearest (floor((j+0.5)*H/h), see below)
-    crop the valid window                         fn.slice (start = crop offsets, shape = min(crop, size))
-    flip; normalise; to CHW (image)              fn.crop_mirror_normalize (mirror = flip)
+    crop the valid window                         fn.slice (start: offsets, shape: min(crop, size))
+    flip; normalise; to CHW (image)               fn.crop_mirror_normalize (mirror = flip)
     flip (label)                                  fn.flip
     pad bottom/right to the crop                  fn.pad: image 0 (after normalisation), label 255
 

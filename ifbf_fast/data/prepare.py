@@ -99,7 +99,8 @@ def find_prepared_pairs(root: str, split: str) -> list[Sample]:
     ``DatasetLayoutError`` for a missing folder, an image array without its label, or none."""
     image_dir = os.path.join(root, IMAGE_DIR, split)
     if not os.path.isdir(image_dir):
-        raise DatasetLayoutError(f"{root!r} has no prepared split {split!r}: expected {image_dir!r}")
+        raise DatasetLayoutError(
+            f"{root!r} has no prepared split {split!r}: expected {image_dir!r}")
     images = sorted(glob(os.path.join(glob_escape(image_dir), "*", "*" + PREP_IMAGE_SUFFIX)))
     if not images:
         raise DatasetLayoutError(f"no prepared images in {image_dir!r} (*{PREP_IMAGE_SUFFIX})")

@@ -1,0 +1,295 @@
+"""The one-command GPU report (../shared/GPU.md section 4): build, test, measure, write, print.
+
+    python bench/gpu_report.py                  # on a GPU machine, from the repository root; < 10 minutes on one H100
+    python bench/gpu_report.py --budget 300 --skip-build --skip-tests       # benches only, shorter
+
+In one run, each stage in its own process with a time limit taken from one overall budget:
+
+1. build ``ifbf_fast._C`` with ``pip install --no-build-isolation -e .`` and ``TORCH_CUDA_ARCH_LIST`` set
+   to the present card's compute capability (only that one: the build is on the clock);
+2. the GPU tests: ``IFBF_TEST_GPU=1 pytest tests/ops -q`` (compiled kernels on CUDA tensors);
+3. the card's yardsticks: copy bandwidth (bench/conftest.py) and the bf16 matmul rate;
+4. the benches (``pytest --benchmark-only --benchmark-json``), a selection of shapes (``STAGES``) in
+   priority order; a stage that no longer fits the budget is skipped and listed as such;
+5. ``bench/results/<gpu>-<commit>.json`` (every result, the yardsticks, the build and test outcome,
+   the stages) and ``<gpu>-<commit>.md``, and the markdown table printed last.
+
+Commit the two result files (GPU.md). ``bench/plot.py <results.json>`` draws them. Without CUDA the script
+still runs the CPU benches (build and GPU tests skipped), which checks the pipeline.
+DALI is not installed on the GPU machines and they have no internet: to bench the DALI loader, bring
+the ``nvidia-dali-cuda130`` wheel along and ``pip install`` it first (the DALI bench skips without it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+# name, pytest arguments (file and -k selection), time cap (s), needs CUDA. Priority order: the eager
+# train steps and the ops first; the compiled train steps (two full-model compilations) last.
+STAGES: List[tuple] = [
+    ("train_step_eager", ["bench/bench_train_step.py", "-k", "test_train_step and not compiled"], 120, False),
+    ("ohem_ce", ["bench/bench_ohem_ce.py", "-k", "test_ohem_ce and fwd_bwd and bf16 and topk"], 60, True),
+    ("fbf", ["bench/bench_fbf.py", "-k", "copy_bandwidth or (fwd_bwd and fbf2 and bf16)"], 90, True),
+    ("inplace_abn", ["bench/bench_inplace_abn.py", "-k",
+                     "cpu or (bf16 and channels_last and (layer1 or layer3))"], 90, False),
+    ("ohem_ce_upsampled", ["bench/bench_ohem_ce.py", "-k", "upsampled and fwd_bwd and bf16"], 60, True),
+    ("data", ["bench/bench_data.py"], 60, False),
+    ("train_step_compiled", ["bench/bench_train_step.py", "-k", "compiled"], 240, True),
+]
+BENCH_OPTS = ["--benchmark-only", "--benchmark-max-time=0.25", "--benchmark-min-rounds=5",
+              "--benchmark-disable-gc", "-q", "-p", "no:cacheprovider"]
+RESERVE_S = 10          # kept back for writing the results
+
+
+# --- running the stages -------------------------------------------------------------------------------
+
+def _env(**extra: str) -> Dict[str, str]:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)          # benches and GPU tests time compiled kernels
+    env.update(extra)
+    return env
+
+
+def run_stage(cmd: Sequence[str], timeout: float, env: Dict[str, str], log: Path) -> Dict[str, object]:
+    """Run ``cmd`` in the repository root with a time limit; output to ``log``. Returns rc/seconds/status."""
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        try:
+            proc = subprocess.run(list(cmd), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                  timeout=max(1.0, timeout))
+            rc, status = proc.returncode, ("ok" if proc.returncode == 0 else "failed")
+        except subprocess.TimeoutExpired:
+            rc, status = None, "timed out"
+    text = log.read_text(errors="replace")
+    return {"cmd": " ".join(cmd), "rc": rc, "status": status, "seconds": round(time.monotonic() - t0, 1),
+            "counts": pytest_counts(text), "log_tail": text[-1500:]}
+
+
+def pytest_counts(text: str) -> Dict[str, int]:
+    """Passed/failed/... counts of a pytest run: from its summary line, or (a run cut short by a time
+    limit) from the progress characters of ``-q`` output."""
+    counts: Dict[str, int] = {}
+    summary = [ln for ln in text.splitlines() if re.search(r"\d+ (passed|failed|skipped|errors?)\b.* in [\d.]+s", ln)]
+    if summary:
+        for n, what in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)", summary[-1]):
+            counts["error" if what.startswith("error") else what] = int(n)
+        return counts
+    for row in re.findall(r"^([.FEsxX]+)(?:\s+\[\s*\d+%\])?\s*$", text, flags=re.M):
+        for ch, key in ((".", "passed"), ("F", "failed"), ("E", "error"), ("s", "skipped"), ("x", "xfailed")):
+            counts[key] = counts.get(key, 0) + row.count(ch)
+    return counts
+
+
+def cuda_arch_list(capability: Sequence[int]) -> str:
+    """``TORCH_CUDA_ARCH_LIST`` for one card: (9, 0) -> "9.0"."""
+    return f"{capability[0]}.{capability[1]}"
+
+
+def _probe_gpu() -> Optional[Dict[str, object]]:
+    code = ("import json, torch\n"
+            "print(json.dumps(None if not torch.cuda.is_available() else {'name': torch.cuda.get_device_name(),"
+            " 'capability': list(torch.cuda.get_device_capability()), 'torch': torch.__version__}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=_env())
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+
+
+YARDSTICK_CODE = """
+import json, sys
+sys.path.insert(0, "bench")
+import torch, triton
+from conftest import copy_bandwidth_gbps, matmul_tflops
+try:
+    from ifbf_fast.ops import _ext
+    abn_cuda = _ext.has_cuda_kernels()
+except ImportError as exc:
+    abn_cuda = f"ifbf_fast._C not importable: {exc}"
+print(json.dumps({"copy_bandwidth_gbps": copy_bandwidth_gbps(), "matmul_bf16_tflops": matmul_tflops(),
+                  "torch": torch.__version__, "triton": triton.__version__, "abn_cuda_kernels": abn_cuda}))
+"""
+
+
+def git_commit() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    sha = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return sha + ("-dirty" if dirty else "")
+
+
+# --- results: rows, table, files ------------------------------------------------------------------------
+
+def _first(d: Dict, *keys):
+    return next((d[k] for k in keys if d.get(k) is not None), None)
+
+
+def collect_rows(bench_json: Dict, bandwidth_gbps: Optional[float] = None) -> List[Dict[str, object]]:
+    """Flatten a pytest-benchmark JSON into one row per result (the benches name a few things differently)."""
+    rows = []
+    for b in bench_json.get("benchmarks", []):
+        info, stats = b.get("extra_info", {}), b["stats"]
+        provider = _first(info, "provider") or (b.get("params") or {}).get("provider") or b["name"]
+        gbps = _first(info, "gb_per_s", "gbps")
+        pct = _first(info, "pct_of_bandwidth")
+        if pct is None and gbps is not None and bandwidth_gbps:
+            pct = 100.0 * gbps / bandwidth_gbps
+        rows.append({"group": b.get("group") or b["name"], "name": b["name"], "provider": provider,
+                     "median_s": stats["median"], "iqr_s": stats.get("iqr"), "rounds": stats.get("rounds"),
+                     "gb_per_s": gbps, "pct_of_bandwidth": pct,
+                     "peak_bytes": _first(info, "peak_bytes", "peak_mem_bytes"),
+                     "images_per_s": info.get("images_per_s"), "extra_info": info})
+    return rows
+
+
+def add_speedups(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
+    """Per group: ``vs_reference`` and ``vs_compiled_reference`` = that provider's median / this row's."""
+    medians = {(r["group"], r["provider"]): r["median_s"] for r in rows}
+    for r in rows:
+        for key, base in (("vs_reference", "reference"), ("vs_compiled_reference", "compiled_reference")):
+            m = medians.get((r["group"], base))
+            r[key] = m / r["median_s"] if m and r["median_s"] else None
+    return rows
+
+
+def _fmt(v, spec: str, suffix: str = "") -> str:
+    return "" if v is None else format(v, spec) + suffix
+
+
+def markdown_table(results: Dict[str, object]) -> str:
+    rows = results["rows"]
+    head = [f"**{results['gpu']}**, commit `{results['commit']}`, {results['date']}: "
+            f"copy bandwidth {_fmt(results.get('copy_bandwidth_gbps'), ',.0f', ' GB/s') or 'n/a'}, "
+            f"bf16 matmul {_fmt(results.get('matmul_bf16_tflops'), ',.0f', ' TFLOP/s') or 'n/a'}, "
+            f"torch {results.get('torch', '?')}, triton {results.get('triton', '?')}", ""]
+    lines = ["| case | provider | median ms | GB/s | % of bw | peak MiB | img/s | x vs ref | x vs compiled ref |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(rows, key=lambda r: r["group"]):
+        peak = None if r["peak_bytes"] is None else r["peak_bytes"] / 2 ** 20
+        lines.append(f"| {r['group']} | {r['provider']} | {r['median_s'] * 1e3:,.3f} | {_fmt(r['gb_per_s'], ',.0f')} | "
+                     f"{_fmt(r['pct_of_bandwidth'], '.0f', '%')} | {_fmt(peak, ',.0f')} | "
+                     f"{_fmt(r['images_per_s'], ',.2f')} | {_fmt(r['vs_reference'], '.2f')} | "
+                     f"{_fmt(r['vs_compiled_reference'], '.2f')} |")
+    stages = ["", "| stage | status | seconds | detail |", "| --- | --- | ---: | --- |"]
+    for s in results.get("stages", []):
+        stages.append(f"| {s['name']} | {s['status']} | {_fmt(s.get('seconds'), '.0f')} | {s.get('detail', '')} |")
+    return "\n".join(head + lines + stages)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "unknown"
+
+
+def write_results(results: Dict[str, object], out_dir: Path = RESULTS) -> tuple:
+    """Write ``<gpu>-<commit>.json`` and ``.md`` into ``out_dir``; returns both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{slug(results['gpu'])}-{results['commit']}"
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    md_path.write_text(markdown_table(results) + "\n")
+    return json_path, md_path
+
+
+def build_results(bench_jsons: List[Dict], meta: Dict[str, object]) -> Dict[str, object]:
+    rows: List[Dict[str, object]] = []
+    for bj in bench_jsons:
+        rows.extend(collect_rows(bj, meta.get("copy_bandwidth_gbps")))
+    return dict(meta, rows=add_speedups(rows))
+
+
+# --- main -------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Build, test and benchmark on a GPU; write bench/results/.")
+    p.add_argument("--budget", type=float, default=560, help="overall seconds (the machine allows 600 per command)")
+    p.add_argument("--skip-build", action="store_true")
+    p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--only", nargs="+", help="run only these bench stages (names in STAGES)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    deadline = time.monotonic() + args.budget
+
+    def left() -> float:
+        return deadline - time.monotonic() - RESERVE_S
+
+    gpu = _probe_gpu()
+    logs = Path(tempfile.mkdtemp(prefix="ifbf_gpu_report_"))
+    stages: List[Dict[str, object]] = []
+    meta: Dict[str, object] = {"gpu": gpu["name"] if gpu else "cpu", "commit": git_commit(),
+                               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                               "python": sys.version.split()[0]}
+
+    def note(name, res, detail=""):
+        res = dict(res, name=name, detail=detail or res.get("detail", ""))
+        stages.append(res)
+        print(f"[gpu_report] {name}: {res['status']} ({res.get('seconds', 0)} s) {res['detail']}", flush=True)
+        return res
+
+    if gpu and not args.skip_build:
+        arch = cuda_arch_list(gpu["capability"])
+        env = _env(TORCH_CUDA_ARCH_LIST=arch, MAX_JOBS=str(os.cpu_count() or 8))
+        res = run_stage([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."],
+                        min(240, left()), env, logs / "build.log")
+        if res["status"] == "failed":     # e.g. an offline pip that wants something: build in place instead
+            res = run_stage([sys.executable, "setup.py", "build_ext", "--inplace"], min(240, left()), env,
+                            logs / "build_inplace.log")
+            res["detail"] = "pip failed; setup.py build_ext --inplace"
+        note("build", res, f"TORCH_CUDA_ARCH_LIST={arch} {res.get('detail', '')}".strip())
+    else:
+        note("build", {"status": "skipped", "seconds": 0}, "no CUDA" if not gpu else "--skip-build")
+    if gpu and not args.skip_tests:
+        res = run_stage([sys.executable, "-m", "pytest", "tests/ops", "-q", "-p", "no:cacheprovider"],
+                        min(150, left()), _env(IFBF_TEST_GPU="1"), logs / "tests.log")
+        note("gpu_tests", res, ", ".join(f"{v} {k}" for k, v in res["counts"].items()))
+    else:
+        note("gpu_tests", {"status": "skipped", "seconds": 0}, "no CUDA" if not gpu else "--skip-tests")
+
+    out = subprocess.run([sys.executable, "-c", YARDSTICK_CODE], cwd=ROOT, capture_output=True, text=True,
+                         env=_env(), timeout=max(5.0, min(60, left())))
+    if out.returncode == 0:
+        meta.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    note("yardsticks", {"status": "ok" if out.returncode == 0 else "failed", "seconds": None},
+         f"{meta.get('copy_bandwidth_gbps') or 0:,.0f} GB/s copy, {meta.get('matmul_bf16_tflops') or 0:,.0f} "
+         f"TFLOP/s bf16" if out.returncode == 0 else out.stderr[-300:])
+
+    bench_jsons = []
+    for name, pytest_args, cap, needs_cuda in STAGES:
+        if args.only and name not in args.only:
+            continue
+        if needs_cuda and not gpu:
+            note(name, {"status": "skipped", "seconds": 0}, "needs CUDA")
+            continue
+        if not (ROOT / pytest_args[0]).exists():
+            note(name, {"status": "skipped", "seconds": 0}, f"{pytest_args[0]} not in this checkout")
+            continue
+        budget = min(cap, left())
+        if budget < 30:
+            note(name, {"status": "skipped", "seconds": 0}, f"time budget ({left():.0f} s left)")
+            continue
+        json_path = logs / f"{name}.json"
+        res = run_stage([sys.executable, "-m", "pytest", *pytest_args, *BENCH_OPTS, f"--benchmark-json={json_path}"],
+                        budget, _env(), logs / f"{name}.log")
+        if json_path.exists():
+            bench_jsons.append(json.loads(json_path.read_text()))
+        note(name, res, ", ".join(f"{v} {k}" for k, v in res["counts"].items()))
+
+    results = build_results(bench_jsons, dict(meta, stages=stages))
+    json_path, md_path = write_results(results, args.out)
+    print(f"\n[gpu_report] wrote {json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path} "
+          f"and {md_path.name}; logs in {logs}\n")
+    print(markdown_table(results))
+    return 0 if all(s["status"] in ("ok", "skipped") for s in stages) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -41,12 +41,9 @@ the documented rule ``src = floor((j + 0.5) * H / h)`` (= ``F.interpolate(mode="
 DALI's nearest resize follows it except at ties (``(j + 0.5) * H / h`` an integer), where its
 float32 arithmetic falls on either side; a sub-pixel shift of the label's sampling grid
 (``tie_shift``, passed as the label resize's ROI) resolves every tie the documented way and moves
-no other pixel. OpenCV 5's ``INTER_NEAREST_EXACT``, which ``transforms.augment`` calls, resolves
-many ties downwards (fixed-point arithmetic): with Cityscapes sizes ties occur at scales 0.75,
-1.25, 1.5 and 1.75, and there the reference label departs from its own documented rule (and from
-DALI) on some tie rows/columns, ~0.1% of a full-size crop's pixels; elsewhere DALI and the
-reference labels are identical. The fix belongs in ``transforms.augment`` (an exact integer index
-gather). The image: DALI's linear resize uses the same half-pixel centres and clamped edges as
+no other pixel. The reference (``transforms.nearest_resize``) computes the rule in integers, so
+DALI and reference labels are identical, ties included (with Cityscapes sizes ties occur at scales
+0.75, 1.25, 1.5 and 1.75). The image: DALI's linear resize uses the same half-pixel centres and clamped edges as
 ``cv2.INTER_LINEAR``; they differ by float rounding only (< 2e-3 on the 0..255 scale measured,
 < 1e-4 after normalisation). The image is resized in full before the crop, like the reference: a
 ROI resize of the crop window alone would be cheaper, but float32 ROI offsets near 2048 px move

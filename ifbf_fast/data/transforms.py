@@ -18,10 +18,12 @@ RandomCrop, RandomFlip, Normalize, Pad):
      ``F.interpolate(x, (h, w), mode="bilinear", align_corners=False, antialias=False)`` up to float
      rounding (< 1e-3 on the 0..255 scale; tested). In DALI: ``fn.resize(..., interp_type=LINEAR,
      antialias=False, dtype=FLOAT)`` on the float image with the exact ``(h, w)`` above.
-   * label: ``cv2.INTER_NEAREST_EXACT`` on the uint8 trainIds: the source pixel of output ``j`` is
-     ``floor((j + 0.5) * H / h)`` (pixel centres, the same geometry as the bilinear image), equal to
-     ``F.interpolate(mode="nearest-exact")`` bit for bit (tested). Plain ``cv2.INTER_NEAREST``
-     (``floor(j * H / h)``) is *not* used: it shifts the label up to half a pixel against the image.
+   * label: nearest neighbour by an exact integer index lookup on the uint8 trainIds: the source
+     pixel of output ``j`` is ``floor((j + 0.5) * H / h) = ((2j + 1) * H) // (2h)`` (pixel centres,
+     the same geometry as the bilinear image). Neither OpenCV mode is used: ``cv2.INTER_NEAREST``
+     (``floor(j * H / h)``) shifts the label up to half a pixel against the image, and
+     ``cv2.INTER_NEAREST_EXACT`` rounds many ties (``(j + 0.5) * H / h`` an integer, e.g. every
+     third row at scale 0.75) downwards in its fixed-point arithmetic.
      Nearest never creates label values.
 2. **Crop** ``(ch, cw) = crop_size``: rows ``crop_y .. crop_y + min(ch, h) - 1`` and columns
    ``crop_x .. crop_x + min(cw, w) - 1`` of the resized pair. ``sample_params`` draws
@@ -125,6 +127,15 @@ def normalize(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.nda
     return (image.astype(np.float32, copy=False) - mean255) / std255
 
 
+def nearest_resize(label: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Nearest-neighbour resize of an (H, W) label to (h, w) with the pixel-centre rule
+    ``src = floor((j + 0.5) * H / h)``, computed in integers so that ties are exact."""
+    H, W = label.shape[:2]
+    rows = ((2 * np.arange(h) + 1) * H) // (2 * h)
+    cols = ((2 * np.arange(w) + 1) * W) // (2 * w)
+    return label[rows[:, None], cols[None, :]]
+
+
 def augment(image: np.ndarray, label: np.ndarray, params: AugParams, crop_size=DEFAULT_CROP,
             mean=IMAGENET_MEAN, std=IMAGENET_STD, ignore_index: int = IGNORE_INDEX):
     """Apply ``params`` to an (H, W, 3) uint8 RGB image and its (H, W) uint8 trainId label.
@@ -146,7 +157,7 @@ def augment(image: np.ndarray, label: np.ndarray, params: AugParams, crop_size=D
     lab = label
     if (h, w) != (height, width):
         img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
-        lab = cv2.resize(lab, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
+        lab = nearest_resize(lab, h, w)
     # 2. crop
     vh, vw = min(ch, h), min(cw, w)
     img = img[params.crop_y:params.crop_y + vh, params.crop_x:params.crop_x + vw]

@@ -128,6 +128,8 @@ def check_inference_options(p: argparse.ArgumentParser, a: argparse.Namespace) -
             p.error(f"--{name} must be positive; got {v[0]} {v[1]}")
     if a.mode == "whole" and (a.crop is not None or a.stride is not None):
         p.error("--crop/--stride are for --mode slide")
+    if a.crop is not None and a.stride is not None and (a.stride[0] > a.crop[0] or a.stride[1] > a.crop[1]):
+        p.error("--stride must not exceed --crop (pixels between tiles would get no prediction)")
     if a.max_batch is not None and a.max_batch <= 0:
         p.error(f"--max-batch must be > 0; got {a.max_batch}")
 

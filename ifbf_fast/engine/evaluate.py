@@ -113,6 +113,8 @@ def predict(model: torch.nn.Module, images: torch.Tensor, scales: Sequence[float
         if crop is None:
             raise ValueError("mode='slide' needs crop_size")
         step = _pair(stride, "stride") or (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
+        if step[0] > crop[0] or step[1] > crop[1]:
+            raise ValueError(f"stride {step} larger than crop_size {crop} would leave pixels uncovered")
     if not scales:
         raise ValueError("scales must not be empty")
     n, _, h, w = images.shape

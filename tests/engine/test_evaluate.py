@@ -119,6 +119,8 @@ def test_slide_with_a_crop_equal_to_the_image_is_whole():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="crop_size"):
         predict(Probe(), ramp(), mode="slide")
+    with pytest.raises(ValueError, match="uncovered"):
+        predict(Probe(), ramp(), mode="slide", crop_size=4, stride=(2, 5))
     with pytest.raises(ValueError, match="mode"):
         predict(Probe(), ramp(), mode="tiles")
 

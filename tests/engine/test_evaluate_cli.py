@@ -138,7 +138,8 @@ def test_bad_input_gives_one_line_errors(case, message, checkpoint, city, tmp_pa
 def test_bad_options_are_refused_by_argparse(checkpoint, city, capsys):
     for words, message in ((["--crop", "48", "48"], "--crop/--stride are for --mode slide"),
                            (["--mode", "slide", "--crop", "0", "8"], "--crop must be positive"),
-                           (["--scales", "0"], "--scales must be positive")):
+                           (["--scales", "0"], "--scales must be positive"),
+                           (["--mode", "slide", "--crop", "8", "8", "--stride", "4", "9"], "must not exceed --crop")):
         with pytest.raises(SystemExit):
             main(cli(checkpoint, city, *words))
         assert message in capsys.readouterr().err

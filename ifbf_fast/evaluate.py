@@ -103,9 +103,9 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", choices=MODES, default="whole",
                    help="whole: the full image in one forward; slide: overlapping --crop tiles, averaged")
     g.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="sliding-window tile (default: the training crop saved in the checkpoint)")
+                   help="sliding-window tile; none: the training crop saved in the checkpoint")
     g.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="sliding-window step (default: two thirds of the crop)")
+                   help="sliding-window step; none: two thirds of the crop")
     g.add_argument("--scales", type=float, nargs="+", default=[1.0],
                    help="test scales, logits averaged at full resolution (paper: 0.5 0.75 1.0 1.25 1.5 1.75)")
     g.add_argument("--flip", action="store_true", help="also average the horizontally flipped image")
@@ -113,10 +113,10 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", nargs="?", const="auto", choices=("auto", "off", "bf16", "fp16"), default="off",
                    help="mixed precision (--amp alone: bf16 where the GPU supports it, else fp16)")
     g.add_argument("--impl", choices=ops.IMPLS, default=None,
-                   help="fused-op implementation (default: IFBF_IMPL or auto)")
+                   help="fused-op implementation; none: IFBF_IMPL or auto")
     g.add_argument("--channels-last", action="store_true", help="run the model in channels_last layout")
     g.add_argument("--max-batch", type=int, default=None,
-                   help="at most this many inputs (images x flips, or tiles) per forward; default: all")
+                   help="at most this many inputs (images x flips, or tiles) per forward; none: all at once")
 
 
 def check_inference_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inference_options(p)
     g = p.add_argument_group("processes")
     g.add_argument("--gpus", type=int, default=None,
-                   help="GPUs (one process each); 0 = CPU; default: 1 if CUDA is available else 0")
+                   help="GPUs (one process each); 0 = CPU; none: 1 if CUDA is available else 0")
     g.add_argument("--procs", type=int, default=1, help="with --gpus 0: CPU processes over gloo")
     g.add_argument("--batch-size", type=int, default=1, help="images per forward and process (same-size images)")
     g.add_argument("--workers", type=int, default=2, help="loader worker processes per process")
@@ -284,11 +284,12 @@ def one_line(exc: BaseException) -> str:
 
 def main(argv=None) -> int:
     from ifbf_fast.data.cityscapes import DataReadError, DatasetLayoutError
+    from ifbf_fast.predict import PredictError
 
     a = parse_args(argv)
     try:
         launch(a)
-    except (EvaluationError, ck.CheckpointError, DatasetLayoutError, DataReadError) as exc:
+    except (EvaluationError, ck.CheckpointError, DatasetLayoutError, DataReadError, PredictError) as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 1
     except torch.multiprocessing.ProcessRaisedException as exc:

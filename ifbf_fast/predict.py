@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to write (several allowed)")
     p.add_argument("--alpha", type=float, default=0.5, help="colour weight of the overlay")
     p.add_argument("--gpus", type=int, choices=(0, 1), default=None,
-                   help="1: the GPU, 0: the CPU; default: the GPU if there is one")
+                   help="1: the GPU, 0: the CPU; none: the GPU if there is one")
     add_inference_options(p)
     return p
 

@@ -71,7 +71,7 @@ def test_one_or_two_processes_and_any_batch_size_give_the_same_matrix(checkpoint
 def test_table_json_slide_multiscale_flip_and_official_agreement(checkpoint, city, tmp_path, capsys):
     out, preds = str(tmp_path / "res" / "slide.json"), str(tmp_path / "preds")
     assert main(cli(checkpoint, city, "--gpus", "0", "--mode", "slide", "--crop", "64", "64", "--stride", "48", "48",
-                    "--scales", "0.75", "1.0", "--flip", "--batch-size", "2", "--max-batch", "5",
+                    "--scales", "0.75", "1.0", "--flip", "--batch-size", "2", "--max-batch", "5", "--channels-last",
                     "--out", out, "--save-predictions", preds)) == 0
     printed = capsys.readouterr().out
     for word in ("road", "sidewalk", "traffic sign", "bicycle", "mIoU", "pixel acc", "mode slide crop 64x64"):

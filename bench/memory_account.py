@@ -48,7 +48,7 @@ import math
 import sys
 import time
 import weakref
-from typing import Callable, Dict, Iterator
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -113,14 +113,19 @@ class LiveStorages(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def count_saved(exclude: set) -> Iterator[Dict[int, int]]:
-    """Distinct storages packed for backward (``{storage id: bytes}``), those in ``exclude`` left out."""
+def count_saved(exclude: set, by_producer: Optional[Dict[str, int]] = None) -> Iterator[Dict[int, int]]:
+    """Distinct storages packed for backward (``{storage id: bytes}``), those in ``exclude`` left out.
+    ``by_producer`` (optional) sums the same bytes by the autograd node that produced each tensor."""
     seen: Dict[int, int] = {}
 
     def pack(t):
         st = _storage(t)
-        if st._cdata not in exclude:
+        if st._cdata not in exclude and st._cdata not in seen:
             seen[st._cdata] = st.nbytes()
+            if by_producer is not None:
+                node = type(t.grad_fn).__name__ if t.grad_fn is not None else "(leaf or no grad)"
+                key = f"{node.replace('GeneratedBackwardFor_', '')} {str(t.dtype).replace('torch.', '')}"
+                by_producer[key] = by_producer.get(key, 0) + st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -210,7 +215,8 @@ def account(path: str, backbone: str = "resnet101", crop: int = 876, batch: int 
                 optimizer.zero_grad(set_to_none=True)
                 before = tracker.current
                 tracker.reset_peak()
-                with count_saved(state) as saved:
+                producers: Dict[str, int] = {}
+                with count_saved(state, producers) as saved:
                     with torch.autocast(dev.type, AMP[amp] or torch.float32, enabled=AMP[amp] is not None):
                         outputs = model(images)
                     loss = step_loss(outputs, labels, impl)
@@ -222,7 +228,7 @@ def account(path: str, backbone: str = "resnet101", crop: int = 876, batch: int 
                 optimizer.step()
     return {"path": path, "norm_act": kind, "impl": impl, "backbone": backbone, "crop": crop, "batch": batch,
             "amp": amp, "param_bytes": param_bytes, "saved_bytes": saved_bytes, "saved_tensors": saved_count,
-            "live_before_step": before, "peak": tracker.peak, "peak_step": tracker.peak - before,
+            "saved_by_producer": dict(sorted(producers.items(), key=lambda kv: -kv[1])), "live_before_step": before, "peak": tracker.peak, "peak_step": tracker.peak - before,
             "seconds": time.perf_counter() - t0}
 
 
@@ -249,9 +255,15 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--amp", choices=list(AMP), default="off")
     p.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
+    p.add_argument("--breakdown", action="store_true", help="also list the saved bytes by producing op")
     args = p.parse_args(argv)
     rows = [account(path, args.backbone, args.crop, args.batch, args.amp) for path in args.paths]
     print(format_table(rows))
+    if args.breakdown:
+        for r in rows:
+            top = list(r["saved_by_producer"].items())[:8]
+            print(f"\n{r['path']}: saved for backward by the op that produced the tensor (MiB): "
+                  + ", ".join(f"{k} {v / 2 ** 20:,.0f}" for k, v in top))
     return 0
 
 

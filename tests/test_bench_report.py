@@ -102,6 +102,16 @@ def test_pytest_counts_from_summary_or_progress(report):
     assert report.cuda_arch_list((9, 0)) == "9.0" and report.cuda_arch_list([8, 9]) == "8.9"
 
 
+def test_run_stage_status_and_time_limit(report, tmp_path):
+    ok = report.run_stage([sys.executable, "-c", "print('3 passed in 0.1s')"], 30, dict(os.environ), tmp_path / "a.log")
+    assert ok["status"] == "ok" and ok["rc"] == 0 and ok["counts"] == {"passed": 3}
+    bad = report.run_stage([sys.executable, "-c", "raise SystemExit(1)"], 30, dict(os.environ), tmp_path / "b.log")
+    assert bad["status"] == "failed" and bad["rc"] == 1
+    # the child's own child must go too: the stage runs in a session of its own
+    slow = report.run_stage(["bash", "-c", "sleep 30 & wait"], 1, dict(os.environ), tmp_path / "c.log")
+    assert slow["status"] == "timed out" and slow["rc"] is None and slow["seconds"] < 10
+
+
 def test_plot_writes_a_png(report, tmp_path):
     plot = _load("plot", "plot.py")
     json_path, _ = report.write_results(_results(report), tmp_path)

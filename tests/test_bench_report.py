@@ -93,6 +93,25 @@ def test_markdown_table_and_files(report, tmp_path):
     assert len(back["rows"]) == 8 and back["copy_bandwidth_gbps"] == 3000.0
 
 
+def test_a_second_run_completes_the_file(report, tmp_path):
+    first = _results(report)
+    report.write_results(first, tmp_path)
+    step = "train_step resnet101 b2 crop876 bf16 cuda"
+    second = report.build_results(
+        [{"benchmarks": [_bench(step, "compiled_reference", 0.4, provider="compiled_reference"),
+                         _bench(step, "fast", 0.2, provider="fast")]}],
+        {"gpu": first["gpu"], "commit": first["commit"], "copy_bandwidth_gbps": None,
+         "stages": [{"name": "train_step_compiled_reference", "status": "ok", "seconds": 100.0}]})
+    json_path, _ = report.write_results(second, tmp_path)
+    back = json.loads(json_path.read_text())
+    rows = {(r["group"], r["provider"]): r for r in back["rows"]}
+    assert len(rows) == 9 and back["copy_bandwidth_gbps"] == 3000.0          # kept from the first run
+    assert rows[(step, "fast")]["median_s"] == 0.2                            # replaced by the second
+    assert rows[(step, "fast")]["vs_reference"] == pytest.approx(2.5)        # 0.5 (first run) / 0.2
+    assert rows[(step, "fast")]["vs_compiled_reference"] == pytest.approx(2.0)
+    assert [st["name"] for st in back["stages"]] == ["build", "train_step_compiled_reference"]
+
+
 def test_pytest_counts_from_summary_or_progress(report):
     assert report.pytest_counts("..s\n3 failed, 40 passed, 2 skipped in 81.20s (0:01:21)\n") == \
         {"failed": 3, "passed": 40, "skipped": 2}

@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "generate the synthetic city into --synthetic-dir and train the CPU default")
     g.add_argument("--synthetic-dir", metavar="DIR", default=os.path.join(".cache", "synthetic_city"),
                    help="where the synthetic city is generated (reused when already complete)")
-    g.add_argument("--loader", choices=("torch",), default="torch",
-                   help="data loader: the torch/OpenCV reference loader")
+    g.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto",
+                   help="data loader: NVIDIA DALI (GPU operators on a GPU, CPU operators otherwise) or the "
+                        "torch/OpenCV reference loader; auto = dali where it is installed")
     g.add_argument("--crop-size", type=int, default=876, help="square training crop")
     g.add_argument("--scales", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0],
                    help="random scale factors")

@@ -126,6 +126,23 @@ def prepare_data(args: argparse.Namespace) -> str:
     return root
 
 
+def build_loaders(args: argparse.Namespace, root: str, device: torch.device, rank: int, world: int):
+    """(train loader, val loader, name): DALI or the reference loader, with one batch contract."""
+    from ifbf_fast.data import build_dali_loader, build_loader, dali_available
+
+    use_dali = args.loader == "dali" or (args.loader == "auto" and dali_available())
+    if args.loader == "dali" and not dali_available():
+        raise TrainingError("--loader dali: nvidia-dali is not importable (pip install nvidia-dali-cuda130)")
+    make = build_dali_loader if use_dali else build_loader
+    extra = {"device": device} if use_dali else {}
+    train_loader = make(root, "train", args.batch_size, args.crop_size, args.scales, train=True,
+                        workers=args.workers, seed=args.seed, rank=rank, world_size=world,
+                        pin_memory=device.type == "cuda", **extra)
+    val_loader = make(root, "val", 1, train=False, workers=min(args.workers, 2), seed=args.seed,
+                      rank=rank, world_size=world, **extra)
+    return train_loader, val_loader, "dali" if use_dali else "torch"
+
+
 # --- one step ----------------------------------------------------------------------------------
 
 def train_one_step(model, loss_fn, batch: Dict[str, torch.Tensor], optimizer, scaler, autocast,
@@ -167,7 +184,7 @@ def train(args: argparse.Namespace, local_rank: int = 0) -> Dict[str, object]:
     Returns ``{"eval": last evaluation result, "losses": total loss of every step taken in this call,
     "iteration": the final step}``.
     """
-    from ifbf_fast.data import CLASS_NAMES, build_loader
+    from ifbf_fast.data import CLASS_NAMES
     from ifbf_fast.nn import IFBFLoss
 
     if args.impl:
@@ -208,16 +225,13 @@ def train(args: argparse.Namespace, local_rank: int = 0) -> Dict[str, object]:
         net = torch.compile(net)
         loss_fn = torch.compile(loss_fn)
 
-    train_loader = build_loader(root, "train", args.batch_size, args.crop_size, args.scales, train=True,
-                                workers=args.workers, seed=args.seed, rank=rank, world_size=world,
-                                pin_memory=device.type == "cuda")
-    val_loader = build_loader(root, "val", 1, train=False, workers=min(args.workers, 2), seed=args.seed,
-                              rank=rank, world_size=world)
+    train_loader, val_loader, loader_name = build_loaders(args, root, device, rank, world)
     if du.is_primary():
         os.makedirs(args.out, exist_ok=True)
         dump_yaml(args, os.path.join(args.out, "args.yaml"))
     log.info(f"{args.backbone} IFBFNet, {sum(p.numel() for p in model.parameters()):,} parameters; "
-             f"{world} process(es) on {device.type}; amp {amp_name}; impl {ops.get_impl()}; data {root}")
+             f"{world} process(es) on {device.type}; amp {amp_name}; impl {ops.get_impl()}; "
+             f"{loader_name} loader; data {root}")
 
     def run_eval() -> Dict[str, object]:
         # The unwrapped model: DDP would broadcast buffers at every forward, and ranks may hold

@@ -23,7 +23,7 @@ def city(tmp_path_factory):
 def tiny(city, out, **overrides):
     values = dict(data=city, out=str(out), backbone="resnet18", crop_size=64, scales=[0.75, 1.0, 1.25],
                   batch_size=4, workers=0, iters=6, warmup_iters=1, lr=0.01, eval_every=0, ckpt_every=3,
-                  log_every=1, progress=False, gpus=0, seed=1, impl="reference")
+                  log_every=1, progress=False, gpus=0, seed=1, impl="reference", loader="torch")
     values.update(overrides)
     words = args_list({k: v for k, v in values.items() if k != "progress"})
     if not values["progress"]:
@@ -143,3 +143,10 @@ def test_two_steps_with_every_fast_path(city, tmp_path):
     training; asking for "fast" raises instead of falling back, so this fails if any path is missing."""
     out = train(tiny(city, tmp_path, iters=2, crop_size=32, batch_size=2, ckpt_every=2, impl="fast"))
     assert len(out["losses"]) == 2 and all(v == v for v in out["losses"])
+
+
+@pytest.mark.slow
+def test_trains_through_the_dali_loader(city, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    out = train(tiny(city, tmp_path, iters=3, ckpt_every=3, loader="dali", workers=1, eval_every=3))
+    assert len(out["losses"]) == 3 and out["eval"]["pixels"] > 0

@@ -37,14 +37,18 @@ BN_ACTIVATIONS = ("relu", "leaky_relu", "elu", "identity")
 _ELU_ALPHA = 1.0  # as ifbf_fast.ops.inplace_abn: elu with alpha 1, ``slope`` is for leaky_relu only
 
 
-def activation_fn(x: torch.Tensor, activation: str, slope: float) -> torch.Tensor:
-    """The activation by name, functional (used after ResNet's residual add and by BatchNormAct2d)."""
+def activation_fn(x: torch.Tensor, activation: str, slope: float, inplace: bool = False) -> torch.Tensor:
+    """The activation by name, functional (used after ResNet's residual add and by BatchNormAct2d).
+
+    ``inplace=True`` overwrites ``x``: autograd then saves only the output (these activations are
+    invertible from it) instead of both input and output; use it on a fresh tensor nobody else reads.
+    """
     if activation == "leaky_relu":
-        return F.leaky_relu(x, slope)
+        return F.leaky_relu(x, slope, inplace=inplace)
     if activation == "relu":
-        return F.relu(x)
+        return F.relu(x, inplace=inplace)
     if activation == "elu":
-        return F.elu(x, _ELU_ALPHA)
+        return F.elu(x, _ELU_ALPHA, inplace=inplace)
     if activation == "identity":
         return x
     raise ValueError(f"unknown activation {activation!r}; expected one of {BN_ACTIVATIONS}")
@@ -221,8 +225,8 @@ class NormAct:
             kwargs["group"] = self.group
         return self.cls(num_features, **kwargs)
 
-    def act(self, x: torch.Tensor) -> torch.Tensor:
-        return activation_fn(x, self.activation, self.slope)
+    def act(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        return activation_fn(x, self.activation, self.slope, inplace)
 
     def __repr__(self) -> str:
         return f"NormAct(kind={self.kind!r}, activation={self.activation!r}, slope={self.slope})"

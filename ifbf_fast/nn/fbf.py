@@ -27,6 +27,21 @@ import torch.nn as nn
 from ifbf_fast import ops
 
 
+def _common_dtype(high: torch.Tensor, low: torch.Tensor):
+    """Bring ``high`` and ``low`` to one dtype. Under CUDA autocast, bilinear upsampling (the ASPP
+    output on its way to FBF1) returns fp32 while convolutions return the autocast dtype; the fusion
+    then runs in the autocast dtype, as the rest of the decoder does. Outside autocast the wider
+    dtype wins, so nothing is rounded that the caller did not ask to round."""
+    if high.dtype == low.dtype:
+        return high, low
+    device = high.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(high.dtype, low.dtype)
+    return high.to(dtype), low.to(dtype)
+
+
 class FBF(nn.Module):
     """``FBF(high_channels, low_channels, enabled=True)``; ``forward(high, low) -> (N, C, H, W)``.
 
@@ -58,6 +73,7 @@ class FBF(nn.Module):
         if high.shape[1] != self.high_channels or low.shape[1] != self.low_channels:
             raise ValueError(f"FBF({self.high_channels}, {self.low_channels}): got high with {high.shape[1]} "
                              f"and low with {low.shape[1]} channels")
+        high, low = _common_dtype(high, low)
         if not self.enabled:
             return torch.cat([high, low], dim=1)
         return ops.fbf(high, low, self.weight, self.bias)

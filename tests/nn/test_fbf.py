@@ -55,3 +55,19 @@ def test_calls_public_op(monkeypatch):
 def test_wrong_channels_raise():
     with pytest.raises(ValueError, match="FBF\\(5, 3\\)"):
         FBF(5, 3)(torch.randn(1, 4, 2, 2), torch.randn(1, 3, 2, 2))
+
+
+def test_mixed_dtypes_under_autocast_fuse_in_the_autocast_dtype():
+    """CUDA autocast upsamples in fp32 while convs give bf16: FBF must accept the pair (checked on CPU
+    with the dtypes CUDA autocast would produce)."""
+    from ifbf_fast.nn import FBF
+    m = FBF(4, 3)
+    torch.nn.init.normal_(m.weight, std=0.1)
+    high, low = torch.randn(2, 4, 5, 6), torch.randn(2, 3, 5, 6).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(high, low)
+    assert out.dtype == torch.bfloat16
+    expected = m(high.bfloat16().float(), low.float())
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    assert m(high, low).dtype == torch.float32          # outside autocast: the wider dtype
+    assert FBF(4, 3, enabled=False)(high, low).dtype == torch.float32

@@ -16,6 +16,10 @@ Its gradient equals the reference's wherever no tie sits at the k-th largest los
 tied pixels share the remaining weight equally. A label outside ``[0, C)`` that is not
 ``ignore_index`` turns the loss and the whole gradient into NaN (``set_label_check(True)`` or
 ``IFBF_OHEM_CHECK_LABELS=1`` raises the reference's ValueError instead, at the cost of a host sync).
+
+Optional: ``ohem_cross_entropy_upsampled`` takes the head's 1/4-resolution logits and applies the loss
+to their bilinear upsampling to the labels' size; its fast path (kernels in
+``ifbf_fast.kernels.ohem_ce_upsampled``) interpolates on the fly and never stores the full-size logits.
 """
 
 from __future__ import annotations
@@ -216,7 +220,7 @@ def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, keep_ratio: f
     return ohem_cross_entropy_ref(logits, target, keep_ratio, thresh, ignore_index)
 
 
-# --- optional: the bilinear upsampling of the logits fused into the loss ------------------------
+# --- optional: the bilinear upsampling fused into the loss (kernels/ohem_ce_upsampled.py) -------
 
 def ohem_cross_entropy_upsampled_ref(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float = 0.75,
                                      thresh: Optional[float] = None, ignore_index: int = 255) -> torch.Tensor:
@@ -238,7 +242,7 @@ def _check_upsampled_args(logits: torch.Tensor, target: torch.Tensor) -> None:
 def _ohem_ce_up_fwd_op(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float, thresh: float,
                        ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, per-pixel losses at the target's size, state) of the upsampled logits."""
-    from ifbf_fast.kernels.ohem_ce import ohem_ce_up_fwd
+    from ifbf_fast.kernels.ohem_ce_upsampled import ohem_ce_up_fwd
     return ohem_ce_up_fwd(logits, target, keep_ratio, thresh, ignore_index)
 
 
@@ -253,7 +257,7 @@ def _ohem_ce_up_fwd_fake(logits, target, keep_ratio, thresh, ignore_index):
 def _ohem_ce_up_bwd_op(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, losses: torch.Tensor,
                        state: torch.Tensor) -> torch.Tensor:
     """Gradient wrt the low-resolution logits."""
-    from ifbf_fast.kernels.ohem_ce import ohem_ce_up_bwd
+    from ifbf_fast.kernels.ohem_ce_upsampled import ohem_ce_up_bwd
     return ohem_ce_up_bwd(grad, logits, target, losses, state)
 
 
@@ -281,7 +285,7 @@ def ohem_cross_entropy_upsampled_fast(logits: torch.Tensor, target: torch.Tensor
     dtype first); ties, gradients and bad labels as in :func:`ohem_cross_entropy_fast`.
     """
     _check_upsampled_args(logits, target)
-    from ifbf_fast.kernels.ohem_ce import upsample_unsupported_reason
+    from ifbf_fast.kernels.ohem_ce_upsampled import upsample_unsupported_reason
     reason = upsample_unsupported_reason(tuple(logits.shape[-2:]), tuple(target.shape[-2:]))
     if reason is not None:
         raise ValueError(f"ohem_cross_entropy_upsampled: {reason}")
@@ -298,7 +302,7 @@ def ohem_cross_entropy_upsampled_fast(logits: torch.Tensor, target: torch.Tensor
 def _fast_upsampled_unavailable(logits: torch.Tensor, target: torch.Tensor) -> str | None:
     reason = _fast_unavailable(logits)
     if reason is None and logits.dim() == 4 and target.dim() == 3:
-        from ifbf_fast.kernels.ohem_ce import upsample_unsupported_reason
+        from ifbf_fast.kernels.ohem_ce_upsampled import upsample_unsupported_reason
         reason = upsample_unsupported_reason(tuple(logits.shape[-2:]), tuple(target.shape[-2:]))
     return reason
 

@@ -1,4 +1,5 @@
-"""Ahead-of-time compile of every OHEM kernel configuration the launchers use, for sm_80 and sm_90.
+"""Ahead-of-time compile of every OHEM kernel configuration the launchers use, for sm_80 and sm_90: those
+of ``kernels/ohem_ce.py`` and of the fused-upsampling variant in ``kernels/ohem_ce_upsampled.py``.
 
 Fails on a compile error, a shared-memory overflow or a register spill (../shared/GPU.md section 2);
 prints registers, spills and whether the global loads were vectorised (pytest -s shows the table).
@@ -6,6 +7,7 @@ prints registers, spills and whether the global loads were vectorised (pytest -s
 import torch
 
 from ifbf_fast.kernels import ohem_ce as K
+from ifbf_fast.kernels import ohem_ce_upsampled as KU
 from ifbf_fast.utils.triton_aot import assert_compiles_cleanly, compile_kernels
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -23,11 +25,11 @@ def _all_specs():
         specs += K.kernel_specs(19, torch.bfloat16, target_dtype)
     specs += K.kernel_specs(19, torch.float32, aligned=False)
     for dtype in DTYPES:                                      # the optional fused x4 upsampling
-        specs += K.upsample_kernel_specs(19, dtype)
-    specs += K.upsample_kernel_specs(19, torch.bfloat16, channels_last=True)
-    specs += K.upsample_kernel_specs(19, torch.bfloat16, (256, 512), (1024, 2048))
-    specs += K.upsample_kernel_specs(19, torch.bfloat16, (4, 4), (13, 17))[1:]   # footprint 8 x 4
-    specs += K.upsample_kernel_specs(19, torch.bfloat16, (4, 4), (17, 13))[1:]   # footprint 4 x 8
+        specs += KU.upsample_kernel_specs(19, dtype)
+    specs += KU.upsample_kernel_specs(19, torch.bfloat16, channels_last=True)
+    specs += KU.upsample_kernel_specs(19, torch.bfloat16, (256, 512), (1024, 2048))
+    specs += KU.upsample_kernel_specs(19, torch.bfloat16, (4, 4), (13, 17))[1:]   # footprint 8 x 4
+    specs += KU.upsample_kernel_specs(19, torch.bfloat16, (4, 4), (17, 13))[1:]   # footprint 4 x 8
     return specs + K.select_kernel_specs()
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ifbf_fast import ops
-from ifbf_fast.kernels import ohem_ce as K
+from ifbf_fast.kernels import ohem_ce_upsampled as K
 from ifbf_fast.ops.ohem_ce import (ohem_cross_entropy_ref, ohem_cross_entropy_upsampled,
                                    ohem_cross_entropy_upsampled_fast, ohem_cross_entropy_upsampled_ref)
 

@@ -56,7 +56,8 @@ def load(path: str, map_location="cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} could not be read ({type(exc).__name__}: {exc})") from exc
+        first = (str(exc).strip().splitlines() or [""])[0]          # torch.load's messages run long
+        raise CheckpointError(f"checkpoint {path} could not be read ({type(exc).__name__}: {first})") from exc
     if not isinstance(obj, dict) or "model" not in obj:
         raise CheckpointError(f"checkpoint {path} is not an ifbf_fast checkpoint (no 'model' entry)")
     return obj

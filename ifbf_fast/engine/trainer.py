@@ -214,6 +214,8 @@ def train(args: argparse.Namespace, local_rank: int = 0) -> Dict[str, object]:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_iter, epoch, consumed = state["iteration"], state["epoch"], state["batches_in_epoch"]
+        if "rng" in state:    # the primary's generators; each step re-seeds torch from (seed, rank, step) anyway
+            ck.set_rng_state(state["rng"])
         best = state.get("best_miou", -1.0)
         log.info(f"resumed from {resume} at step {start_iter}")
 
@@ -246,7 +248,7 @@ def train(args: argparse.Namespace, local_rank: int = 0) -> Dict[str, object]:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
                  "iteration": iteration, "epoch": epoch_, "batches_in_epoch": consumed_,
-                 "best_miou": max(best, miou if miou is not None else -1.0),
+                 "best_miou": max(best, miou if miou is not None else -1.0), "rng": ck.rng_state(),
                  "meta": model_meta(args), "args": to_dict(args)}
         ck.save_atomic(state, os.path.join(args.out, ck.CKPT_PATTERN.format(iteration)))
         ck.prune(args.out, args.keep_last)

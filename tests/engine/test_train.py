@@ -150,3 +150,15 @@ def test_trains_through_the_dali_loader(city, tmp_path):
     pytest.importorskip("nvidia.dali")
     out = train(tiny(city, tmp_path, iters=3, ckpt_every=3, loader="dali", workers=1, eval_every=3))
     assert len(out["losses"]) == 3 and out["eval"]["pixels"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_cpu_processes_over_gloo(city, tmp_path):
+    """``--gpus 0 --procs 2``: the spawn path with DDP, sharded loaders and a shared evaluation."""
+    words = args_list(dict(data=city, out=str(tmp_path), backbone="resnet18", crop_size=64, batch_size=2,
+                           workers=0, iters=2, warmup_iters=1, eval_every=2, gpus=0, procs=2,
+                           impl="reference", loader="torch")) + ["--no-progress"]
+    assert main(words) == 0
+    state = ck.load(str(tmp_path / "iter_00000002.pt"))
+    assert state["iteration"] == 2 and state["args"]["procs"] == 2 and "rng" in state

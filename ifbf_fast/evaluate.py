@@ -30,6 +30,7 @@ from ifbf_fast import ops
 from ifbf_fast.engine import checkpoint as ck
 from ifbf_fast.engine.evaluate import MODES, evaluate
 from ifbf_fast.utils import dist as du
+from ifbf_fast.utils.runtime import SetupError, autocast_factory, resolve_amp, select_device
 
 PROG = "python -m ifbf_fast.evaluate"
 
@@ -67,32 +68,6 @@ def load_model(path: str, device: torch.device, channels_last: Optional[bool] = 
         raise ck.CheckpointError(f"checkpoint {path}: cannot rebuild its model ({first})") from exc
     model.eval()
     return model, args
-
-
-def resolve_device(gpus: Optional[int], local_rank: int) -> torch.device:
-    gpus = gpus if gpus is not None else (1 if torch.cuda.is_available() else 0)
-    if gpus > 0:
-        if not torch.cuda.is_available():
-            raise EvaluationError(f"--gpus {gpus} but CUDA is not available here; use --gpus 0 for the CPU")
-        if gpus > torch.cuda.device_count():
-            raise EvaluationError(f"--gpus {gpus} but only {torch.cuda.device_count()} CUDA device(s) are visible")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def autocast_for(amp: str, device: torch.device):
-    """Autocast factory for ``--amp`` (off, auto, bf16, fp16); logits are averaged in fp32 anyway."""
-    import contextlib
-
-    if amp == "auto":
-        amp = "off" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    if amp == "off":
-        return contextlib.nullcontext
-    if amp == "fp16" and device.type != "cuda":
-        raise EvaluationError("--amp fp16 needs a GPU; use --amp bf16 on the CPU")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 # --- options ------------------------------------------------------------------------------------
@@ -190,11 +165,11 @@ def run(a: argparse.Namespace, local_rank: int = 0) -> Dict[str, object]:
 
     if a.impl:
         ops.set_impl(a.impl)
-    device = resolve_device(a.gpus, local_rank)
+    device = select_device(a.gpus, local_rank)
     find_pairs(a.data, a.split)         # layout errors before the model is built
     model, saved = load_model(a.checkpoint, device, channels_last=a.channels_last or None)
     crop, stride = slide_crop(a, saved)
-    autocast = autocast_for(a.amp, device)
+    autocast = autocast_factory(resolve_amp(a.amp, device), device)
     rank, world = du.rank(), du.world_size()
     loader = build_loader(a.data, a.split, a.batch_size, train=False, workers=a.workers, rank=rank,
                           world_size=world, pin_memory=device.type == "cuda")
@@ -289,7 +264,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     try:
         launch(a)
-    except (EvaluationError, ck.CheckpointError, DatasetLayoutError, DataReadError, PredictError) as exc:
+    except (EvaluationError, SetupError, ck.CheckpointError, DatasetLayoutError, DataReadError, PredictError) as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 1
     except torch.multiprocessing.ProcessRaisedException as exc:

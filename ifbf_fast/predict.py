@@ -135,7 +135,8 @@ def run(a: argparse.Namespace) -> List[str]:
     """Predict every input; returns the paths written."""
     from ifbf_fast import ops
     from ifbf_fast.data import colorize, read_image
-    from ifbf_fast.evaluate import autocast_for, load_model, resolve_device, slide_crop
+    from ifbf_fast.evaluate import load_model, slide_crop
+    from ifbf_fast.utils.runtime import autocast_factory, resolve_amp, select_device
 
     if a.impl:
         ops.set_impl(a.impl)
@@ -148,13 +149,13 @@ def run(a: argparse.Namespace) -> List[str]:
                                "other formats into another --out")
         for path, _ in inputs:
             submission_name(path)       # refuse bad names before any work
-    device = resolve_device(a.gpus, 0)
+    device = select_device(a.gpus, 0)
     model, saved = load_model(a.checkpoint, device, channels_last=a.channels_last or None)
     if saved.num_classes != 19:
         raise PredictError(f"the checkpoint predicts {saved.num_classes} classes; the Cityscapes palette "
                            f"and labelIds need 19")
     crop, stride = slide_crop(a, saved)
-    autocast = autocast_for(a.amp, device)
+    autocast = autocast_factory(resolve_amp(a.amp, device), device)
     written = []
     for path, rel in inputs:
         image = read_image(path)
@@ -180,6 +181,7 @@ def run(a: argparse.Namespace) -> List[str]:
 def main(argv: Iterable[str] = None) -> int:
     from ifbf_fast.data.cityscapes import DataReadError
     from ifbf_fast.evaluate import EvaluationError, check_inference_options, one_line
+    from ifbf_fast.utils.runtime import SetupError
 
     p = build_parser()
     a = p.parse_args(argv)
@@ -188,7 +190,7 @@ def main(argv: Iterable[str] = None) -> int:
         p.error(f"--alpha must be in [0, 1]; got {a.alpha}")
     try:
         written = run(a)
-    except (PredictError, EvaluationError, ck.CheckpointError, DataReadError) as exc:
+    except (PredictError, EvaluationError, SetupError, ck.CheckpointError, DataReadError) as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 1
     print(f"{len(written)} file(s) written to {a.out}")

@@ -33,7 +33,7 @@ from glob import glob
 
 import numpy as np
 
-from .cityscapes import (IMAGE_DIR, IMAGE_SUFFIX, LABEL_DIR, LABEL_SUFFIX, DataReadError,
+from .cityscapes import (IMAGE_DIR, IMAGE_SUFFIX, LABEL_DIR, DataReadError,
                          DatasetLayoutError, Sample, find_pairs, read_image, read_label_ids)
 
 PREP_IMAGE_SUFFIX = "_leftImg8bit.npy"

@@ -14,18 +14,17 @@ consumed, so N steps + resume + N steps replays exactly the batches and random d
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
 import os
 import sys
 import time
-from typing import Callable, ContextManager, Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
 
 from ifbf_fast import ops
 from ifbf_fast.utils import dist as du
+from ifbf_fast.utils.runtime import SetupError, autocast_factory, resolve_amp, select_device
 
 from . import checkpoint as ck
 from .config import dump_yaml, model_meta, parse_args, to_dict
@@ -39,36 +38,11 @@ class TrainingError(RuntimeError):
 
 # --- runtime -----------------------------------------------------------------------------------
 
-def resolve_device(args: argparse.Namespace, local_rank: int) -> torch.device:
-    gpus = args.gpus if args.gpus is not None else (1 if torch.cuda.is_available() else 0)
-    if gpus > 0:
-        if not torch.cuda.is_available():
-            raise TrainingError(f"--gpus {gpus} but CUDA is not available here; use --gpus 0 for the CPU")
-        if gpus > torch.cuda.device_count():
-            raise TrainingError(f"--gpus {gpus} but only {torch.cuda.device_count()} CUDA device(s) are visible")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def amp_setup(mode: str, device: torch.device):
-    """(autocast factory, GradScaler or None, dtype name) for ``--amp``."""
-    if mode == "auto":
-        if device.type != "cuda":
-            mode = "off"
-        else:
-            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if mode == "off":
-        return contextlib.nullcontext, None, "fp32"
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-    if mode == "fp16" and device.type != "cuda":
-        raise TrainingError("--amp fp16 needs a GPU; use --amp bf16 on the CPU")
-
-    def autocast() -> ContextManager:
-        return torch.autocast(device.type, dtype=dtype)
-
+    """(autocast factory, GradScaler or None, resolved mode) for ``--amp``: fp16 gets a loss scaler."""
+    mode = resolve_amp(mode, device)
     scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
-    return autocast, scaler, mode
+    return autocast_factory(mode, device), scaler, mode
 
 
 def poly_warmup(max_iters: int, warmup_iters: int, power: float) -> Callable[[int], float]:
@@ -192,7 +166,7 @@ def train(args: argparse.Namespace, local_rank: int = 0) -> Dict[str, object]:
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    device = resolve_device(args, local_rank)
+    device = select_device(args.gpus, local_rank)
     rank, world = du.rank(), du.world_size()
     log = Logger(args, enabled=du.is_primary())
     root = prepare_data(args)
@@ -349,7 +323,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         launch(args)
-    except (TrainingError, ck.CheckpointError, DatasetLayoutError, DataReadError) as exc:
+    except (TrainingError, SetupError, ck.CheckpointError, DatasetLayoutError, DataReadError) as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 1
     return 0

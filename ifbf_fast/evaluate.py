@@ -158,13 +158,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --- running ------------------------------------------------------------------------------------
 
 def run(a: argparse.Namespace, local_rank: int = 0) -> Dict[str, object]:
-    """Evaluate in this process (rank); every rank returns the same all-reduced result."""
+    """Evaluate in this process (rank); every rank returns the same all-reduced result.
+    ``--impl`` applies for the duration of the call only."""
+    with ops.use_impl(a.impl):
+        return _run(a, local_rank)
+
+
+def _run(a: argparse.Namespace, local_rank: int) -> Dict[str, object]:
     from ifbf_fast.data import CLASS_NAMES, build_loader
     from ifbf_fast.data.cityscapes import find_pairs
     from ifbf_fast.engine.metrics import format_table
 
-    if a.impl:
-        ops.set_impl(a.impl)
     device = select_device(a.gpus, local_rank)
     find_pairs(a.data, a.split)         # layout errors before the model is built
     model, saved = load_model(a.checkpoint, device, channels_last=a.channels_last or None)

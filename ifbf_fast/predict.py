@@ -132,14 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(a: argparse.Namespace) -> List[str]:
-    """Predict every input; returns the paths written."""
+    """Predict every input; returns the paths written. ``--impl`` applies for the call only."""
     from ifbf_fast import ops
+
+    with ops.use_impl(a.impl):
+        return _run(a)
+
+
+def _run(a: argparse.Namespace) -> List[str]:
     from ifbf_fast.data import colorize, read_image
     from ifbf_fast.evaluate import load_model, slide_crop
     from ifbf_fast.utils.runtime import autocast_factory, resolve_amp, select_device
 
-    if a.impl:
-        ops.set_impl(a.impl)
     inputs = list_inputs(a.inputs)
     if "submission" in a.format:
         if len(a.format) > 1:

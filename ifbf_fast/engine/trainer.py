@@ -156,13 +156,16 @@ def train(args: argparse.Namespace, local_rank: int = 0) -> Dict[str, object]:
     """Train with ``args`` in this process (rank).
 
     Returns ``{"eval": last evaluation result, "losses": total loss of every step taken in this call,
-    "iteration": the final step}``.
+    "iteration": the final step}``. ``--impl`` applies for the duration of the call only.
     """
+    with ops.use_impl(args.impl):
+        return _train(args, local_rank)
+
+
+def _train(args: argparse.Namespace, local_rank: int) -> Dict[str, object]:
     from ifbf_fast.data import CLASS_NAMES
     from ifbf_fast.nn import IFBFLoss
 
-    if args.impl:
-        ops.set_impl(args.impl)
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False

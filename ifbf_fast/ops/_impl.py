@@ -48,8 +48,14 @@ def set_impl(impl: Optional[str]) -> None:
 
 
 @contextlib.contextmanager
-def use_impl(impl: str) -> Iterator[None]:
-    """Context manager: run the body with the given implementation, restoring the previous one."""
+def use_impl(impl: Optional[str]) -> Iterator[None]:
+    """Context manager: run the body with the given implementation, restoring the previous one.
+
+    ``None`` leaves the current choice as it is (convenient for an optional ``--impl``).
+    """
+    if impl is None:
+        yield
+        return
     _stack.append(_check(impl, "use_impl"))
     try:
         yield

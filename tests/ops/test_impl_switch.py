@@ -52,3 +52,24 @@ def test_triton_availability_probe(monkeypatch):
     assert _impl.triton_unavailable_reason(cpu) is None
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "CUDA" in _impl.triton_unavailable_reason(cpu)
+
+
+def test_use_impl_none_keeps_the_current_choice():
+    with ops.use_impl("reference"):
+        with ops.use_impl(None):
+            assert ops.get_impl() == "reference"
+    assert not _impl._stack
+
+
+def test_train_does_not_leak_its_impl(tmp_path):
+    """train(args) with --impl scopes it to the call (module-scoped fixtures train outside tests)."""
+    from ifbf_fast.data import generate_city
+    from ifbf_fast.engine.config import parse_args
+    from ifbf_fast.engine.trainer import train
+    city = generate_city(str(tmp_path / "c"), n_train=4, n_val=1, height=32, width=64, seed=0)
+    before = (_impl._global, list(_impl._stack))
+    train(parse_args(["--data", city, "--out", str(tmp_path / "o"), "--backbone", "resnet18", "--crop-size",
+                      "32", "--batch-size", "2", "--workers", "0", "--iters", "1", "--warmup-iters", "0",
+                      "--eval-every", "0", "--gpus", "0", "--impl", "reference", "--loader", "torch",
+                      "--no-progress"]))
+    assert (_impl._global, list(_impl._stack)) == before

@@ -222,13 +222,11 @@ def write_json(path: str, result: Dict[str, object], names, a: argparse.Namespac
 
 
 def _worker(local_rank: int, a: argparse.Namespace, world: int, port: int, backend: str) -> None:
-    du.init_local_group(local_rank, world, port, backend)
-    if backend == "gloo":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    try:
+    with du.local_group(local_rank, world, port, backend):
+        if backend == "gloo":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         run(a, local_rank)
-    finally:
-        dist.destroy_process_group()
+    du.exit_worker()
 
 
 def launch(a: argparse.Namespace) -> Optional[Dict[str, object]]:
@@ -236,11 +234,9 @@ def launch(a: argparse.Namespace) -> Optional[Dict[str, object]]:
     Returns the result in a single process (and under torchrun), ``None`` after a spawn."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        dist.init_process_group("nccl" if (a.gpus != 0 and torch.cuda.is_available()) else "gloo")
-        try:
+        backend = "nccl" if (a.gpus != 0 and torch.cuda.is_available()) else "gloo"
+        with du.group(lambda: dist.init_process_group(backend)):
             return run(a, local_rank)
-        finally:
-            dist.destroy_process_group()
     gpus = a.gpus if a.gpus is not None else (1 if torch.cuda.is_available() else 0)
     if gpus > 1 and gpus > torch.cuda.device_count():
         raise EvaluationError(f"--gpus {gpus} but only {torch.cuda.device_count()} CUDA device(s) are visible")

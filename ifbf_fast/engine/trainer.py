@@ -292,13 +292,11 @@ def _resume_path(args: argparse.Namespace) -> Optional[str]:
 # --- processes ---------------------------------------------------------------------------------
 
 def _worker(local_rank: int, args: argparse.Namespace, world: int, port: int, backend: str) -> None:
-    du.init_local_group(local_rank, world, port, backend)
-    if backend == "gloo":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    try:
+    with du.local_group(local_rank, world, port, backend):
+        if backend == "gloo":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         train(args, local_rank)
-    finally:
-        dist.destroy_process_group()
+    du.exit_worker()
 
 
 def launch(args: argparse.Namespace) -> Dict[str, object]:
@@ -306,11 +304,8 @@ def launch(args: argparse.Namespace) -> Dict[str, object]:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         backend = "nccl" if (args.gpus != 0 and torch.cuda.is_available()) else "gloo"
-        dist.init_process_group(backend)
-        try:
+        with du.group(lambda: dist.init_process_group(backend)):
             return train(args, local_rank)
-        finally:
-            dist.destroy_process_group()
     gpus = args.gpus if args.gpus is not None else (1 if torch.cuda.is_available() else 0)
     world, backend = (gpus, "nccl") if gpus > 1 else (args.procs if gpus == 0 else 1, "gloo")
     if world <= 1:

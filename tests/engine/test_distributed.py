@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ifbf_fast.utils.dist import free_port, init_local_group
+from ifbf_fast.utils.dist import exit_worker, free_port, local_group
 
 TIMEOUT_S = 240
 STEPS = 2
@@ -37,11 +37,9 @@ def _setup(impl):
 
 
 def _worker(rank, port, impl, out_dir):
-    import torch.distributed as dist
 
     from ifbf_fast.engine.trainer import train_one_step
-    init_local_group(rank, 2, port, timeout_s=120)
-    try:
+    with local_group(rank, 2, port, timeout_s=120):
         torch.set_num_threads(1)
         model, opt, sched, loss, batches, autocast = _setup(impl)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -53,8 +51,7 @@ def _worker(rank, port, impl, out_dir):
             losses.append(terms["loss"])
         if rank == 0:
             torch.save({"model": model.state_dict(), "losses": torch.stack(losses)}, os.path.join(out_dir, "r0.pt"))
-    finally:
-        dist.destroy_process_group()
+    exit_worker()
 
 
 @pytest.mark.slow

@@ -392,9 +392,8 @@ def test_torch_compile_conv_abn_zero_graph_breaks():
 def _dist_worker(rank, port, sizes, x_all, w, b, dy_all, out_dir, compile_too):
     import torch.distributed as dist
 
-    from ifbf_fast.utils.dist import init_local_group
-    init_local_group(rank, 2, port, timeout_s=60)
-    try:
+    from ifbf_fast.utils.dist import exit_worker, local_group
+    with local_group(rank, 2, port, timeout_s=60):
         start = sum(sizes[:rank])
         x = x_all[start:start + sizes[rank]]
         dy = dy_all[start:start + sizes[rank]]
@@ -413,8 +412,7 @@ def _dist_worker(rank, port, sizes, x_all, w, b, dy_all, out_dir, compile_too):
         except ValueError as exc:
             res["small_union_error"] = str(exc)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    exit_worker()
 
 
 @pytest.mark.slow

@@ -6,15 +6,14 @@ import torch
 import torch.multiprocessing as mp
 
 from ifbf_fast.ops import inplace_abn_ref
-from ifbf_fast.utils.dist import free_port, init_local_group
+from ifbf_fast.utils.dist import exit_worker, free_port, local_group
 
 TIMEOUT_S = 120
 
 
 def _worker(rank, port, sizes, x_all, w, b, dy_all, out_dir):
     import torch.distributed as dist
-    init_local_group(rank, 2, port, timeout_s=60)
-    try:
+    with local_group(rank, 2, port, timeout_s=60):
         start = sum(sizes[:rank])
         x = x_all[start:start + sizes[rank]].clone().requires_grad_(True)
         wl, bl = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
@@ -23,8 +22,7 @@ def _worker(rank, port, sizes, x_all, w, b, dy_all, out_dir):
         (y * dy_all[start:start + sizes[rank]]).sum().backward()
         torch.save({"y": y.detach(), "dx": x.grad, "dw": wl.grad, "db": bl.grad, "rm": rm, "rv": rv},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    exit_worker()
 
 
 @pytest.mark.slow

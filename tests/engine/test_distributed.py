@@ -4,9 +4,10 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from ifbf_fast.utils.dist import exit_worker, free_port, local_group
+from ifbf_fast.utils.dist import exit_worker, local_group
+
+from tests._multiproc import spawn_ranks
 
 TIMEOUT_S = 240
 STEPS = 2
@@ -60,18 +61,7 @@ def _worker(rank, port, impl, out_dir):
 def test_two_processes_match_one_process_on_the_union_batch(tmp_path, impl):
     from ifbf_fast.engine.trainer import train_one_step
 
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, impl, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S - 30)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            pytest.fail("a rank hung")
-        assert p.exitcode == 0, f"a rank failed (exit code {p.exitcode})"
+    spawn_ranks(_worker, (impl, str(tmp_path)), timeout_s=TIMEOUT_S - 30, what="DDP with InPlaceABNSync")
 
     model, opt, sched, loss, batches, autocast = _setup(impl)
     losses = []

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ifbf_fast.ops import inplace_abn, inplace_abn_ref, use_impl
+from tests._multiproc import spawn_ranks
 
 _ext = pytest.importorskip("ifbf_fast.ops._ext", reason="ifbf_fast._C is not built")
 from ifbf_fast.ops._abn_fast import inplace_abn_fast  # noqa: E402
@@ -419,27 +420,13 @@ def _dist_worker(rank, port, sizes, x_all, w, b, dy_all, out_dir, compile_too):
 @pytest.mark.timeout(TIMEOUT_S)
 @pytest.mark.parametrize("sizes", [(3, 1), (4, 0)])
 def test_sync_two_processes_equal_union_batch(tmp_path, sizes):
-    import torch.multiprocessing as mp
-
-    from ifbf_fast.utils.dist import free_port
     c = 5
     x_all = (torch.randn(sum(sizes), c, 3, 4, dtype=torch.float64) * 2 + 0.5)
     dy_all = torch.randn_like(x_all)
     w, b = torch.randn(c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
     compile_too = sizes == (3, 1)
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_dist_worker, args=(r, port, sizes, x_all, w, b, dy_all, str(tmp_path), compile_too))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S - 20)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            pytest.fail("a rank hung in the synchronised InPlace-ABN")
-        assert p.exitcode == 0, f"a rank failed with exit code {p.exitcode}"
+    spawn_ranks(_dist_worker, (sizes, x_all, w, b, dy_all, str(tmp_path), compile_too),
+                timeout_s=TIMEOUT_S - 20, what="the synchronised InPlace-ABN")
 
     single = _run(inplace_abn_ref, x_all, w, b, dy_all, act="leaky_relu", slope=0.05,
                   rm=torch.zeros(c, dtype=torch.float64), rv=torch.ones(c, dtype=torch.float64))

@@ -3,10 +3,11 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from ifbf_fast.ops import inplace_abn_ref
-from ifbf_fast.utils.dist import exit_worker, free_port, local_group
+from ifbf_fast.utils.dist import exit_worker, local_group
+
+from tests._multiproc import spawn_ranks
 
 TIMEOUT_S = 120
 
@@ -33,19 +34,7 @@ def test_sync_reference_equals_union_batch(tmp_path, sizes):
     x_all = torch.randn(sum(sizes), c, 4, 5, dtype=torch.float64) * 2 + 0.5
     dy_all = torch.randn_like(x_all)
     w, b = torch.randn(c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, sizes, x_all, w, b, dy_all, str(tmp_path)))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S - 10)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            pytest.fail("a rank hung in the synchronised reference")
-        assert p.exitcode == 0, f"a rank failed with exit code {p.exitcode}"
+    spawn_ranks(_worker, (sizes, x_all, w, b, dy_all, str(tmp_path)), timeout_s=TIMEOUT_S - 10, what="the synchronised reference")
 
     # Single process on the union batch: the same statistics, so the same outputs and gradients;
     # weight and bias gradients of the union are the sum of the ranks' (DDP would all-reduce them).

@@ -234,7 +234,9 @@ def _train(args: argparse.Namespace, local_rank: int) -> Dict[str, object]:
             ck.save_atomic(state, os.path.join(args.out, "best.pt"))
 
     model.train()
-    it, nonfinite, result, history = start_iter, 0, {}, []
+    it, nonfinite, result = start_iter, 0, {}
+    # One device buffer for the loss history: no host sync per step, no allocation per step.
+    history = torch.zeros(max(0, args.iters - start_iter), device=device)
     log.start(total=args.iters, initial=start_iter)
     while it < args.iters:
         train_loader.set_epoch(epoch)
@@ -253,10 +255,10 @@ def _train(args: argparse.Namespace, local_rank: int) -> Dict[str, object]:
                                         f"(last at step {it}); lower --lr, check the data, or try --amp off")
                 continue
             nonfinite = 0
-            history.append(terms["loss"])
+            history[it - start_iter] = terms["loss"]
             scheduler.step()
             it += 1
-            dt, t0 = time.perf_counter() - t0, time.perf_counter()
+            dt = time.perf_counter() - t0
             log.step(it, terms, optimizer.param_groups[0]["lr"], args.batch_size * world / dt, device)
             evaluated = args.eval_every and it % args.eval_every == 0 or it == args.iters
             miou = None
@@ -268,10 +270,11 @@ def _train(args: argparse.Namespace, local_rank: int) -> Dict[str, object]:
                 save(it, epoch, consumed, miou)
             if it >= args.iters:
                 break
+            t0 = time.perf_counter()          # images/s counts the step and its data, not evaluation
         else:
             epoch, consumed = epoch + 1, 0
     log.close()
-    return {"eval": result, "losses": [float(v) for v in history], "iteration": it}
+    return {"eval": result, "losses": history[: it - start_iter].tolist(), "iteration": it}
 
 
 def _step_seed(seed: int, rank: int, iteration: int) -> int:

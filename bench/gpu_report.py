@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import json
 import os
 import re
@@ -137,6 +138,11 @@ print(json.dumps({"copy_bandwidth_gbps": copy_bandwidth_gbps(), "matmul_bf16_tfl
 
 
 def git_commit() -> str:
+    """The checkout's short commit (``-dirty`` when tracked files differ); ``IFBF_COMMIT`` where the copy
+    has no git history (a lent machine receives the working tree without ``.git``)."""
+    if os.environ.get("IFBF_COMMIT"):
+        return os.environ["IFBF_COMMIT"]
+
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     sha = git("rev-parse", "--short=12", "HEAD") or "unknown"
@@ -248,6 +254,10 @@ def main(argv=None) -> int:
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--only", nargs="+", help="run only these bench stages (names in STAGES)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--logs", type=Path, help="keep every stage's log here (default: a temporary folder)")
+    p.add_argument("--test-workers", type=int, default=8,
+                   help="pytest-xdist workers for the GPU tests (most of their time is Triton compiling "
+                        "on the host; 0: one process; ignored without pytest-xdist)")
     p.add_argument("--no-merge", action="store_true", help="replace an earlier results file of this card and commit")
     args = p.parse_args(argv)
     deadline = time.monotonic() + args.budget
@@ -256,7 +266,8 @@ def main(argv=None) -> int:
         return deadline - time.monotonic() - RESERVE_S
 
     gpu = _probe_gpu()
-    logs = Path(tempfile.mkdtemp(prefix="ifbf_gpu_report_"))
+    logs = args.logs or Path(tempfile.mkdtemp(prefix="ifbf_gpu_report_"))
+    logs.mkdir(parents=True, exist_ok=True)
     stages: List[Dict[str, object]] = []
     meta: Dict[str, object] = {"gpu": gpu["name"] if gpu else "cpu", "commit": git_commit(),
                                "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -281,7 +292,9 @@ def main(argv=None) -> int:
     else:
         note("build", {"status": "skipped", "seconds": 0}, "no CUDA" if not gpu else "--skip-build")
     if gpu and not args.skip_tests:
-        res = run_stage([sys.executable, "-m", "pytest", "tests/ops", "-q", "-p", "no:cacheprovider"],
+        workers = args.test_workers if importlib.util.find_spec("xdist") else 0
+        res = run_stage([sys.executable, "-m", "pytest", "tests/ops", "-q", "-p", "no:cacheprovider",
+                         *(["-n", str(workers)] if workers > 0 else [])],
                         min(150, left()), _env(IFBF_TEST_GPU="1"), logs / "tests.log")
         note("gpu_tests", res, ", ".join(f"{v} {k}" for k, v in res["counts"].items()))
     else:

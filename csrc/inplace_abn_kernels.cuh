@@ -1,4 +1,4 @@
-// Raw CUDA kernels of InPlace-ABN (launched from inplace_abn_cuda.cu).
+// Raw CUDA kernels of InPlace-ABN (launched from inplace_abn_launch.cuh and the inplace_abn_*.cu units).
 //
 // Two layouts (ifbf_ops.h Geometry): NCS, rows of S contiguous values per (n, c); NSC (channels
 // last), rows of C contiguous channels. Reductions write one partial state per (channel, block row)

@@ -1,5 +1,10 @@
-// CUDA launchers of InPlace-ABN: grid sizes, vector width, 32/64-bit indexing, dtype and activation
-// dispatch. The kernels are in inplace_abn_kernels.cuh; the arguments were checked in ifbf_ops.cpp.
+#pragma once
+// What the CUDA launchers of InPlace-ABN share: grid sizes, vector width, 32/64-bit indexing, dtype and
+// activation dispatch, and the generic reduce/map launches. The kernels are in inplace_abn_kernels.cuh;
+// the arguments were checked in ifbf_ops.cpp. Each entry point has a translation unit of its own
+// (inplace_abn_{statistics,forward,backward_reduce,backward}.cu) so that the build compiles them in
+// parallel: one file held every instantiation and took most of the extension's build time.
+// Everything here has internal linkage (anonymous namespace): each unit gets the copies it uses.
 // ATen/cuda/CUDAContext.h is avoided on purpose: it pulls in cuSPARSE/cuBLAS headers that a bare
 // toolkit (nvcc + runtime, as on the build machines) does not ship.
 #include <ATen/Dispatch.h>
@@ -163,86 +168,4 @@ const float* opt_ptr(const c10::optional<at::Tensor>& t, c10::optional<at::Tenso
 }
 
 }  // namespace
-
-Stats abn_statistics_cuda(const at::Tensor& x) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  const Geometry g = geometry_of(x);
-  const auto popt = x.options().dtype(at::kFloat);
-  auto mean = at::empty({g.c}, popt);
-  auto var = at::empty({g.c}, popt);
-  auto count = at::full({1}, g.n * g.s, x.options().dtype(at::kLong));
-  if (x.numel() == 0) {  // a rank without samples: count 0, and mean/var that weigh nothing
-    mean.zero_();
-    var.zero_();
-    return {mean, var, count};
-  }
-  IFBF_DISPATCH_CUDA_TYPES(x.scalar_type(), "abn_statistics_cuda", [&] {
-    reduce(g, x.const_data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr), cuda::StatsRed<scalar_t>{},
-           cuda::StatsFin{mean.data_ptr<float>(), var.data_ptr<float>()}, x.options());
-  });
-  return {mean, var, count};
-}
-
-void abn_forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
-                      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                      double eps, Act act, double slope, at::Tensor& y) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  const Geometry g = geometry_of(x);
-  c10::optional<at::Tensor> wk, bk;
-  const float* pw = opt_ptr(weight, wk);
-  const float* pb = opt_ptr(bias, bk);
-  IFBF_DISPATCH_CUDA_TYPES(x.scalar_type(), "abn_forward_cuda", [&] {
-    dispatch_act(act, [&](auto a) {
-      cuda::ForwardMap<decltype(a)::value, scalar_t> f{mean.const_data_ptr<float>(), var.const_data_ptr<float>(),
-                                                      pw, pb, float(eps), float(slope)};
-      map(g, x.const_data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr), y.data_ptr<scalar_t>(), f);
-    });
-  });
-}
-
-Sums abn_backward_reduce_cuda(const at::Tensor& y, const at::Tensor& dy,
-                              const c10::optional<at::Tensor>& weight,
-                              const c10::optional<at::Tensor>& bias, double eps, Act act,
-                              double slope) {
-  const c10::cuda::CUDAGuard guard(y.device());
-  const Geometry g = geometry_of(y);
-  const auto popt = y.options().dtype(at::kFloat);
-  auto sum_dz = at::empty({g.c}, popt);
-  auto sum_dz_xhat = at::empty({g.c}, popt);
-  if (y.numel() == 0) return {sum_dz.zero_(), sum_dz_xhat.zero_()};
-  c10::optional<at::Tensor> wk, bk;
-  const float* pw = opt_ptr(weight, wk);
-  const float* pb = opt_ptr(bias, bk);
-  IFBF_DISPATCH_CUDA_TYPES(y.scalar_type(), "abn_backward_reduce_cuda", [&] {
-    dispatch_act(act, [&](auto a) {
-      reduce(g, y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
-             cuda::BackwardRed<decltype(a)::value, scalar_t>{pb, float(slope), float(1.0 / slope)},
-             cuda::BackwardFin{pw, float(eps), sum_dz.data_ptr<float>(), sum_dz_xhat.data_ptr<float>()},
-             y.options());
-    });
-  });
-  return {sum_dz, sum_dz_xhat};
-}
-
-void abn_backward_cuda(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& var,
-                       const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                       const c10::optional<at::Tensor>& mean_dz,
-                       const c10::optional<at::Tensor>& mean_dz_xhat, double eps, Act act,
-                       double slope, at::Tensor& dx) {
-  const c10::cuda::CUDAGuard guard(y.device());
-  const Geometry g = geometry_of(y);
-  c10::optional<at::Tensor> wk, bk, mk, xk;
-  const float* pw = opt_ptr(weight, wk);
-  const float* pb = opt_ptr(bias, bk);
-  const float* pm = opt_ptr(mean_dz, mk);
-  const float* px = opt_ptr(mean_dz_xhat, xk);
-  IFBF_DISPATCH_CUDA_TYPES(y.scalar_type(), "abn_backward_cuda", [&] {
-    dispatch_act(act, [&](auto a) {
-      cuda::BackwardMap<decltype(a)::value, scalar_t> f{var.const_data_ptr<float>(), pw, pb, pm, px,
-                                                       float(eps), float(slope), float(1.0 / slope)};
-      map(g, y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), f);
-    });
-  });
-}
-
 }  // namespace ifbf

@@ -327,7 +327,7 @@ def main(argv=None) -> int:
         json_path = logs / f"{name}.json"
         res = run_stage([sys.executable, "-m", "pytest", *pytest_args, *BENCH_OPTS, f"--benchmark-json={json_path}"],
                         budget, _env(), logs / f"{name}.log")
-        if json_path.exists():
+        if json_path.exists() and json_path.stat().st_size:   # pytest-benchmark leaves it empty when all skip
             bench_jsons.append(json.loads(json_path.read_text()))
         note(name, res, ", ".join(f"{v} {k}" for k, v in res["counts"].items()))
 

@@ -99,7 +99,8 @@ def _reduce_row(x_ptr, g_ptr, n, c, C_PART, HW, hw_start, hw_stop, stride_xn, st
     rounded down to 16 elements: both tensors' sample bases are 16-aligned (pointer and stride_n
     specialisations) so every vector is aligned; elements outside the row are dropped in registers.
     """
-    numel = C_PART.to(tl.int64) * HW
+    # tl.cast, not .to(): an argument equal to 1 reaches the kernel as a Python int (Triton specialises 1)
+    numel = tl.cast(C_PART, tl.int64) * HW
     lo = c.to(tl.int64) * HW + hw_start
     hi = c.to(tl.int64) * HW + hw_stop
     start = tl.multiple_of((lo // 16) * 16, 16)
@@ -123,7 +124,7 @@ def _scale_rows(src_ptr, dst_ptr, gate_ptr, shift_ptr, n, start, c_base, C_PART,
 
     BLOCK <= HW, so the block meets at most two channels: c0 and c0 + 1 from index (c0 + 1) * HW on.
     """
-    numel = C_PART.to(tl.int64) * HW
+    numel = tl.cast(C_PART, tl.int64) * HW
     idx = start + tl.arange(0, BLOCK)
     mask = idx < numel
     c0 = start // HW
@@ -287,8 +288,8 @@ def _fbf_scale_kernel(
     """
     pid = tl.program_id(0)
     if ROWS:
-        rb0 = tl.cdiv(C0.to(tl.int64) * HW, BLOCK_HW)
-        rb = rb0 + tl.cdiv(C1.to(tl.int64) * HW, BLOCK_HW)
+        rb0 = tl.cdiv(tl.cast(C0, tl.int64) * HW, BLOCK_HW)
+        rb = rb0 + tl.cdiv(tl.cast(C1, tl.int64) * HW, BLOCK_HW)
         n = pid // rb
         b = pid % rb
         if b < rb0:

@@ -160,7 +160,8 @@ def _ohem_ce_fwd_kernel(
 def _ohem_ce_num_kept(state_ptr, keep_hi, keep_lo, SLOT_N_VALID: tl.constexpr):
     """k = ceil(keep_ratio * n_valid) in fp64, keep_ratio rebuilt from its bit pattern."""
     n_valid = tl.load(state_ptr + SLOT_N_VALID)
-    kr_bits = (keep_hi.to(tl.int64) << 32) | (keep_lo.to(tl.int64) & 0xFFFFFFFF)
+    # tl.cast, not .to(): an argument equal to 1 reaches the kernel as a Python int (Triton specialises 1)
+    kr_bits = (tl.cast(keep_hi, tl.int64) << 32) | (tl.cast(keep_lo, tl.int64) & 0xFFFFFFFF)
     keep_ratio = kr_bits.to(tl.float64, bitcast=True)
     k = tl.math.ceil(keep_ratio * n_valid.to(tl.float64))
     return k.to(tl.int32), n_valid

@@ -4,6 +4,7 @@ Runs the Triton kernels under the interpreter on CPU tensors (tests/conftest.py)
 with IFBF_TEST_GPU=1. Every buffer the launchers allocate is poisoned with NaN (``poison`` fixture), so
 an element a kernel fails to write shows up as a mismatch.
 """
+import dataclasses
 import importlib
 import os
 
@@ -354,6 +355,28 @@ def aot_specs():
                 specs.append((f"{kname}/{str(dtype)[6:]}/{layout}",
                               KernelSpec(K.__name__, attr, sig, const, tuple(div), num_warps=warps)))
     return specs
+
+
+def test_size_arguments_of_one_compile():
+    """On a GPU, Triton turns an integer argument equal to 1 into a compile-time constant (a plain Python
+    int inside the kernel), so a method call on it such as ``C1.to(tl.int64)`` fails to compile for a
+    part with one channel. Compile every kernel and layout with each size argument set to the constant 1
+    (found on an H200 with triton 3.6; the interpreter never specialises)."""
+    base = [(name, s) for name, s in aot_specs() if "/float32/" in name]
+    specs = []
+    for name, spec in base:
+        for size in ("N", "C0", "C1", "HW"):
+            if spec.signature.get(size) != "i32":
+                continue
+            sig, const = dict(spec.signature), dict(spec.constexprs)
+            sig[size], const[size] = "constexpr", 1
+            div = tuple(a for a in spec.divisible_by_16 if a != size)
+            specs.append((f"{name} {size}=1", dataclasses.replace(spec, signature=sig, constexprs=const,
+                                                                   divisible_by_16=div)))
+    assert len(specs) >= 3 * len(base)
+    results = compile_kernels([s for _, s in specs], archs=(90,))
+    for (name, _), per_arch in zip(specs, results):
+        assert per_arch and f".entry" in per_arch[0].ptx, name
 
 
 def test_every_kernel_configuration_compiles_for_sm80_and_sm90():

@@ -55,7 +55,7 @@ def _run(fn, x, w, b, dy, training=True, act="leaky_relu", slope=0.01, rm=None, 
     rm = torch.zeros(c, device=x.device, dtype=pd) if rm is None else rm.clone()
     rv = torch.ones(c, device=x.device, dtype=pd) if rv is None else rv.clone()
     y = fn(x, w, b, rm, rv, training, 0.1, 1e-5, act, slope, **kw)
-    (y * dy.to(y.dtype)).sum().backward()
+    (y * dy.to(y.device, y.dtype)).sum().backward()     # dy may be made on the CPU
     return {"y": y.detach(), "dx": x.grad, "dw": None if w is None else w.grad,
             "db": None if b is None else b.grad, "rm": rm, "rv": rv}
 

@@ -4,6 +4,8 @@ of ``kernels/ohem_ce.py`` and of the fused-upsampling variant in ``kernels/ohem_
 Fails on a compile error, a shared-memory overflow or a register spill (../shared/GPU.md section 2);
 prints registers, spills and whether the global loads were vectorised (pytest -s shows the table).
 """
+import dataclasses
+
 import torch
 
 from ifbf_fast.kernels import ohem_ce as K
@@ -50,3 +52,27 @@ def test_every_launched_configuration_compiles_cleanly_for_sm80_and_sm90():
     # NCHW bf16 at 19 classes, aligned as at 876 x 876: the forward's logits loads must vectorise.
     fwd_19 = results[0]
     assert all(r.vector_loads for r in fwd_19), "NCHW forward lost its vectorised loads"
+
+
+def test_integer_arguments_of_one_compile():
+    """On a GPU, Triton turns an integer argument equal to 1 (a batch of one, one row, a unit stride) into a
+    compile-time constant, a plain Python int inside the kernel; a tensor method on it would not compile
+    (seen in the FBF kernels on an H200). Compile each kernel with each integer argument set to 1."""
+    base = (K.kernel_specs(19, torch.float32) + KU.upsample_kernel_specs(19, torch.float32)
+            + K.select_kernel_specs())
+    specs, names = [], []
+    seen = set()
+    for spec in base:
+        for arg, kind in spec.signature.items():
+            if kind not in ("i32", "i64") or (spec.attr, arg) in seen:
+                continue
+            seen.add((spec.attr, arg))
+            sig, const = dict(spec.signature), dict(spec.constexprs)
+            sig[arg], const[arg] = "constexpr", 1
+            div = tuple(a for a in spec.divisible_by_16 if a != arg)
+            specs.append(dataclasses.replace(spec, signature=sig, constexprs=const, divisible_by_16=div))
+            names.append(f"{spec.attr} {arg}=1")
+    assert len(specs) > 10
+    results = compile_kernels(specs, archs=(90,))
+    for name, spec, per_arch in zip(names, specs, results):
+        assert per_arch and f".entry {spec.attr}" in per_arch[0].ptx, name

@@ -62,6 +62,12 @@ def _extensions():
     cpp = sorted(glob.glob("csrc/*.cpp"))
     cu = sorted(glob.glob("csrc/*.cu"))
     cxx_flags = ["-O3"]  # the C++ standard comes from torch (C++20 since 2.13, C++17 before)
+    # Link the shared libstdc++ by name, ahead of the compiler's own libraries. A toolchain that links
+    # libstdc++ statically (seen on a GPU machine whose Python builds with /opt/gcc/bin/g++) otherwise
+    # puts a second copy of the C++ library into _C.so: its iostreams then use libtorch's locale
+    # state, and formatting the first error message (a double in TORCH_CHECK) crashed the process.
+    # tests/ops/test_inplace_abn.py checks the built library for such a copy.
+    link_flags = ["-lstdc++"] if sys.platform.startswith("linux") else []
     cuda_home = _want_cuda()
     if cuda_home and cu:
         os.environ["CUDA_HOME"] = cuda_home
@@ -75,9 +81,11 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags,
                                 "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
                                          "--expt-relaxed-constexpr"]},
+            extra_link_args=link_flags,
         )]
     print("setup.py: building the CPU kernels only (no nvcc/CUDA toolkit or CPU-only torch)")
-    return [cpp_extension.CppExtension("ifbf_fast._C", cpp, extra_compile_args=cxx_flags)]
+    return [cpp_extension.CppExtension("ifbf_fast._C", cpp, extra_compile_args=cxx_flags,
+                                       extra_link_args=link_flags)]
 
 
 def _packages():

@@ -355,7 +355,9 @@ def block_sizes(num_classes: int) -> tuple:
     block_c = max(triton.next_power_of_2(num_classes), 2)
     if block_c > MAX_BLOCK_C:
         raise ValueError(f"ohem_ce kernels hold at most {MAX_BLOCK_C} classes in registers; got {num_classes}")
-    block_p = max(4096 // block_c, 16)    # a 4096-element tile: 32 fp32 values per thread at 4 warps
+    # a 4096-element tile: 32 fp32 values per thread at 4 warps; at most 1024 pixels, whose per-pixel state
+    # (int64 label, loss, masks) would otherwise spill for one or two classes (seen with triton 3.6, sm_80)
+    block_p = min(max(4096 // block_c, 16), 1024)
     return block_p, block_c, 4
 
 

@@ -186,6 +186,12 @@ UP_TILE = (8, 8)             # (TH, TW) output pixels per backward program (regi
 UP_MAX_FOOTPRINT = 32        # LH * LW source pixels a backward tile may touch (64 spills registers)
 
 
+def up_bwd_warps(lh: int, lw: int) -> int:
+    """Warps of the backward launch: 8 for a footprint of 32 source pixels (at 4, triton 3.6 spills 8 bytes
+    for sm_80 with an 8 x 4 footprint), else 4."""
+    return 8 if lh * lw > 16 else 4
+
+
 def upsample_footprint(size_in: tuple, size_out: tuple) -> tuple:
     """(LH, LW): power-of-two bounds of the source rows/columns one backward tile touches."""
     th, tw = UP_TILE
@@ -254,7 +260,7 @@ def ohem_ce_up_bwd(grad_out: torch.Tensor, logits_lr: torch.Tensor, target: torc
     _ohem_ce_up_bwd_kernel[(triton.cdiv(w, tw), triton.cdiv(h, th), n)](
         grad_out, logits_lr, target, losses, state, glr, c, h, w, h_in, w_in, sh, sw,
         *logits_lr.stride(), *target.stride(), SLOT_N_VALID=SLOT_N_VALID, TH=th, TW=tw, LH=lh, LW=lw,
-        BLOCK_C=max(triton.next_power_of_2(c), 16), num_warps=4)
+        BLOCK_C=max(triton.next_power_of_2(c), 16), num_warps=up_bwd_warps(lh, lw))
     return out.copy_(glr)
 
 
@@ -286,5 +292,5 @@ def upsample_kernel_specs(num_classes: int, logits_dtype: torch.dtype, size_in: 
                      dict(common, grad_out_ptr="*fp32", glr_ptr="*fp32", H="i32", TH="constexpr", TW="constexpr",
                           LH="constexpr", LW="constexpr"),
                      dict(consts, TH=th, TW=tw, LH=lh, LW=lw, BLOCK_C=max(triton.next_power_of_2(num_classes), 16)),
-                     divisible_by_16=div + ("grad_out_ptr", "glr_ptr"), num_warps=4)
+                     divisible_by_16=div + ("grad_out_ptr", "glr_ptr"), num_warps=up_bwd_warps(lh, lw))
     return [fwd, bwd]

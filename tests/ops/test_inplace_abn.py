@@ -6,6 +6,8 @@ poisoned with NaN (``fill_uninitialized_memory``) so that an element a kernel fo
 On a GPU machine, ``IFBF_TEST_GPU=1`` runs the same tests on CUDA tensors (the ``device`` fixture).
 """
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -263,6 +265,26 @@ def test_readable_errors():
         inplace_abn_fast(torch.randn(1, 3, 1, 1), None, None, None, None, True)
     with pytest.raises(ValueError, match="slope must be > 0"):
         inplace_abn_fast(x, None, None, None, None, True, slope=-0.1)
+
+
+# Defined only by the C++ library itself: std::locale::classic(), std::ostream::_M_insert<double>,
+# std::ios_base::Init::Init().
+_LIBSTDCXX_MARKERS = ("_ZNSt6locale7classicEv", "_ZNSo9_M_insertIdEERSoT_", "_ZNSt8ios_base4InitC1Ev")
+
+
+def test_extension_links_the_shared_libstdcxx():
+    """_C.so must use the process's libstdc++, not carry a copy of its own: a toolchain that linked it
+    statically (a GPU machine's /opt/gcc/bin/g++) gave a library whose first error message, a double
+    formatted by TORCH_CHECK, crashed the process (setup.py links -lstdc++ by name against that)."""
+    from ifbf_fast import _C
+    nm, readelf = shutil.which("nm"), shutil.which("readelf")
+    if not (nm and readelf):
+        pytest.skip("binutils (nm, readelf) not installed")
+    dynamic = subprocess.run([readelf, "-d", _C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "libstdc++.so" in dynamic, f"{_C.__file__} does not load the shared libstdc++:\n{dynamic}"
+    symbols = subprocess.run([nm, "--defined-only", _C.__file__], capture_output=True, text=True).stdout
+    copied = [m for m in _LIBSTDCXX_MARKERS if m in symbols]
+    assert not copied, f"{_C.__file__} holds a static copy of libstdc++ (defines {copied})"
 
 
 @pytest.mark.parametrize("key", ["CPU", "CUDA"])

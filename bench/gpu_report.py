@@ -16,9 +16,12 @@ In one run, each stage in its own process with a time limit taken from one overa
    the stages) and ``<gpu>-<commit>.md``, and the markdown table printed last. A later run for the
    same card and commit is merged into the file (its rows and stages replace those of the same name).
 
-On one H100 the build, the tests and the op benches take most of the 10 minutes; the two compiled
-train steps (a full R101 compilation each) are last and skipped when the budget is spent (the stage
-table says so): run them with the second command above.
+Measured on an H200 (2026-11-26, torch 2.11, triton 3.6): build 36 s, GPU tests 91 s (8 pytest-xdist
+workers), yardsticks about 10 s, the op benches and the eager train steps 110 s, the two compiled train
+steps (a full R101 compilation each) 146 s: about 7 minutes of the 560 s budget. The compiled train steps
+come last and are skipped when the budget is spent (the stage table says so): run them with the second
+command above. The results file is rewritten after every stage, so a run stopped by the machine's time
+limit keeps what it measured.
 
 Commit the two result files (GPU.md); on a lent machine whose files come back only from ``$OUT``, run
 ``python bench/gpu_report.py --out $OUT`` and copy them into bench/results/ here. ``bench/plot.py
@@ -26,6 +29,9 @@ Commit the two result files (GPU.md); on a lent machine whose files come back on
 still runs the CPU benches (build and GPU tests skipped), which checks the pipeline.
 DALI is not installed on the GPU machines and they have no internet: to bench the DALI loader, bring
 the ``nvidia-dali-cuda130`` wheel along and ``pip install`` it first (the DALI bench skips without it).
+The lent machines of this workplace take at most 64 MiB of files per call and the wheel is 190 MiB, so
+the DALI GPU pipeline has not been benched or run on a GPU there. cityscapesscripts (pure Python, 0.5 MiB)
+must travel as a wheel: ``pip install --no-deps --target`` it and put that folder on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -195,6 +201,7 @@ def markdown_table(results: Dict[str, object]) -> str:
             f"bf16 matmul {_fmt(results.get('matmul_bf16_tflops'), ',.0f', ' TFLOP/s') or 'n/a'}, "
             f"torch {results.get('torch', '?')}, triton {results.get('triton', '?')}, "
             f"ABN CUDA kernels built: {results.get('abn_cuda_kernels', '?')}", ""]
+    head += [f"- {n}" for n in results.get("notes", [])] + ([""] if results.get("notes") else [])
     lines = ["| case | provider | median ms | GB/s | % of bw | peak MiB | img/s | x vs ref | x vs compiled ref |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(rows, key=lambda r: r["group"]):
@@ -227,7 +234,8 @@ def merge_results(old: Dict[str, object], new: Dict[str, object]) -> Dict[str, o
 
 def write_results(results: Dict[str, object], out_dir: Path = RESULTS, merge: bool = True) -> tuple:
     """Write ``<gpu>-<commit>.json`` and ``.md`` into ``out_dir`` (merged into an earlier file of the same
-    card and commit, see :func:`merge_results`); returns both paths."""
+    card and commit, see :func:`merge_results`; merging the same results again changes nothing, so a run
+    rewrites the file after every stage); returns both paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{slug(results['gpu'])}-{results['commit']}"
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
@@ -327,9 +335,15 @@ def main(argv=None) -> int:
         json_path = logs / f"{name}.json"
         res = run_stage([sys.executable, "-m", "pytest", *pytest_args, *BENCH_OPTS, f"--benchmark-json={json_path}"],
                         budget, _env(), logs / f"{name}.log")
+        detail = ", ".join(f"{v} {k}" for k, v in res["counts"].items())
         if json_path.exists() and json_path.stat().st_size:   # pytest-benchmark leaves it empty when all skip
-            bench_jsons.append(json.loads(json_path.read_text()))
-        note(name, res, ", ".join(f"{v} {k}" for k, v in res["counts"].items()))
+            try:
+                bench_jsons.append(json.loads(json_path.read_text()))
+            except json.JSONDecodeError as exc:               # a stage killed while writing it
+                detail += f"; unreadable {json_path.name}: {exc}"
+        note(name, res, detail)
+        # Written after every stage: a run stopped by the machine's time limit keeps what it measured.
+        write_results(build_results(bench_jsons, dict(meta, stages=stages)), args.out, merge=not args.no_merge)
 
     results = build_results(bench_jsons, dict(meta, stages=stages))
     json_path, md_path = write_results(results, args.out, merge=not args.no_merge)

@@ -112,6 +112,16 @@ def test_a_second_run_completes_the_file(report, tmp_path):
     assert [st["name"] for st in back["stages"]] == ["build", "train_step_compiled_reference"]
 
 
+def test_rewriting_the_same_results_changes_nothing_and_notes_are_listed(report, tmp_path):
+    # gpu_report rewrites its file after every stage: merging a run's results into themselves is a no-op
+    results = dict(_results(report), notes=["assembled from the stage logs of a run cut short"])
+    json_path, md_path = report.write_results(json.loads(json.dumps(results)), tmp_path)
+    once = json_path.read_text()
+    report.write_results(json.loads(json.dumps(results)), tmp_path)
+    assert json_path.read_text() == once
+    assert "- assembled from the stage logs of a run cut short" in md_path.read_text()
+
+
 def test_pytest_counts_from_summary_or_progress(report):
     assert report.pytest_counts("..s\n3 failed, 40 passed, 2 skipped in 81.20s (0:01:21)\n") == \
         {"failed": 3, "passed": 40, "skipped": 2}

@@ -33,14 +33,19 @@ def _by_case(rows: List[Dict], key: str) -> "OrderedDict[str, Dict[str, float]]"
     return cases
 
 
-def _bars(ax, cases: "OrderedDict[str, Dict[str, float]]", xlabel: str, ref_line: Optional[float] = None) -> None:
+def _providers(cases: "OrderedDict[str, Dict[str, float]]") -> List[str]:
     providers = [p for p in PROVIDER_ORDER if any(p in v for v in cases.values())]
-    providers += sorted({p for v in cases.values() for p in v} - set(providers))
+    return providers + sorted({p for v in cases.values() for p in v} - set(providers))
+
+
+def _bars(ax, cases: "OrderedDict[str, Dict[str, float]]", xlabel: str, colors: Dict[str, str],
+          ref_line: Optional[float] = None) -> None:
+    providers = _providers(cases)
     height = 0.8 / max(1, len(providers))
     for i, prov in enumerate(providers):
         ys = [c + i * height for c in range(len(cases))]
         vals = [cases[case].get(prov, 0.0) for case in cases]
-        ax.barh(ys, vals, height=height, label=prov)
+        ax.barh(ys, vals, height=height, label=prov, color=colors[prov])
     ax.set_yticks([c + 0.4 - height / 2 for c in range(len(cases))])
     ax.set_yticklabels(list(cases), fontsize=7)
     ax.invert_yaxis()
@@ -62,12 +67,15 @@ def plot_results(results_path: Path, out_path: Optional[Path] = None) -> Path:
     speed = _by_case(rows, "vs_reference")
     pct = _by_case(rows, "pct_of_bandwidth")
     right, right_label = (pct, "% of measured copy bandwidth") if pct else (_by_case(rows, "gb_per_s"), "GB/s")
+    # one colour per provider in both panels
+    everything = _by_case(rows, "median_s")
+    colors = {p: f"C{i % 10}" for i, p in enumerate(_providers(everything))}
     n_rows = max(len(speed), len(right), 1)
     fig, axes = plt.subplots(1, 2, figsize=(14, 1.2 + 0.45 * n_rows), squeeze=False)
     for ax, data, label, line in ((axes[0][0], speed, "speed-up vs reference (x)", 1.0),
                                   (axes[0][1], right, right_label, 100.0 if pct else None)):
         if data:
-            _bars(ax, data, label, line)
+            _bars(ax, data, label, colors, line)
         else:
             ax.text(0.5, 0.5, "nothing to show", ha="center", va="center")
             ax.set_axis_off()

@@ -61,7 +61,10 @@ def make_step(provider: str, device: torch.device, backbone: str, batch: int, cr
     kind, cuda_impl, cpu_impl, compiled = SETUPS[provider]
     impl = cuda_impl if device.type == "cuda" else cpu_impl
     torch.manual_seed(0)
-    model = build_model({"backbone": backbone, "num_classes": 19, "norm_act": norm_act(kind)}).to(device)
+    # the fast set-ups build the model as train.py does: the loss upsamples the 1/4-resolution logits
+    # (fused into the OHEM kernels); the reference set-ups upsample in the model, as one would without us
+    model = build_model({"backbone": backbone, "num_classes": 19, "norm_act": norm_act(kind),
+                         "upsample_logits": kind == "bn_leaky_relu"}).to(device)
     model.train()
     if compiled:
         for name in ("recompile_limit", "cache_size_limit"):

@@ -11,7 +11,9 @@ In one run, each stage in its own process with a time limit taken from one overa
 2. the GPU tests: ``IFBF_TEST_GPU=1 pytest tests/ops -q`` (compiled kernels on CUDA tensors);
 3. the card's yardsticks: copy bandwidth (bench/conftest.py) and the bf16 matmul rate;
 4. the benches (``pytest --benchmark-only --benchmark-json``), a selection of shapes (``STAGES``) in
-   priority order; a stage that no longer fits the budget is skipped and listed as such;
+   priority order, and ``bench/profile_kernels.py`` (per-kernel device time, launches and host time of
+   the fast ops: why the benches' numbers are what they are); a stage that no longer fits the budget is
+   skipped and listed as such;
 5. ``bench/results/<gpu>-<commit>.json`` (every result, the yardsticks, the build and test outcome,
    the stages) and ``<gpu>-<commit>.md``, and the markdown table printed last. A later run for the
    same card and commit is merged into the file (its rows and stages replace those of the same name).
@@ -52,6 +54,8 @@ from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+if str(ROOT / "bench") not in sys.path:          # profile_kernels (markdown of the kernel_profile stage)
+    sys.path.insert(0, str(ROOT / "bench"))
 # name, bench file, -k selection on a GPU, -k selection on the CPU (None: GPU only), time cap (s).
 # Priority order: the eager train steps and the ops first, the compiled train steps (two full-model
 # compilations) last. The selections keep the network's main shapes in bf16 (the training precision).
@@ -63,6 +67,8 @@ STAGES: List[tuple] = [
      "cpu", 90),
     ("ohem_ce_upsampled", "bench/bench_ohem_ce.py", "upsampled and fwd_bwd and bf16", None, 60),
     ("data", "bench/bench_data.py", "", "", 60),
+    # not a pytest stage: per-kernel device time, launches and host time of the fast ops (the why of the above)
+    ("kernel_profile", "bench/profile_kernels.py", "", None, 90),
     # one stage each, so that a compilation that overruns its cap costs only its own result
     ("train_step_compiled_fast", "bench/bench_train_step.py", "compiled_fast", None, 180),
     ("train_step_compiled_reference", "bench/bench_train_step.py", "compiled_reference", None, 180),
@@ -213,7 +219,13 @@ def markdown_table(results: Dict[str, object]) -> str:
     stages = ["", "| stage | status | seconds | detail |", "| --- | --- | ---: | --- |"]
     for s in results.get("stages", []):
         stages.append(f"| {s['name']} | {s['status']} | {_fmt(s.get('seconds'), '.0f')} | {s.get('detail', '')} |")
-    return "\n".join(head + lines + stages)
+    profile = []
+    if results.get("kernel_profile"):
+        from profile_kernels import markdown as profile_markdown
+        profile = ["", "Where the time goes (bench/profile_kernels.py: per forward+backward call; host ms = "
+                   "time until the call returns, the GPU still running):", "",
+                   profile_markdown(results["kernel_profile"])]
+    return "\n".join(head + lines + profile + stages)
 
 
 def slug(text: str) -> str:
@@ -331,6 +343,14 @@ def main(argv=None) -> int:
         budget = min(cap, left())
         if budget < 30:
             note(name, {"status": "skipped", "seconds": 0}, f"time budget ({left():.0f} s left)")
+            continue
+        if path.endswith("profile_kernels.py"):
+            res = run_stage([sys.executable, path, "--out", str(logs)], budget, _env(), logs / f"{name}.log")
+            profile = logs / "kernel_profile.json"
+            if profile.exists():
+                meta["kernel_profile"] = json.loads(profile.read_text())["rows"]
+            note(name, res, f"{len(meta.get('kernel_profile', []))} rows")
+            write_results(build_results(bench_jsons, dict(meta, stages=stages)), args.out, merge=not args.no_merge)
             continue
         json_path = logs / f"{name}.json"
         res = run_stage([sys.executable, "-m", "pytest", *pytest_args, *BENCH_OPTS, f"--benchmark-json={json_path}"],

@@ -25,7 +25,9 @@ CUDA tensors, fake or not. fp32 counts are the same on either device; with ``--a
 autocast op lists are the CPU's, which differ from CUDA's in places (CUDA autocast runs bilinear
 upsampling in fp32, CPU autocast in bf16).
 
-Paths (``PATHS``): ``fast`` = InPlace-ABN-Sync + impl "fast" (Triton FBF and OHEM, C++ ABN);
+Paths (``PATHS``): ``fast`` = InPlace-ABN-Sync + impl "fast" (Triton FBF and OHEM, C++ ABN), with the
+model built as train.py builds it (``upsample_logits=False``: the loss upsamples the 1/4-resolution
+logits inside the fused OHEM kernels);
 ``reference_abn`` = the ABN reference module + impl "reference"; ``bn_leaky_relu`` = BatchNorm2d +
 LeakyReLU + impl "reference" (the plain-PyTorch set-up one would train without this project).
 
@@ -158,6 +160,8 @@ def step_loss(outputs: Dict[str, torch.Tensor], labels: torch.Tensor, impl: str)
     else:
         def ohem(x, t):
             with ops.use_impl(impl):
+                if x.shape[-2:] != t.shape[-2:]:           # the model left the upsampling to the loss
+                    return ops.ohem_cross_entropy_upsampled(x, t, KEEP_RATIO)
                 return ops.ohem_cross_entropy(x, t, KEEP_RATIO)
     logits = {k: v.float() for k, v in outputs.items()}
     return ohem(logits["out"], labels) + AUX_WEIGHT * ohem(logits["aux"], labels)
@@ -174,6 +178,7 @@ def fast_paths_assumed() -> Iterator[None]:
 
     fbf_kernels = importlib.import_module("ifbf_fast.kernels.fbf")
     importlib.import_module("ifbf_fast.kernels.ohem_ce")
+    importlib.import_module("ifbf_fast.kernels.ohem_ce_upsampled")
     saved = fbf_kernels.INTERPRETER, os.environ.get("TRITON_INTERPRET")
     fbf_kernels.INTERPRETER = True
     os.environ["TRITON_INTERPRET"] = "1"
@@ -198,7 +203,8 @@ def account(path: str, backbone: str = "resnet101", crop: int = 876, batch: int 
     dev = torch.device(device)
     t0 = time.perf_counter()
     with FakeTensorMode(), dev, fast_paths_assumed(), ops.use_impl(impl):
-        model = build_model({"backbone": backbone, "num_classes": NUM_CLASSES, "norm_act": norm_act(kind)})
+        model = build_model({"backbone": backbone, "num_classes": NUM_CLASSES, "norm_act": norm_act(kind),
+                             "upsample_logits": impl == "reference"})
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         images = torch.randn(batch, 3, crop, crop)

@@ -322,6 +322,11 @@ def _fbf_scale_kernel(
 # Host launchers
 # ------------------------------------------------------------------------------------------------
 
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceil(a / b) for ints (triton.cdiv costs ~10 us a call through its constexpr wrapper)."""
+    return -(-a // b)
+
+
 def _empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
            memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """Every buffer the launchers hand to a kernel comes from here (tests poison it with NaN)."""
@@ -412,13 +417,13 @@ def _channel_sums(high: torch.Tensor, low: torch.Tensor, grad_out: Optional[torc
         return torch.zeros((n, c0 + c1), dtype=torch.float32, device=high.device)
     flat = all(_flat_hw(t) for t in tensors)
     (block_c, block_hw, num_warps), dense = _pick_blocks(tensors, flat, hw)
-    rows = n * (c0 + c1) if dense else n * (triton.cdiv(c0, block_c) + triton.cdiv(c1, block_c))
+    rows = n * (c0 + c1) if dense else n * (_cdiv(c0, block_c) + _cdiv(c1, block_c))
     # Split hw across programs so that a small N * C still fills the GPU; partial sums are added by
     # torch afterwards (deterministic, unlike atomics).
-    hw_blocks = triton.cdiv(hw, block_hw)
-    splits = max(1, min(hw_blocks, triton.cdiv(_target_programs(high.device), rows)))
-    blocks_per_split = triton.cdiv(hw_blocks, splits)
-    splits = triton.cdiv(hw_blocks, blocks_per_split)
+    hw_blocks = _cdiv(hw, block_hw)
+    splits = max(1, min(hw_blocks, _cdiv(_target_programs(high.device), rows)))
+    blocks_per_split = _cdiv(hw_blocks, splits)
+    splits = _cdiv(hw_blocks, blocks_per_split)
     partial = _empty((splits, n, c0 + c1), torch.float32, high.device)
     grid = (rows, splits)
     if grad_out is None:
@@ -446,9 +451,9 @@ def _scale(src0: torch.Tensor, src1: torch.Tensor, dst0: torch.Tensor, dst1: tor
     flat = all(_flat_hw(t) for t in tensors)
     (block_c, block_hw, num_warps), dense = _pick_blocks(tensors, flat, hw)
     if dense:
-        grid = (n * (triton.cdiv(c0 * hw, block_hw) + triton.cdiv(c1 * hw, block_hw)),)
+        grid = (n * (_cdiv(c0 * hw, block_hw) + _cdiv(c1 * hw, block_hw)),)
     else:
-        grid = (n * (triton.cdiv(c0, block_c) + triton.cdiv(c1, block_c)) * triton.cdiv(hw, block_hw),)
+        grid = (n * (_cdiv(c0, block_c) + _cdiv(c1, block_c)) * _cdiv(hw, block_hw),)
     _fbf_scale_kernel[grid](
         src0, src1, dst0, dst1, gate, gate if shift is None else shift, n, c0, c1, hw, w,
         *_strides(src0, flat), *_strides(src1, flat), *_strides(dst0, flat), *_strides(dst1, flat),

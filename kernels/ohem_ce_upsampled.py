@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ohem_ce import (FWD_TILES, RADIX_BITS, RED_BLOCK, SLOT_N_VALID, STATE_SIZE, _TL_TYPES, _check_offsets,
+from .ohem_ce import (FWD_TILES, RADIX_BITS, RED_BLOCK, SLOT_N_VALID, STATE_SIZE, _TL_TYPES, _cdiv, _check_offsets,
                       _f64_halves, _flat_hw, _ohem_ce_pixel_offsets, _ohem_ce_tile_loss, _select_and_reduce,
                       block_sizes, thresh_bits)
 
@@ -233,10 +233,10 @@ def ohem_ce_up_fwd(logits_lr: torch.Tensor, target: torch.Tensor, keep_ratio: fl
     result = torch.empty((), dtype=torch.float32, device=dev)
     hi, lo = _f64_halves(keep_ratio)
     tb = thresh_bits(thresh)
-    n_prog = max(triton.cdiv(p, RED_BLOCK), 1)
+    n_prog = max(_cdiv(p, RED_BLOCK), 1)
     if p > 0:
         sh, sw = _scales((h_in, w_in), (h, w))
-        _ohem_ce_up_fwd_kernel[(triton.cdiv(h * w, block_p * FWD_TILES), n)](
+        _ohem_ce_up_fwd_kernel[(_cdiv(h * w, block_p * FWD_TILES), n)](
             logits_lr, target, losses, state, c, h * w, w, h_in, w_in, sh, sw, *logits_lr.stride(),
             *target.stride(), ignore_index, BLOCK_P=block_p, BLOCK_C=block_c, TILES=FWD_TILES,
             RADIX_BITS=RADIX_BITS, SLOT_N_VALID=SLOT_N_VALID, FLAT_HW=_flat_hw(target),
@@ -257,7 +257,7 @@ def ohem_ce_up_bwd(grad_out: torch.Tensor, logits_lr: torch.Tensor, target: torc
     th, tw = UP_TILE
     lh, lw = upsample_footprint((h_in, w_in), (h, w))
     sh, sw = _scales((h_in, w_in), (h, w))
-    _ohem_ce_up_bwd_kernel[(triton.cdiv(w, tw), triton.cdiv(h, th), n)](
+    _ohem_ce_up_bwd_kernel[(_cdiv(w, tw), _cdiv(h, th), n)](
         grad_out, logits_lr, target, losses, state, glr, c, h, w, h_in, w_in, sh, sw,
         *logits_lr.stride(), *target.stride(), SLOT_N_VALID=SLOT_N_VALID, TH=th, TW=tw, LH=lh, LW=lw,
         BLOCK_C=max(triton.next_power_of_2(c), 16), num_warps=up_bwd_warps(lh, lw))

@@ -122,6 +122,21 @@ def test_rewriting_the_same_results_changes_nothing_and_notes_are_listed(report,
     assert "- assembled from the stage logs of a run cut short" in md_path.read_text()
 
 
+def test_kernel_profile_pipeline_and_its_table(report, tmp_path):
+    # bench/profile_kernels.py on tiny CPU cases (the GPU cases need CUDA): rows, files, and the
+    # results table of gpu_report lists them under the benchmarks
+    profile = _load("profile_kernels", "profile_kernels.py")
+    assert profile.main(["--smoke", "--iters", "2", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "kernel_profile.json").read_text())["rows"]
+    assert {(r["case"], r["provider"]) for r in rows} == {("fbf tiny", "reference"), ("ohem tiny", "reference"),
+                                                          ("abn tiny", "bn_act"), ("abn tiny", "fast")}
+    for r in rows:
+        assert r["wall_ms"] > 0 and r["host_ms"] > 0 and r["launches"] > 0 and r["kernels"], r
+    table = report.markdown_table(dict(_results(report), kernel_profile=rows))
+    assert "Where the time goes" in table and "| abn tiny | fast |" in table
+    assert table.index("Where the time goes") < table.index("| stage | status |")
+
+
 def test_pytest_counts_from_summary_or_progress(report):
     assert report.pytest_counts("..s\n3 failed, 40 passed, 2 skipped in 81.20s (0:01:21)\n") == \
         {"failed": 3, "passed": 40, "skipped": 2}

@@ -64,7 +64,9 @@ def build_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Modu
     model = _build({"backbone": args.backbone, "num_classes": args.num_classes,
                     "output_stride": args.output_stride, "spatial_channels": args.spatial_channels,
                     "aspp": args.aspp, "skip": args.skip, "fbf": args.fbf, "spatial": args.spatial,
-                    "aux": args.aux, "norm_act": norm_act(kind), "pretrained": args.pretrained})
+                    "aux": args.aux, "norm_act": norm_act(kind), "pretrained": args.pretrained,
+                    # the loss upsamples the heads' 1/4-resolution logits (fused into OHEM on the fast path)
+                    "upsample_logits": False})
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

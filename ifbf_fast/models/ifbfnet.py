@@ -11,8 +11,12 @@
 All resizes are bilinear with ``align_corners=False``.
 
 Forward contract: ``model(images) -> dict``. ``"out"``: logits ``(N, classes, H, W)`` at the input
-size, always. ``"aux"``: aux logits of the same shape, present only in training mode and only when the
+size. ``"aux"``: aux logits of the same shape, present only in training mode and only when the
 model has an aux head (``aux=True``). ``ifbf_fast.nn.IFBFLoss`` consumes this dict directly.
+With ``upsample_logits=False`` (what train.py builds), training mode returns both at the heads' own
+resolution (1/4 of the input) and the loss does the bilinear upsampling, the same function: its fast
+path fuses it into the OHEM kernels and never stores full-size logits (ops.ohem_cross_entropy_upsampled).
+Eval mode always returns full-size logits.
 
 Ablation switches (paper Table 2 / Table 3). Every combination builds and runs:
 
@@ -69,13 +73,14 @@ class IFBFNet(nn.Module):
     def __init__(self, num_classes: int = 19, backbone: str = "resnet101", output_stride: int = 16,
                  spatial_channels: int = 128, aspp: bool = True, skip: bool = True, fbf: bool = True,
                  spatial: bool = True, aux: bool = True, norm_act: NormActArg = None,
-                 pretrained: Optional[str] = None):
+                 pretrained: Optional[str] = None, upsample_logits: bool = True):
         super().__init__()
         if output_stride not in (8, 16):
             raise ValueError(f"IFBFNet: output_stride must be 8 or 16; got {output_stride}")
         na = resolve_norm_act(norm_act)
         self.num_classes, self.output_stride = num_classes, output_stride
         self.switches = dict(aspp=aspp, skip=skip, fbf=fbf, spatial=spatial, aux=aux)
+        self.upsample_logits = upsample_logits
 
         self.backbone = resnet(backbone, output_stride, na, return_stages=(1, 4))
         s1_ch, s4_ch = self.backbone.out_channels[1], self.backbone.out_channels[4]
@@ -133,9 +138,11 @@ class IFBFNet(nn.Module):
             if sp.shape[-2:] != x.shape[-2:]:  # equal for every input size (both are ceil(ceil(H/2)/2))
                 sp = _up(sp, x.shape[-2:])
             x = self.fbf2(x, sp)
-        result = {"out": _up(self.head(x), size)}
+        # upsample_logits=False: training leaves the upsampling to the loss (see the module docstring)
+        up = _up if self.upsample_logits or not self.training else (lambda t, _size: t)
+        result = {"out": up(self.head(x), size)}
         if self.training and self.switches["aux"]:
-            result["aux"] = _up(self.aux_head(s1), size)
+            result["aux"] = up(self.aux_head(s1), size)
         return result
 
     def ten_x_modules(self) -> List[nn.Module]:

@@ -19,7 +19,9 @@ class OHEMCrossEntropy(nn.Module):
 
     ``thresh`` (e.g. 0.7, paper 4.3.4) additionally keeps every pixel whose true-class probability is
     below it. ``forward(logits (N,C,H,W), target (N,H,W) int) -> fp32 scalar``; 0.0 when no pixel is
-    valid. See ``ifbf_fast.ops.ohem_cross_entropy`` for the exact definition.
+    valid. See ``ifbf_fast.ops.ohem_cross_entropy`` for the exact definition. Logits smaller than the
+    target are first upsampled to its size (bilinear, ``align_corners=False``, as the model's heads do),
+    fused into the loss on the fast path (``ifbf_fast.ops.ohem_cross_entropy_upsampled``).
     """
 
     def __init__(self, keep_ratio: float = 0.75, thresh: Optional[float] = None, ignore_index: int = 255):
@@ -29,6 +31,12 @@ class OHEMCrossEntropy(nn.Module):
         self.ignore_index = ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.dim() == 4 and target.dim() == 3 and logits.shape[-2:] != target.shape[-2:]:
+            if logits.shape[-2] > target.shape[-2] or logits.shape[-1] > target.shape[-1]:
+                raise ValueError(f"OHEMCrossEntropy: logits {tuple(logits.shape)} are larger than the target "
+                                 f"{tuple(target.shape)}; only lower-resolution logits are upsampled")
+            return ops.ohem_cross_entropy_upsampled(logits, target, self.keep_ratio, self.thresh,
+                                                    self.ignore_index)
         return ops.ohem_cross_entropy(logits, target, self.keep_ratio, self.thresh, self.ignore_index)
 
     def extra_repr(self) -> str:
@@ -43,8 +51,9 @@ class IFBFLoss(nn.Module):
 
     ``outputs`` is the model's output dict (``{"out": logits}`` plus ``"aux"`` in training, see
     ``ifbf_fast.models.IFBFNet``) or a bare logits tensor. Without aux logits (eval mode, a model built
-    with ``aux=False``, or ``aux_weight=0``) the aux term is a zero and ``loss == out``. Both logits
-    must already be at the target's size (the model upsamples to the input size).
+    with ``aux=False``, or ``aux_weight=0``) the aux term is a zero and ``loss == out``. Logits at the
+    target's size are used as they are; lower-resolution logits (a model built with
+    ``upsample_logits=False``) are upsampled to it inside the loss, see :class:`OHEMCrossEntropy`.
     """
 
     def __init__(self, aux_weight: float = 0.4, keep_ratio: float = 0.75, thresh: Optional[float] = None,

@@ -177,10 +177,9 @@ def inplace_abn_fast(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opti
     if training:
         mean, var, count = _batch_statistics(x, group, world)
         if running_mean is not None and running_var is not None:
-            with torch.no_grad():
-                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                unbiased = var * (count / (count - 1))
-                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+            with torch.no_grad():   # lerp_: one launch per buffer (eager runs are launch-bound at small layers)
+                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
     else:
         mean, var, count = running_mean.to(pd), running_var.to(pd), 1
 

@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._impl import choose, triton_unavailable_reason
+from ._impl import choose, get_impl, triton_unavailable_reason
 
 
 def check_ohem_args(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float,
@@ -309,7 +309,18 @@ def _fast_upsampled_unavailable(logits: torch.Tensor, target: torch.Tensor) -> s
 
 def ohem_cross_entropy_upsampled(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float = 0.75,
                                  thresh: Optional[float] = None, ignore_index: int = 255) -> torch.Tensor:
-    """``ohem_cross_entropy(interpolate(logits, target's size, bilinear), target, ...)`` through the switch."""
+    """``ohem_cross_entropy(interpolate(logits, target's size, bilinear), target, ...)`` through the switch.
+
+    "fast"/"auto": the fused kernels where they apply (Triton, an upsampling factor of about 3.5 or more,
+    the network's x4). Where they do not, "auto" upsamples with ``F.interpolate`` and calls
+    :func:`ohem_cross_entropy`, which still takes the unfused fast OHEM where that can run; "fast" raises
+    ``FastPathUnavailable``. "reference": :func:`ohem_cross_entropy_upsampled_ref`.
+    """
     if choose("ohem_cross_entropy_upsampled", _fast_upsampled_unavailable(logits, target)):
         return ohem_cross_entropy_upsampled_fast(logits, target, keep_ratio, thresh, ignore_index)
-    return ohem_cross_entropy_upsampled_ref(logits, target, keep_ratio, thresh, ignore_index)
+    if get_impl() == "reference":
+        return ohem_cross_entropy_upsampled_ref(logits, target, keep_ratio, thresh, ignore_index)
+    _check_upsampled_args(logits, target)
+    up = torch.nn.functional.interpolate(logits, size=tuple(target.shape[-2:]), mode="bilinear",
+                                         align_corners=False)
+    return ohem_cross_entropy(up, target, keep_ratio, thresh, ignore_index)

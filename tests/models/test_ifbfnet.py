@@ -56,6 +56,34 @@ def test_forward_contract_and_odd_sizes():
         assert m(torch.randn(1, 3, 33, 50))["out"].shape == (1, 7, 33, 50)
 
 
+def test_logits_left_to_the_loss_to_upsample():
+    # upsample_logits=False (train.py): training returns the heads' 1/4-resolution logits and the loss
+    # upsamples them; the loss and every parameter gradient are those of the upsampling model.
+    from ifbf_fast.nn import IFBFLoss
+
+    torch.manual_seed(0)
+    full = IFBFNet(backbone="resnet18", num_classes=5)
+    low = IFBFNet(backbone="resnet18", num_classes=5, upsample_logits=False)
+    low.load_state_dict(full.state_dict())
+    x, target = torch.randn(2, 3, 61, 70), torch.randint(0, 5, (2, 61, 70))
+    with torch.no_grad():
+        out = low(x)
+    assert out["out"].shape == out["aux"].shape == (2, 5, 16, 18)
+    losses = []
+    for m in (low, full):
+        torch.manual_seed(1)                    # the same dropout mask in the ASPP
+        losses.append(IFBFLoss()(m(x), target)["loss"])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(low.named_parameters(), full.parameters()):
+        ga, gb = torch.autograd.grad(losses[0], a, retain_graph=True), torch.autograd.grad(losses[1], b, retain_graph=True)
+        torch.testing.assert_close(ga[0], gb[0], rtol=1e-4, atol=1e-6, msg=name)
+        if name.startswith("backbone.layer2"):
+            break
+    low.eval()
+    with torch.no_grad():
+        assert low(x)["out"].shape == (2, 5, 61, 70)
+
+
 def test_model_calls_public_ops(monkeypatch):
     counts = {"fbf": 0, "inplace_abn": 0, "inplace_abn_ref": 0}
     for name in counts:

@@ -66,3 +66,46 @@ def test_ifbf_loss_without_aux_and_backward():
         torch.testing.assert_close(res["loss"], ohem_cross_entropy_ref(logits, target))
     res["loss"].backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_lower_resolution_logits_are_upsampled_inside_the_loss():
+    # A model built with upsample_logits=False hands the heads' 1/4-resolution logits to the loss; the
+    # loss of their bilinear upsampling is the loss the model's own upsampling gave.
+    low = (torch.randn(2, 5, 4, 5) * 3).requires_grad_()
+    aux = (torch.randn(2, 5, 4, 5) * 3).requires_grad_()
+    target = torch.randint(0, 5, (2, 16, 20))
+    target[1, :3] = 255
+
+    def up(t):
+        return F.interpolate(t, size=(16, 20), mode="bilinear", align_corners=False)
+
+    got = IFBFLoss()({"out": low, "aux": aux}, target)
+    grads = torch.autograd.grad(got["loss"], (low, aux))
+    want = IFBFLoss()({"out": up(low), "aux": up(aux)}, target)
+    want_grads = torch.autograd.grad(want["loss"], (low, aux))
+    for k in ("loss", "out", "aux"):
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="larger than the target"):
+        OHEMCrossEntropy()(torch.randn(2, 5, 32, 40), target)
+
+
+def test_upsampled_loss_routes_through_the_switch(monkeypatch):
+    from ifbf_fast.ops import ohem_ce
+
+    low, target = torch.randn(1, 3, 4, 4), torch.randint(0, 3, (1, 16, 16))
+    calls = []
+    monkeypatch.setattr(ops, "ohem_cross_entropy_upsampled", lambda *a: calls.append(a) or torch.tensor(0.0))
+    OHEMCrossEntropy(0.5, 0.7, 9)(low, target)
+    assert calls[0][2:] == (0.5, 0.7, 9)
+    monkeypatch.undo()
+    # "auto" where the fused kernels cannot run: upsample, then the dispatching OHEM (fast where it can)
+    seen = []
+    monkeypatch.setattr(ohem_ce, "_fast_upsampled_unavailable", lambda *a: "no fused kernels here")
+    monkeypatch.setattr(ohem_ce, "ohem_cross_entropy", lambda x, *a: seen.append(tuple(x.shape)) or x.sum())
+    with ops.use_impl("auto"):
+        ops.ohem_cross_entropy_upsampled(low, target)
+    assert seen == [(1, 3, 16, 16)]
+    with ops.use_impl("fast"), pytest.raises(ops.FastPathUnavailable, match="no fused kernels here"):
+        ops.ohem_cross_entropy_upsampled(low, target)

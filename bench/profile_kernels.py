@@ -1,0 +1,180 @@
+"""Where the time of each fast op goes: per-kernel device time, launches and host time per call.
+
+    python bench/profile_kernels.py                     # on a GPU: the benches' network shapes
+    python bench/profile_kernels.py --out DIR           # also write DIR/kernel_profile.{json,md}
+    python bench/profile_kernels.py --smoke             # tiny CPU cases: checks the pipeline only
+
+The benches (bench/bench_*.py) give one median per provider. This says why: for each case and provider
+(the fast path, its reference, and cuDNN's BatchNorm + LeakyReLU next to InPlace-ABN) it records, per
+forward+backward call,
+
+* ``wall_ms``: synchronised wall time (the benches' number);
+* ``host_ms``: the time until the call returns to Python, the device still running (what the CPU
+  spends issuing the work: if it is close to ``wall_ms``, the call is bound by the host, not the GPU);
+* ``device_ms`` and ``launches``: the sum of the kernels' device times and their count (torch.profiler);
+* the kernels that take the most device time.
+
+The callables are the benches' own (``make_case`` of each bench file), on the same shapes, so a row
+here explains a row of the results table. ``gpu_report.py`` runs this as its ``kernel_profile``
+stage and puts the markdown under the results table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+TOP_KERNELS = 6
+
+
+def _cases(device: str, smoke: bool) -> Dict[str, Dict[str, Callable[[], Callable[[], object]]]]:
+    """case -> provider -> builder of the step (built lazily: a GPU case allocates its inputs)."""
+    import bench_fbf as F
+    import bench_inplace_abn as A
+    import bench_ohem_ce as O
+
+    bf16 = torch.bfloat16
+    if smoke:       # the pipeline on the CPU: reference FBF/OHEM, C++ ABN
+        return {
+            "fbf tiny": {"reference": lambda: F.make_case("reference", "fwd_bwd", 2, 8, 4, 6, 7, torch.float32,
+                                                          device=device)},
+            "ohem tiny": {"reference": lambda: O.make_case("reference", "fwd_bwd", (2, 5, 6, 7), torch.float32,
+                                                           device=device)},
+            "abn tiny": {p: (lambda p=p: A.make_case(p, 2, 8, 6, 7, torch.float32, "nchw", device)[0])
+                         for p in ("bn_act", "fast")},
+        }
+    n, (ch, cl) = F.BATCH, F.FBFS["fbf2"]
+    cases: Dict[str, Dict[str, Callable]] = {
+        "fbf fbf2 219x219 bf16 nchw": {
+            p: (lambda p=p: F.make_case(p, "fwd_bwd", n, ch, cl, 219, 219, bf16, "nchw", device))
+            for p in ("reference", "fast")},
+        "ohem_ce 4x19x876x876 bf16": {
+            p: (lambda p=p: O.make_case(p, "fwd_bwd", O.SHAPE, bf16, device=device)) for p in ("reference", "fast")},
+        "ohem_ce_upsampled 4x19x219x219->876x876 bf16": {
+            p: (lambda p=p: O.make_upsampled_case(p, "fwd_bwd", O.LOWRES, O.UP_SIZE, bf16, device=device))
+            for p in ("fast_unfused", "fast_fused")},
+    }
+    for layer in ("layer1", "layer3"):
+        c, h, w = A.GPU_LAYERS[layer]
+        cases[f"abn {layer} bf16 channels_last"] = {
+            p: (lambda p=p, c=c, h=h, w=w: A.make_case(p, A.BATCH, c, h, w, bf16, "channels_last", device)[0])
+            for p in ("bn_act", "fast")}
+    return cases
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _device_time_us(evt) -> float:
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(evt, name):
+            return float(getattr(evt, name))
+    return 0.0
+
+
+def profile_step(step: Callable[[], object], device: str, iters: int = 10, warmup: int = 3) -> Dict[str, object]:
+    """Wall, host and per-kernel device time of ``step()`` per call (see the module docstring)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    _sync(device)
+    wall = (time.perf_counter() - t0) / iters
+    host = []
+    for _ in range(iters):
+        _sync(device)
+        t = time.perf_counter()
+        step()
+        host.append(time.perf_counter() - t)
+    _sync(device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(iters):
+            step()
+        _sync(device)
+    rows = []
+    for evt in prof.key_averages():
+        on_device = device == "cuda" and evt.device_type == torch.autograd.DeviceType.CUDA
+        # On the CPU there are no kernels: the aten ops' own CPU time stands in (the --smoke pipeline).
+        us = _device_time_us(evt) if on_device else (float(evt.self_cpu_time_total) if device != "cuda" and
+                                                      evt.key.startswith("aten::") else 0.0)
+        if us > 0:
+            rows.append({"kernel": evt.key, "us_per_call": us / iters, "count_per_call": evt.count / iters})
+    rows.sort(key=lambda r: -r["us_per_call"])
+    return {"wall_ms": wall * 1e3, "host_ms": sorted(host)[len(host) // 2] * 1e3,
+            "device_ms": sum(r["us_per_call"] for r in rows) / 1e3,
+            "launches": sum(r["count_per_call"] for r in rows), "kernels": rows[:TOP_KERNELS]}
+
+
+def run(device: str, smoke: bool = False, iters: int = 10, only: Optional[List[str]] = None) -> List[Dict[str, object]]:
+    results = []
+    for case, providers in _cases(device, smoke).items():
+        if only and not any(o in case for o in only):
+            continue
+        for provider, build in providers.items():
+            try:
+                res = profile_step(build(), device, iters)
+            except Exception as exc:          # one broken case must not cost the others their rows
+                res = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            results.append(dict(res, case=case, provider=provider))
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return results
+
+
+def _short(name: str, width: int = 60) -> str:
+    name = name.replace("|", "/")
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
+def markdown(results: List[Dict[str, object]]) -> str:
+    lines = ["| case | provider | wall ms | host ms | device ms | launches | top kernels (us per call) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['provider']} | error: {_short(str(r['error']), 100)} | | | | |")
+            continue
+        top = "; ".join(f"{_short(k['kernel'], 48)} {k['us_per_call']:,.0f}"
+                        + (f" x{k['count_per_call']:g}" if k["count_per_call"] != 1 else "")
+                        for k in r["kernels"][:3])
+        lines.append(f"| {r['case']} | {r['provider']} | {r['wall_ms']:,.3f} | {r['host_ms']:,.3f} | "
+                     f"{r['device_ms']:,.3f} | {r['launches']:g} | {top} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Per-kernel device time, launches and host time of the fast ops.")
+    p.add_argument("--out", type=Path, help="write kernel_profile.json and kernel_profile.md here")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU cases (checks the pipeline, measures nothing)")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--only", nargs="+", help="cases whose name contains one of these")
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    if device == "cpu" and not args.smoke:
+        p.error("no CUDA device: the network-shape cases need a GPU (use --smoke to check the pipeline)")
+    results = run(device, args.smoke, args.iters, args.only)
+    table = markdown(results)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "kernel_profile.json").write_text(json.dumps({"device": device, "rows": results}, indent=1) + "\n")
+        (args.out / "kernel_profile.md").write_text(table + "\n")
+    print(table)
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -90,8 +90,10 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--impl", choices=ops.IMPLS, default=None,
                    help="fused-op implementation; none: IFBF_IMPL or auto")
     g.add_argument("--channels-last", action="store_true", help="run the model in channels_last layout")
-    g.add_argument("--max-batch", type=int, default=None,
-                   help="at most this many inputs (images x flips, or tiles) per forward; none: all at once")
+    g.add_argument("--max-batch", type=int, default=8,
+                   help="at most this many inputs (images x flips, or tiles) per forward (default 8: a "
+                        "1.75-scale sliding window over a 1024x2048 image makes about 36 tiles of 876x876); "
+                        "0: all at once")
 
 
 def check_inference_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -105,8 +107,10 @@ def check_inference_options(p: argparse.ArgumentParser, a: argparse.Namespace) -
         p.error("--crop/--stride are for --mode slide")
     if a.crop is not None and a.stride is not None and (a.stride[0] > a.crop[0] or a.stride[1] > a.crop[1]):
         p.error("--stride must not exceed --crop (pixels between tiles would get no prediction)")
-    if a.max_batch is not None and a.max_batch <= 0:
-        p.error(f"--max-batch must be > 0; got {a.max_batch}")
+    if a.max_batch is not None and a.max_batch < 0:
+        p.error(f"--max-batch must be >= 0 (0: all at once); got {a.max_batch}")
+    if a.max_batch == 0:
+        a.max_batch = None
 
 
 def slide_crop(a: argparse.Namespace, saved: argparse.Namespace):

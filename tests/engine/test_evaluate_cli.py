@@ -139,7 +139,14 @@ def test_bad_options_are_refused_by_argparse(checkpoint, city, capsys):
     for words, message in ((["--crop", "48", "48"], "--crop/--stride are for --mode slide"),
                            (["--mode", "slide", "--crop", "0", "8"], "--crop must be positive"),
                            (["--scales", "0"], "--scales must be positive"),
-                           (["--mode", "slide", "--crop", "8", "8", "--stride", "4", "9"], "must not exceed --crop")):
+                           (["--mode", "slide", "--crop", "8", "8", "--stride", "4", "9"], "must not exceed --crop"),
+                           (["--max-batch", "-1"], "--max-batch must be >= 0")):
         with pytest.raises(SystemExit):
             main(cli(checkpoint, city, *words))
         assert message in capsys.readouterr().err
+
+
+def test_max_batch_defaults_to_8_and_0_means_all_at_once():
+    from ifbf_fast.evaluate import parse_args as eval_args
+    assert eval_args(["--checkpoint", "c.pt", "--data", "d"]).max_batch == 8
+    assert eval_args(["--checkpoint", "c.pt", "--data", "d", "--max-batch", "0"]).max_batch is None

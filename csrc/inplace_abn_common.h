@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #ifdef __CUDACC__
 #define IFBF_HD __host__ __device__ __forceinline__
@@ -15,6 +16,16 @@
 namespace ifbf {
 
 enum class Act : int { LeakyRelu = 0, Elu = 1, Identity = 2 };
+
+// Host-side: calls f(std::integral_constant<Act, act>{}) so that kernels get the activation at compile time.
+template <typename F>
+void dispatch_act(Act act, F f) {
+  switch (act) {
+    case Act::LeakyRelu: f(std::integral_constant<Act, Act::LeakyRelu>{}); break;
+    case Act::Elu: f(std::integral_constant<Act, Act::Elu>{}); break;
+    case Act::Identity: f(std::integral_constant<Act, Act::Identity>{}); break;
+  }
+}
 
 IFBF_HD float abn_expm1(float v) { return expm1f(v); }
 IFBF_HD double abn_expm1(double v) { return expm1(v); }

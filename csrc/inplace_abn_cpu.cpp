@@ -190,15 +190,6 @@ struct BackwardOp {
   }
 };
 
-template <typename F>
-void dispatch_act(Act act, F f) {
-  switch (act) {
-    case Act::LeakyRelu: f(std::integral_constant<Act, Act::LeakyRelu>{}); break;
-    case Act::Elu: f(std::integral_constant<Act, Act::Elu>{}); break;
-    case Act::Identity: f(std::integral_constant<Act, Act::Identity>{}); break;
-  }
-}
-
 // Per-channel gain g = |w| + eps (1 without weight) and shift b (0 without bias).
 template <typename param_t>
 void gain_shift(const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, double eps,

@@ -32,15 +32,6 @@ using cuda::kUnroll;
                                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 template <typename F>
-void dispatch_act(Act act, F f) {
-  switch (act) {
-    case Act::LeakyRelu: f(std::integral_constant<Act, Act::LeakyRelu>{}); break;
-    case Act::Elu: f(std::integral_constant<Act, Act::Elu>{}); break;
-    case Act::Identity: f(std::integral_constant<Act, Act::Identity>{}); break;
-  }
-}
-
-template <typename F>
 void dispatch_index(int64_t numel, F f) {
   // headroom: grid-stride loop counters step past the last index before the loop test
   if (numel < std::numeric_limits<int32_t>::max() - (int64_t{1} << 26)) {

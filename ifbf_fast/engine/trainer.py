@@ -304,9 +304,13 @@ def _worker(local_rank: int, args: argparse.Namespace, world: int, port: int, ba
     du.exit_worker()
 
 
+def _under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
 def launch(args: argparse.Namespace) -> Dict[str, object]:
     """Run ``train`` in as many processes as asked: torchrun's, ``--gpus N``, or ``--procs N``."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+    if _under_torchrun():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         backend = "nccl" if (args.gpus != 0 and torch.cuda.is_available()) else "gloo"
         with du.group(lambda: dist.init_process_group(backend)):
@@ -329,4 +333,8 @@ def main(argv=None) -> int:
     except (TrainingError, SetupError, ck.CheckpointError, DatasetLayoutError, DataReadError) as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 1
+    if _under_torchrun():
+        # A torchrun rank is this process: leave as a spawned worker does (du.exit_worker), so that the
+        # static-destructor abort seen after collectives cannot turn a finished rank into a failed one.
+        du.exit_worker()
     return 0

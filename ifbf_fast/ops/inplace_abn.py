@@ -168,8 +168,7 @@ def inplace_abn(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
                 activation: str = "leaky_relu", slope: float = 0.01, group=None) -> torch.Tensor:
     """InPlace-ABN(-Sync) through the implementation switch (C++/CUDA extension or the reference)."""
     if choose("inplace_abn", _fast_unavailable(x)):
-        from ifbf_fast.ops._abn_fast import inplace_abn_fast
-        check_abn_args(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, slope)
+        from ifbf_fast.ops._abn_fast import inplace_abn_fast   # checks its arguments itself
         return inplace_abn_fast(x, weight, bias, running_mean, running_var, training, momentum, eps,
                                 activation, slope, group)
     return inplace_abn_ref(x, weight, bias, running_mean, running_var, training, momentum, eps,

@@ -162,3 +162,21 @@ def test_two_cpu_processes_over_gloo(city, tmp_path):
     assert main(words) == 0
     state = ck.load(str(tmp_path / "iter_00000002.pt"))
     assert state["iteration"] == 2 and state["args"]["procs"] == 2 and "rng" in state
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_ranks_under_torchrun(city, tmp_path):
+    """torchrun (the launcher of clusters): each rank is the process train.py runs in; both finish
+    with exit code 0 (a finished rank leaves through exit_worker, as spawned workers do)."""
+    words = args_list(dict(data=city, out=str(tmp_path), backbone="resnet18", crop_size=64, batch_size=2,
+                           workers=0, iters=2, warmup_iters=1, eval_every=2, gpus=0,
+                           impl="reference", loader="torch")) + ["--no-progress"]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           os.path.join(root, "train.py"), *words], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = ck.load(str(tmp_path / "iter_00000002.pt"))
+    assert state["iteration"] == 2 and "rng" in state

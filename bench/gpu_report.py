@@ -315,7 +315,7 @@ def main(argv=None) -> int:
         workers = args.test_workers if importlib.util.find_spec("xdist") else 0
         res = run_stage([sys.executable, "-m", "pytest", "tests/ops", "-q", "-p", "no:cacheprovider",
                          *(["-n", str(workers)] if workers > 0 else [])],
-                        min(150, left()), _env(IFBF_TEST_GPU="1"), logs / "tests.log")
+                        min(180, left()), _env(IFBF_TEST_GPU="1"), logs / "tests.log")
         note("gpu_tests", res, ", ".join(f"{v} {k}" for k, v in res["counts"].items()))
     else:
         note("gpu_tests", {"status": "skipped", "seconds": 0}, "no CUDA" if not gpu else "--skip-tests")

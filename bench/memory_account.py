@@ -158,11 +158,12 @@ def step_loss(outputs: Dict[str, torch.Tensor], labels: torch.Tensor, impl: str)
     if impl == "reference":
         ohem: Callable = ohem_ref_static
     else:
+        from ifbf_fast.nn import OHEMCrossEntropy
+        module = OHEMCrossEntropy(KEEP_RATIO)               # upsamples 1/4-resolution logits as train.py's loss
+
         def ohem(x, t):
             with ops.use_impl(impl):
-                if x.shape[-2:] != t.shape[-2:]:           # the model left the upsampling to the loss
-                    return ops.ohem_cross_entropy_upsampled(x, t, KEEP_RATIO)
-                return ops.ohem_cross_entropy(x, t, KEEP_RATIO)
+                return module(x, t)
     logits = {k: v.float() for k, v in outputs.items()}
     return ohem(logits["out"], labels) + AUX_WEIGHT * ohem(logits["aux"], labels)
 

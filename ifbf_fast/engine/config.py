@@ -20,6 +20,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 CPU_DEFAULT = os.path.join(CONFIG_DIR, "cpu_default.yaml")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 NORMS = ("inplace_abn_sync", "inplace_abn", "abn", "bn")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _float_or_none(text: str) -> Optional[float]:
@@ -80,12 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpus", type=int, default=None,
                    help="GPUs to use (one process each); 0 = CPU; default: 1 if CUDA is available else 0")
     g.add_argument("--procs", type=int, default=1, help="with --gpus 0: CPU processes over gloo")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model and the loss")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model and the loss together (one graph: forward, loss, backward)")
+    g.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode with --compile; reduce-overhead captures the step in CUDA graphs")
     g.add_argument("--impl", choices=IMPLS, default=None,
                    help="fused-op implementation (default: IFBF_IMPL or auto)")
     g.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
                    help="mixed precision; auto = bf16 where the GPU supports it, fp16 otherwise, off on CPU")
-    g.add_argument("--channels-last", action="store_true", help="run the model in channels_last layout")
+    g.add_argument("--memory-format", choices=("auto", "channels_last", "nchw"), default="auto",
+                   help="activation layout; auto = channels_last on CUDA (what the fused kernels and cuDNN "
+                        "are fastest in), NCHW on the CPU")
+    g.add_argument("--channels-last", dest="memory_format", action="store_const", const="channels_last",
+                   help="same as --memory-format channels_last")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     g.add_argument("--max-nonfinite", type=int, default=5,

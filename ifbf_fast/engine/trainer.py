@@ -172,6 +172,10 @@ def _train(args: argparse.Namespace, local_rank: int) -> Dict[str, object]:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     device = select_device(args.gpus, local_rank)
+    # --memory-format auto: channels_last on CUDA (the layout the fused kernels and cuDNN are fastest
+    # in), NCHW on the CPU. Saved in the checkpoint's arguments, so evaluate/predict use the same.
+    args.channels_last = args.memory_format == "channels_last" or (args.memory_format == "auto"
+                                                                    and device.type == "cuda")
     rank, world = du.rank(), du.world_size()
     log = Logger(args, enabled=du.is_primary())
     root = prepare_data(args)

@@ -11,7 +11,8 @@ norm (InPlace-ABN-Sync included) it was trained with. Several processes (torchru
 over NCCL, ``--procs N`` over gloo on the CPU) each evaluate a disjoint shard of the images and the
 confusion matrix is all-reduced, so every image counts exactly once. Rank 0 prints the table and
 writes the JSON file. ``--save-predictions`` writes every prediction as a labelIds PNG in the
-layout ``cityscapesscripts``' evaluation and the benchmark server read (see ``ifbf_fast.predict``).
+layout ``cityscapesscripts``' evaluation and the benchmark server read. The model, its preprocessing
+and the test-time settings are ``ifbf_fast.inference``'s, shared with ``ifbf_fast.predict``.
 """
 
 from __future__ import annotations
@@ -28,102 +29,14 @@ import torch.distributed as dist
 
 from ifbf_fast import ops
 from ifbf_fast.engine import checkpoint as ck
-from ifbf_fast.engine.evaluate import MODES, evaluate
+from ifbf_fast.inference import (InferenceError, add_inference_options, check_inference_options, load_model,
+                                 one_line, options, write_submission)
 from ifbf_fast.utils import dist as du
-from ifbf_fast.utils.runtime import SetupError, autocast_factory, resolve_amp, select_device
+from ifbf_fast.utils.runtime import SetupError, select_device
 
 PROG = "python -m ifbf_fast.evaluate"
-
-
-class EvaluationError(RuntimeError):
-    """Bad input or set-up; the message is one line."""
-
-
-# --- the model from a checkpoint ----------------------------------------------------------------
-
-def load_model(path: str, device: torch.device, channels_last: Optional[bool] = None):
-    """(model in eval mode with the checkpoint's weights, the checkpoint's saved arguments).
-
-    Raises ``CheckpointError`` for a missing or unreadable file, a file train.py did not write, or
-    weights that do not fit the model its arguments describe."""
-    from ifbf_fast.engine.config import model_meta
-    from ifbf_fast.engine.trainer import build_model
-
-    state = ck.load(path, map_location="cpu")
-    saved = state.get("args")
-    if not isinstance(saved, dict) or not isinstance(state.get("meta"), dict):
-        raise ck.CheckpointError(f"checkpoint {path} is not an ifbf_fast checkpoint (no 'args'/'meta' entries)")
-    args = argparse.Namespace(**saved)
-    args.pretrained = None          # the ImageNet file of the training machine is neither needed nor there
-    if channels_last is not None:
-        args.channels_last = channels_last
-    try:
-        ck.check_meta(state["meta"], model_meta(args), path)
-        model = build_model(args, device)
-        model.load_state_dict(state["model"])
-    except ck.CheckpointError:
-        raise
-    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ck.CheckpointError(f"checkpoint {path}: cannot rebuild its model ({first})") from exc
-    model.eval()
-    return model, args
-
-
-# --- options ------------------------------------------------------------------------------------
-
-def add_inference_options(p: argparse.ArgumentParser) -> None:
-    """Options shared with ``ifbf_fast.predict``: test-time augmentation and runtime."""
-    g = p.add_argument_group("inference")
-    g.add_argument("--mode", choices=MODES, default="whole",
-                   help="whole: the full image in one forward; slide: overlapping --crop tiles, averaged")
-    g.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="sliding-window tile; none: the training crop saved in the checkpoint")
-    g.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="sliding-window step; none: two thirds of the crop")
-    g.add_argument("--scales", type=float, nargs="+", default=[1.0],
-                   help="test scales, logits averaged at full resolution (paper: 0.5 0.75 1.0 1.25 1.5 1.75)")
-    g.add_argument("--flip", action="store_true", help="also average the horizontally flipped image")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--amp", nargs="?", const="auto", choices=("auto", "off", "bf16", "fp16"), default="off",
-                   help="mixed precision (--amp alone: bf16 where the GPU supports it, else fp16)")
-    g.add_argument("--impl", choices=ops.IMPLS, default=None,
-                   help="fused-op implementation; none: IFBF_IMPL or auto")
-    g.add_argument("--channels-last", action="store_true", help="run the model in channels_last layout")
-    g.add_argument("--max-batch", type=int, default=8,
-                   help="at most this many inputs (images x flips, or tiles) per forward (default 8: a "
-                        "1.75-scale sliding window over a 1024x2048 image makes about 36 tiles of 876x876); "
-                        "0: all at once")
-
-
-def check_inference_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    if any(s <= 0 for s in a.scales):
-        p.error("--scales must be positive")
-    for name in ("crop", "stride"):
-        v = getattr(a, name)
-        if v is not None and min(v) <= 0:
-            p.error(f"--{name} must be positive; got {v[0]} {v[1]}")
-    if a.mode == "whole" and (a.crop is not None or a.stride is not None):
-        p.error("--crop/--stride are for --mode slide")
-    if a.crop is not None and a.stride is not None and (a.stride[0] > a.crop[0] or a.stride[1] > a.crop[1]):
-        p.error("--stride must not exceed --crop (pixels between tiles would get no prediction)")
-    if a.max_batch is not None and a.max_batch < 0:
-        p.error(f"--max-batch must be >= 0 (0: all at once); got {a.max_batch}")
-    if a.max_batch == 0:
-        a.max_batch = None
-
-
-def slide_crop(a: argparse.Namespace, saved: argparse.Namespace):
-    """(crop, stride) for ``predict``: --crop, else the checkpoint's training crop."""
-    if a.mode != "slide":
-        return None, None
-    crop = a.crop
-    if crop is None:
-        c = getattr(saved, "crop_size", None)
-        crop = [int(c), int(c)] if isinstance(c, int) else list(c) if c else None
-        if crop is None:
-            raise EvaluationError("--mode slide: give --crop H W (the checkpoint records no training crop)")
-    return tuple(crop), (tuple(a.stride) if a.stride else None)
+EvaluationError = InferenceError    # bad input or set-up; the message is one line
+__all__ = ["main", "launch", "run", "parse_args", "build_parser", "write_json", "EvaluationError"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,15 +82,14 @@ def run(a: argparse.Namespace, local_rank: int = 0) -> Dict[str, object]:
 
 
 def _run(a: argparse.Namespace, local_rank: int) -> Dict[str, object]:
-    from ifbf_fast.data import CLASS_NAMES, build_loader
+    from ifbf_fast.data import build_loader
     from ifbf_fast.data.cityscapes import find_pairs
     from ifbf_fast.engine.metrics import format_table
 
     device = select_device(a.gpus, local_rank)
     find_pairs(a.data, a.split)         # layout errors before the model is built
-    model, saved = load_model(a.checkpoint, device, channels_last=a.channels_last or None)
-    crop, stride = slide_crop(a, saved)
-    autocast = autocast_factory(resolve_amp(a.amp, device), device)
+    model = load_model(a.checkpoint, device, channels_last=a.channels_last or None)
+    crop, stride = model.settings(a.mode, a.crop, a.stride)
     rank, world = du.rank(), du.world_size()
     loader = build_loader(a.data, a.split, a.batch_size, train=False, workers=a.workers, rank=rank,
                           world_size=world, pin_memory=device.type == "cuda")
@@ -188,21 +100,17 @@ def _run(a: argparse.Namespace, local_rank: int) -> Dict[str, object]:
         progress = lambda it: tqdm(it, desc=f"evaluate (rank 0 of {world})", dynamic_ncols=True)  # noqa: E731
     writer = None
     if a.save_predictions:
-        from ifbf_fast.predict import write_submission
-
         writer = lambda names, pred: [write_submission(a.save_predictions, n, p)  # noqa: E731
                                       for n, p in zip(names, pred.cpu().numpy())]
-    result = evaluate(model, loader, saved.num_classes, device, a.scales, a.flip, autocast,
-                      saved.channels_last, progress, mode=a.mode, crop_size=crop, stride=stride,
-                      max_batch=a.max_batch, on_prediction=writer)
-    names = CLASS_NAMES if saved.num_classes == len(CLASS_NAMES) else [str(i) for i in range(saved.num_classes)]
+    result = model.evaluate(loader, **{**options(a), "crop": crop, "stride": stride}, progress=progress,
+                            on_prediction=writer)
     if du.is_primary():
         print(f"{a.checkpoint}: {a.split} split of {a.data}, {result['images']} images, mode {a.mode}"
               f"{f' crop {crop[0]}x{crop[1]}' if crop else ''}, scales {a.scales}, flip {a.flip}, "
               f"{world} process(es) on {device.type}")
-        print(format_table(result, names))
+        print(format_table(result, model.class_names))
         if a.out:
-            write_json(a.out, result, names, a, crop, stride, world)
+            write_json(a.out, result, model.class_names, a, crop, stride, world)
             print(f"results written to {a.out}")
     return result
 
@@ -256,19 +164,13 @@ def launch(a: argparse.Namespace) -> Optional[Dict[str, object]]:
     return None
 
 
-def one_line(exc: BaseException) -> str:
-    """The message on one line (torch.load's own messages span several)."""
-    return " ".join(str(exc).split())
-
-
 def main(argv=None) -> int:
     from ifbf_fast.data.cityscapes import DataReadError, DatasetLayoutError
-    from ifbf_fast.predict import PredictError
 
     a = parse_args(argv)
     try:
         launch(a)
-    except (EvaluationError, SetupError, ck.CheckpointError, DatasetLayoutError, DataReadError, PredictError) as exc:
+    except (InferenceError, SetupError, ck.CheckpointError, DatasetLayoutError, DataReadError) as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 1
     except torch.multiprocessing.ProcessRaisedException as exc:

@@ -27,61 +27,18 @@ import os
 import sys
 from typing import Iterable, List, Sequence, Tuple
 
-import cv2
 import numpy as np
-import torch
 
 from ifbf_fast.engine import checkpoint as ck
-from ifbf_fast.engine.evaluate import predict as predict_logits
+from ifbf_fast.inference import (EXTENSIONS, InferenceError, add_inference_options, check_inference_options,
+                                 colorize, load_model, one_line, options, overlay, submission_name, write_png,
+                                 write_submission)
 
 PROG = "python -m ifbf_fast.predict"
 FORMATS = ("color", "overlay", "panel", "submission")
-EXTENSIONS = (".png", ".jpg", ".jpeg")
-
-
-class PredictError(RuntimeError):
-    """Bad input; the message is one line."""
-
-
-# --- outputs ------------------------------------------------------------------------------------
-
-def submission_name(name: str) -> Tuple[str, str]:
-    """(city, file name) of the submission PNG for an image name or stem: ``berlin_000123_000019``
-    or ``berlin_000123_000019_leftImg8bit.png`` -> ``("berlin", "berlin_000123_000019_leftImg8bit.png")``."""
-    from cityscapesscripts.helpers.csHelpers import getCsFileInfo
-
-    base = os.path.basename(name)
-    stem = os.path.splitext(base)[0] if base.lower().endswith(EXTENSIONS) else base
-    parts = stem.split("_")
-    if len(parts) < 3 or not (parts[1].isdigit() and parts[2].isdigit()):
-        raise PredictError(f"{name}: not a Cityscapes file name (CITY_SEQ_FRAME[_leftImg8bit].png); "
-                           f"--format submission needs them")
-    info = getCsFileInfo("_".join(parts[:3]) + "_leftImg8bit.png")
-    return info.city, f"{info.city}_{info.sequenceNb}_{info.frameNb}_leftImg8bit.png"
-
-
-def write_png(path: str, array: np.ndarray) -> None:
-    """Write an (H, W) gray or (H, W, 3) RGB uint8 PNG, creating folders; a clear error on failure."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    data = array[:, :, ::-1] if array.ndim == 3 else array
-    if not cv2.imwrite(path, np.ascontiguousarray(data)):
-        raise PredictError(f"cannot write {path}")
-
-
-def write_submission(out_dir: str, name: str, train_ids: np.ndarray) -> str:
-    """Write (H, W) trainIds as the benchmark's labelIds PNG for image ``name``; returns the path."""
-    from ifbf_fast.data import to_label_ids
-
-    city, file = submission_name(name)
-    path = os.path.join(out_dir, city, file)
-    write_png(path, to_label_ids(np.asarray(train_ids)))
-    return path
-
-
-def overlay(image: np.ndarray, color: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """``alpha`` of the colour mask over the RGB image, uint8."""
-    mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * color.astype(np.float32)
-    return np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+PredictError = InferenceError      # bad input; the message is one line
+__all__ = ["main", "run", "build_parser", "list_inputs", "PredictError", "overlay", "submission_name",
+           "write_png", "write_submission"]
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -104,18 +61,9 @@ def list_inputs(paths: Sequence[str]) -> List[Tuple[str, str]]:
     return found
 
 
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB -> (1, 3, H, W) normalised float32, as the evaluation loader does."""
-    from ifbf_fast.data import normalize
-
-    return torch.from_numpy(np.ascontiguousarray(normalize(image).transpose(2, 0, 1)))[None]
-
-
 # --- the CLI ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from ifbf_fast.evaluate import add_inference_options
-
     p = argparse.ArgumentParser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Segment images with a train.py checkpoint.")
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIR", help="image files and/or folders")
@@ -140,9 +88,8 @@ def run(a: argparse.Namespace) -> List[str]:
 
 
 def _run(a: argparse.Namespace) -> List[str]:
-    from ifbf_fast.data import colorize, read_image
-    from ifbf_fast.evaluate import load_model, slide_crop
-    from ifbf_fast.utils.runtime import autocast_factory, resolve_amp, select_device
+    from ifbf_fast.data import read_image
+    from ifbf_fast.utils.runtime import select_device
 
     inputs = list_inputs(a.inputs)
     if "submission" in a.format:
@@ -153,20 +100,16 @@ def _run(a: argparse.Namespace) -> List[str]:
                                "other formats into another --out")
         for path, _ in inputs:
             submission_name(path)       # refuse bad names before any work
-    device = select_device(a.gpus, 0)
-    model, saved = load_model(a.checkpoint, device, channels_last=a.channels_last or None)
-    if saved.num_classes != 19:
-        raise PredictError(f"the checkpoint predicts {saved.num_classes} classes; the Cityscapes palette "
+    model = load_model(a.checkpoint, select_device(a.gpus, 0), channels_last=a.channels_last or None)
+    if model.num_classes != 19:
+        raise PredictError(f"the checkpoint predicts {model.num_classes} classes; the Cityscapes palette "
                            f"and labelIds need 19")
-    crop, stride = slide_crop(a, saved)
-    autocast = autocast_factory(resolve_amp(a.amp, device), device)
+    settings = options(a)
+    model.settings(a.mode, a.crop, a.stride)        # a missing sliding-window crop fails before any work
     written = []
     for path, rel in inputs:
         image = read_image(path)
-        logits = predict_logits(model, to_tensor(image).to(device), a.scales, a.flip, autocast, mode=a.mode,
-                                crop_size=crop, stride=stride, max_batch=a.max_batch,
-                                channels_last=saved.channels_last)
-        pred = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        pred = model.predict(image, **settings)
         stem = os.path.splitext(os.path.basename(path))[0]
         folder = os.path.normpath(os.path.join(a.out, rel))
         color = colorize(pred)
@@ -184,7 +127,6 @@ def _run(a: argparse.Namespace) -> List[str]:
 
 def main(argv: Iterable[str] = None) -> int:
     from ifbf_fast.data.cityscapes import DataReadError
-    from ifbf_fast.evaluate import EvaluationError, check_inference_options, one_line
     from ifbf_fast.utils.runtime import SetupError
 
     p = build_parser()
@@ -194,7 +136,7 @@ def main(argv: Iterable[str] = None) -> int:
         p.error(f"--alpha must be in [0, 1]; got {a.alpha}")
     try:
         written = run(a)
-    except (PredictError, EvaluationError, SetupError, ck.CheckpointError, DataReadError) as exc:
+    except (InferenceError, SetupError, ck.CheckpointError, DataReadError) as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 1
     print(f"{len(written)} file(s) written to {a.out}")

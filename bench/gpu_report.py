@@ -1,8 +1,8 @@
 """The one-command GPU report (../shared/GPU.md section 4): build, test, measure, write, print.
 
     python bench/gpu_report.py                  # on a GPU machine, from the repository root; < 10 minutes on one H100
-    python bench/gpu_report.py --skip-build --skip-tests --only train_step_compiled_fast \
-        train_step_compiled_reference        # a second command on the same warm machine: what did not fit
+    python bench/gpu_report.py --skip-build --skip-tests --only train_step_compiled_reference \
+        train_step_cudagraphs_reference      # a second command on the same warm machine: what did not fit
 
 In one run, each stage in its own process with a time limit taken from one overall budget:
 
@@ -60,18 +60,23 @@ if str(ROOT / "bench") not in sys.path:          # profile_kernels (markdown of 
 # Priority order: the eager train steps and the ops first, the compiled train steps (two full-model
 # compilations) last. The selections keep the network's main shapes in bf16 (the training precision).
 STAGES: List[tuple] = [
-    ("train_step_eager", "bench/bench_train_step.py", "not compiled", "not compiled", 120),
+    # eager R101 steps in the default layout: reference, fast and the floor (what the fused ops still cost)
+    ("train_step_eager", "bench/bench_train_step.py", "eager and channels_last", "eager and nchw", 150),
+    # not a pytest stage: per-op wall, host and device time and launches (host-bound or device-bound?)
+    ("kernel_profile", "bench/profile_kernels.py", "", None, 90),
     ("ohem_ce", "bench/bench_ohem_ce.py", "test_ohem_ce and fwd_bwd and bf16 and topk", None, 60),
     ("fbf", "bench/bench_fbf.py", "copy_bandwidth or (fwd_bwd and fbf2 and bf16)", None, 120),
-    ("inplace_abn", "bench/bench_inplace_abn.py", "gpu and bf16 and channels_last and (layer1 or layer3)",
-     "cpu", 90),
+    ("inplace_abn", "bench/bench_inplace_abn.py", "gpu and bf16 and (layer1 or layer3)", "cpu", 90),
     ("ohem_ce_upsampled", "bench/bench_ohem_ce.py", "upsampled and fwd_bwd and bf16", None, 60),
+    # one stage per full-model compilation, so that one that overruns its cap costs only its own result
+    ("train_step_compiled_fast", "bench/bench_train_step.py", "fast_compiled and channels_last", None, 180),
+    ("train_step_cudagraphs_fast", "bench/bench_train_step.py", "fast_cudagraphs and channels_last", None, 180),
+    ("train_step_compiled_reference", "bench/bench_train_step.py", "reference_compiled and channels_last", None, 180),
+    ("train_step_cudagraphs_reference", "bench/bench_train_step.py", "reference_cudagraphs and channels_last",
+     None, 180),
+    ("train_step_cudagraphs_floor", "bench/bench_train_step.py", "floor_cudagraphs and channels_last", None, 180),
+    ("train_step_eager_nchw", "bench/bench_train_step.py", "eager and nchw", None, 150),
     ("data", "bench/bench_data.py", "", "", 60),
-    # not a pytest stage: per-kernel device time, launches and host time of the fast ops (the why of the above)
-    ("kernel_profile", "bench/profile_kernels.py", "", None, 90),
-    # one stage each, so that a compilation that overruns its cap costs only its own result
-    ("train_step_compiled_fast", "bench/bench_train_step.py", "compiled_fast", None, 180),
-    ("train_step_compiled_reference", "bench/bench_train_step.py", "compiled_reference", None, 180),
 ]
 BENCH_OPTS = ["--benchmark-only", "--benchmark-max-time=0.25", "--benchmark-min-rounds=5",
               "--benchmark-disable-gc", "-q", "-p", "no:cacheprovider"]
@@ -186,13 +191,27 @@ def collect_rows(bench_json: Dict, bandwidth_gbps: Optional[float] = None) -> Li
     return rows
 
 
+STEP_MODES = ("eager", "compiled", "cudagraphs")
+
+
 def add_speedups(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
-    """Per group: ``vs_reference`` and ``vs_compiled_reference`` = that provider's median / this row's."""
+    """Per group: ``vs_reference`` and ``vs_compiled_reference`` = that provider's median / this row's.
+
+    Train-step providers are ``<impl>_<mode>`` (bench_train_step.py): there the reference is the one of
+    the same mode (``reference_<mode>``), the compiled reference ``reference_compiled``, and
+    ``vs_floor`` = this row's median / ``floor_<mode>``'s (how far above the floor).
+    """
     medians = {(r["group"], r["provider"]): r["median_s"] for r in rows}
     for r in rows:
-        for key, base in (("vs_reference", "reference"), ("vs_compiled_reference", "compiled_reference")):
+        impl, _, mode = str(r["provider"]).rpartition("_")
+        stepwise = mode in STEP_MODES and impl
+        bases = ((("vs_reference", f"reference_{mode}"), ("vs_compiled_reference", "reference_compiled"))
+                 if stepwise else (("vs_reference", "reference"), ("vs_compiled_reference", "compiled_reference")))
+        for key, base in bases:
             m = medians.get((r["group"], base))
             r[key] = m / r["median_s"] if m and r["median_s"] else None
+        floor = medians.get((r["group"], f"floor_{mode}")) if stepwise else None
+        r["vs_floor"] = r["median_s"] / floor if floor and r["median_s"] else None
     return rows
 
 
@@ -208,14 +227,14 @@ def markdown_table(results: Dict[str, object]) -> str:
             f"torch {results.get('torch', '?')}, triton {results.get('triton', '?')}, "
             f"ABN CUDA kernels built: {results.get('abn_cuda_kernels', '?')}", ""]
     head += [f"- {n}" for n in results.get("notes", [])] + ([""] if results.get("notes") else [])
-    lines = ["| case | provider | median ms | GB/s | % of bw | peak MiB | img/s | x vs ref | x vs compiled ref |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| case | provider | median ms | GB/s | % of bw | peak MiB | img/s | x vs ref | x vs compiled ref "
+             "| / floor |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(rows, key=lambda r: r["group"]):
         peak = None if r["peak_bytes"] is None else r["peak_bytes"] / 2 ** 20
         lines.append(f"| {r['group']} | {r['provider']} | {r['median_s'] * 1e3:,.3f} | {_fmt(r['gb_per_s'], ',.0f')} | "
                      f"{_fmt(r['pct_of_bandwidth'], '.0f', '%')} | {_fmt(peak, ',.0f')} | "
                      f"{_fmt(r['images_per_s'], ',.2f')} | {_fmt(r['vs_reference'], '.2f')} | "
-                     f"{_fmt(r['vs_compiled_reference'], '.2f')} |")
+                     f"{_fmt(r['vs_compiled_reference'], '.2f')} | {_fmt(r.get('vs_floor'), '.2f')} |")
     stages = ["", "| stage | status | seconds | detail |", "| --- | --- | ---: | --- |"]
     for s in results.get("stages", []):
         stages.append(f"| {s['name']} | {s['status']} | {_fmt(s.get('seconds'), '.0f')} | {s.get('detail', '')} |")

@@ -84,7 +84,7 @@ def test_markdown_table_and_files(report, tmp_path):
     assert "NVIDIA H100 80GB HBM3" in table and "abc123def456" in table and "3,000 GB/s" in table
     line = next(ln for ln in table.splitlines() if ln.startswith("| fbf fwd_bwd") and "| fast |" in ln)
     assert [c.strip() for c in line.strip("|").split("|")] == [
-        "fbf fwd_bwd fbf2 256x512 bf16 nchw", "fast", "1.000", "1,200", "40%", "1", "", "3.00", "2.00"]
+        "fbf fwd_bwd fbf2 256x512 bf16 nchw", "fast", "1.000", "1,200", "40%", "1", "", "3.00", "2.00", ""]
     assert "| build | ok | 95 | TORCH_CUDA_ARCH_LIST=9.0 |" in table
     json_path, md_path = report.write_results(results, tmp_path)
     assert json_path.name == "nvidia-h100-80gb-hbm3-abc123def456.json"
@@ -192,12 +192,29 @@ def _pytest_bench(*args, **env):
 def test_pytest_bench_collects_bench_files_and_refuses_the_interpreter():
     out = _pytest_bench("--collect-only", "-q")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    for item in ("bench/bench_train_step.py::test_train_step[reference]", "bench/bench_fbf.py::test_copy_bandwidth",
+    for item in ("bench/bench_train_step.py::test_train_step[reference_eager-nchw]", "bench/bench_fbf.py::test_copy_bandwidth",
                  "bench/bench_inplace_abn.py::test_cpu_fwd_bwd"):
         assert item in out.stdout
     named = subprocess.run([sys.executable, "-m", "pytest", "bench/bench_train_step.py", "--collect-only", "-q",
                             "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                            env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
-    assert named.stdout.count("test_train_step[reference]") == 1     # a named file is not collected twice
+    assert named.stdout.count("test_train_step[reference_eager-nchw]") == 1     # a named file is not collected twice
     refused = _pytest_bench("--collect-only", "-q", TRITON_INTERPRET="1")
     assert refused.returncode != 0 and "TRITON_INTERPRET" in refused.stdout + refused.stderr
+
+
+def test_train_step_speedups_compare_within_a_mode_and_against_the_floor(report):
+    step = "train_step resnet101 b2 crop876 bf16 cuda channels_last"
+    benches = [_bench(step, p, m, provider=p) for p, m in (
+        ("reference_eager", 0.08), ("fast_eager", 0.064), ("floor_eager", 0.05),
+        ("reference_compiled", 0.06), ("fast_compiled", 0.05), ("fast_cudagraphs", 0.045),
+        ("floor_cudagraphs", 0.04))]
+    meta = {"gpu": "NVIDIA H200", "commit": "abc", "date": "today", "stages": []}
+    rows = {r["provider"]: r for r in report.build_results([{"benchmarks": benches}], meta)["rows"]}
+    assert rows["fast_eager"]["vs_reference"] == pytest.approx(0.08 / 0.064)
+    assert rows["fast_compiled"]["vs_reference"] == pytest.approx(0.06 / 0.05)      # same mode
+    assert rows["fast_cudagraphs"]["vs_reference"] is None                          # no reference_cudagraphs
+    assert rows["fast_cudagraphs"]["vs_compiled_reference"] == pytest.approx(0.06 / 0.045)
+    assert rows["fast_cudagraphs"]["vs_floor"] == pytest.approx(0.045 / 0.04)
+    assert rows["fast_eager"]["vs_floor"] == pytest.approx(0.064 / 0.05)
+    assert "/ floor" in report.markdown_table(report.build_results([{"benchmarks": benches}], meta))

@@ -52,15 +52,21 @@ class Logger:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, desc="train")
 
-    def step(self, it: int, terms: Dict[str, torch.Tensor], lr: float, images_per_s: float,
+    def step(self, it: int, terms: Dict[str, torch.Tensor], lr, images_per_s: Optional[float],
              device: torch.device) -> None:
+        """Called every step; reads ``terms`` and ``lr`` (device tensors) only every ``log_every`` steps.
+        ``images_per_s`` is the last measured rate (None between the trainer's reads)."""
         if not self.enabled:
             return
+        if images_per_s is not None:
+            self.images_per_s = images_per_s
         if self.bar is not None:
             self.bar.update(1)
         if it % self.log_every:
             return
-        values = {k: float(v) for k, v in terms.items()}   # one host sync every log_every steps
+        images_per_s = getattr(self, "images_per_s", 0.0)
+        lr = float(lr)
+        values = {k: float(v) for k, v in terms.items() if k != "skipped"}   # one host sync per log_every steps
         text = " ".join(f"{k} {v:.4f}" for k, v in values.items())
         if self.bar is not None:
             self.bar.set_postfix_str(f"{text} lr {lr:.2e} {images_per_s:.1f} img/s mem {_memory(device)}")

@@ -2,8 +2,9 @@
 
 ``main(argv)`` only wires things: parse the arguments, start the processes (one per GPU over NCCL,
 ``--procs N`` CPU processes over gloo, or whatever ``torchrun`` started), and call ``train(args)`` in
-each. ``train_one_step`` and :func:`ifbf_fast.engine.evaluate.evaluate` are plain functions that
-receive the autocast context and the loss scaler explicitly.
+each. One step is :class:`ifbf_fast.engine.step.TrainStep` (sync-free: the host reads the losses and
+the skip counters only every ``--log-every`` steps and at evaluations and checkpoints);
+:func:`ifbf_fast.engine.evaluate.evaluate` receives the autocast context explicitly.
 
 Exact resume: the augmentation of every sample is a function of ``(seed, epoch, index)`` (see
 ``ifbf_fast.data.loader``), the global torch RNG (dropout) is re-seeded from ``(seed, rank,
@@ -30,6 +31,7 @@ from . import checkpoint as ck
 from .config import dump_yaml, model_meta, parse_args, to_dict
 from .evaluate import evaluate
 from .logger import Logger
+from .step import DeviceSchedule, FlatBuffers, TrainStep, fused_sgd
 
 
 class TrainingError(RuntimeError):
@@ -39,10 +41,9 @@ class TrainingError(RuntimeError):
 # --- runtime -----------------------------------------------------------------------------------
 
 def amp_setup(mode: str, device: torch.device):
-    """(autocast factory, GradScaler or None, resolved mode) for ``--amp``: fp16 gets a loss scaler."""
+    """(autocast factory, resolved mode) for ``--amp``; fp16's loss scale lives in :class:`TrainStep`."""
     mode = resolve_amp(mode, device)
-    scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
-    return autocast_factory(mode, device), scaler, mode
+    return autocast_factory(mode, device), mode
 
 
 def poly_warmup(max_iters: int, warmup_iters: int, power: float) -> Callable[[int], float]:
@@ -74,14 +75,18 @@ def build_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Modu
 
 
 def build_optimizer(model: torch.nn.Module, args: argparse.Namespace):
-    """SGD over the paper's two learning-rate groups, and the poly + warm-up schedule."""
+    """(fused SGD over the paper's two learning-rate groups, the poly + warm-up schedule on the device).
+
+    The schedule follows the steps taken: a step skipped for a non-finite loss does not advance it.
+    """
     from ifbf_fast.models import param_groups
 
     groups = param_groups(model, args.lr, args.lr_mult)
-    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_warmup(args.iters, args.warmup_iters,
-                                                                         args.poly_power))
-    return optimizer, scheduler
+    optimizer = fused_sgd(groups, args.lr, args.momentum, args.weight_decay)
+    device = next(model.parameters()).device
+    schedule = DeviceSchedule(optimizer, poly_warmup(args.iters, args.warmup_iters, args.poly_power),
+                              args.iters, device)
+    return optimizer, schedule
 
 
 def prepare_data(args: argparse.Namespace) -> str:
@@ -106,6 +111,9 @@ def build_loaders(args: argparse.Namespace, root: str, device: torch.device, ran
     """(train loader, val loader, name): DALI or the reference loader, with one batch contract."""
     from ifbf_fast.data import build_dali_loader, build_loader, dali_available
 
+    from .preflight import check_train_size
+
+    check_train_size(args, root, world)     # one line, not the loader's ValueError
     use_dali = args.loader == "dali" or (args.loader == "auto" and dali_available())
     if args.loader == "dali" and not dali_available():
         raise TrainingError("--loader dali: nvidia-dali is not importable (pip install nvidia-dali-cuda130)")
@@ -117,39 +125,6 @@ def build_loaders(args: argparse.Namespace, root: str, device: torch.device, ran
     val_loader = make(root, "val", 1, train=False, workers=min(args.workers, 2), seed=args.seed,
                       rank=rank, world_size=world, **extra)
     return train_loader, val_loader, "dali" if use_dali else "torch"
-
-
-# --- one step ----------------------------------------------------------------------------------
-
-def train_one_step(model, loss_fn, batch: Dict[str, torch.Tensor], optimizer, scaler, autocast,
-                   device: torch.device, channels_last: bool = False) -> Optional[Dict[str, torch.Tensor]]:
-    """Forward, loss, backward and optimizer step. Returns the detached loss terms, or ``None`` when the
-    loss was not finite on some rank: then no rank steps (the decision is all-reduced, so DDP's
-    collectives stay matched) and the caller does not advance the schedule."""
-    images = batch["image"].to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = batch["label"].to(device, non_blocking=True)
-    optimizer.zero_grad(set_to_none=True)
-    with autocast():
-        outputs = model(images)
-    terms = loss_fn({k: v.float() for k, v in outputs.items()}, labels)
-    finite = torch.isfinite(terms["loss"].detach()).to(torch.float32)
-    if du.is_dist():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if finite.item() == 0.0:
-        return None
-    if scaler is not None:
-        scaler.scale(terms["loss"]).backward()
-        scale_before = scaler.get_scale()
-        scaler.step(optimizer)
-        scaler.update()
-        if scaler.get_scale() < scale_before:      # inf/NaN gradients: the step was skipped
-            return None
-    else:
-        terms["loss"].backward()
-        optimizer.step()
-    return {k: v.detach() for k, v in terms.items()}
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -182,20 +157,21 @@ def _train(args: argparse.Namespace, local_rank: int) -> Dict[str, object]:
 
     torch.manual_seed(args.seed)          # the same initial weights on every rank and every run
     model = build_model(args, device)
-    optimizer, scheduler = build_optimizer(model, args)
-    autocast, scaler, amp_name = amp_setup(args.amp, device)
+    buffers = FlatBuffers(model)          # before DDP wraps the model: a skipped step restores them in place
+    optimizer, schedule = build_optimizer(model, args)
+    autocast, amp_name = amp_setup(args.amp, device)
     loss_fn = IFBFLoss(aux_weight=args.aux_weight, keep_ratio=args.keep_ratio, thresh=args.ohem_thresh)
+    resumed_step: dict = {}
 
     start_iter, epoch, consumed, best = 0, 0, 0, -1.0
-    resume = _resume_path(args)
+    if du.is_primary():   # writable, room for two checkpoints: found now, not at the first checkpoint write
+        from .preflight import prepare_output
+        prepare_output(args, model, log.info)
+    resume, state = _resume_path(args, device, log)
     if resume:
-        state = ck.load(resume, map_location=device)
-        ck.check_meta(state["meta"], model_meta(args), resume)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        resumed_step = state.get("step", {})      # schedule position, loss scale, skip counters
         start_iter, epoch, consumed = state["iteration"], state["epoch"], state["batches_in_epoch"]
         if "rng" in state:    # the primary's generators; each step re-seeds torch from (seed, rank, step) anyway
             ck.set_rng_state(state["rng"])
@@ -206,9 +182,11 @@ def _train(args: argparse.Namespace, local_rank: int) -> Dict[str, object]:
     if du.is_dist():
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    step = TrainStep(net, model, loss_fn, optimizer, schedule, device, autocast, fp16=amp_name == "fp16",
+                     channels_last=args.channels_last, buffers=buffers)
+    step.load_state_dict(resumed_step)
     if args.compile:
-        net = torch.compile(net)
-        loss_fn = torch.compile(loss_fn)
+        step.compile(args.compile_mode)
 
     train_loader, val_loader, loader_name = build_loaders(args, root, device, rank, world)
     if du.is_primary():
@@ -228,8 +206,7 @@ def _train(args: argparse.Namespace, local_rank: int) -> Dict[str, object]:
         nonlocal best
         if not du.is_primary():
             return
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step.state_dict(),
                  "iteration": iteration, "epoch": epoch_, "batches_in_epoch": consumed_,
                  "best_miou": max(best, miou if miou is not None else -1.0), "rng": ck.rng_state(),
                  "meta": model_meta(args), "args": to_dict(args)}
@@ -240,71 +217,116 @@ def _train(args: argparse.Namespace, local_rank: int) -> Dict[str, object]:
             ck.save_atomic(state, os.path.join(args.out, "best.pt"))
 
     model.train()
-    it, nonfinite, result = start_iter, 0, {}
+    it, result = start_iter, {}
     # One device buffer for the loss history: no host sync per step, no allocation per step.
     history = torch.zeros(max(0, args.iters - start_iter), device=device)
+    meter = _Throughput(args.batch_size * world, start_iter)
     log.start(total=args.iters, initial=start_iter)
     while it < args.iters:
         train_loader.set_epoch(epoch)
         if consumed:
             train_loader.sampler.skip_batches(consumed, args.batch_size)
-        t0 = time.perf_counter()
         for batch in train_loader:
             torch.manual_seed(_step_seed(args.seed, rank, it))
-            terms = train_one_step(net, loss_fn, batch, optimizer, scaler, autocast, device, args.channels_last)
+            terms = step(batch)
             consumed += 1
-            if terms is None:
-                nonfinite += 1
-                log.info(f"step {it}: non-finite loss or gradients, step skipped ({nonfinite} in a row)")
-                if nonfinite >= args.max_nonfinite:
-                    raise TrainingError(f"{nonfinite} consecutive steps had a non-finite loss or gradients "
-                                        f"(last at step {it}); lower --lr, check the data, or try --amp off")
-                continue
-            nonfinite = 0
             history[it - start_iter] = terms["loss"]
-            scheduler.step()
             it += 1
-            dt = time.perf_counter() - t0
-            log.step(it, terms, optimizer.param_groups[0]["lr"], args.batch_size * world / dt, device)
-            evaluated = args.eval_every and it % args.eval_every == 0 or it == args.iters
+            evaluated = bool(args.eval_every and it % args.eval_every == 0) or it == args.iters
+            saving = bool(args.ckpt_every and it % args.ckpt_every == 0) or it == args.iters or evaluated
+            rate = None
+            if it % args.log_every == 0 or saving:
+                # The host's one read of the interval (it waits for the device: the rate is then exact).
+                check_counters(step.read_counters(), it, args, log)
+                rate = meter.rate(it)
+            log.step(it, terms, optimizer.param_groups[0]["lr"], rate, device)
             miou = None
             if evaluated:
                 result = run_eval()
                 miou = result["miou"]
                 log.eval(it, result, CLASS_NAMES if args.num_classes == len(CLASS_NAMES) else None)
-            if (args.ckpt_every and it % args.ckpt_every == 0) or it == args.iters or evaluated:
+            if saving:
                 save(it, epoch, consumed, miou)
+                meter.restart(it)              # images/s counts the steps and their data, not evaluation
             if it >= args.iters:
                 break
-            t0 = time.perf_counter()          # images/s counts the step and its data, not evaluation
         else:
             epoch, consumed = epoch + 1, 0
     log.close()
     return {"eval": result, "losses": history[: it - start_iter].tolist(), "iteration": it}
 
 
+def check_counters(counters: Dict[str, int], it: int, args: argparse.Namespace, log: Logger) -> None:
+    """Act on what the device counted since the last read (:meth:`TrainStep.read_counters`)."""
+    if counters["bad_labels"]:
+        raise TrainingError(
+            f"by step {it}: {counters['bad_labels']} label pixel(s) hold an id outside [0, {args.num_classes}) "
+            f"that is not the ignore id 255 (those steps were skipped); check the label files with "
+            f"python -m ifbf_fast.data.check DIR, and --num-classes")
+    if counters["skipped"]:
+        log.info(f"step {it}: {counters['skipped']} of the last {counters['steps']} step(s) skipped: non-finite "
+                 f"loss or gradients (weights, optimizer state, norm statistics and schedule left as they were)")
+    if counters["max_consecutive"] >= args.max_nonfinite:
+        raise TrainingError(f"{counters['max_consecutive']} consecutive steps had a non-finite loss or gradients "
+                            f"(by step {it}); lower --lr, check the data, or try --amp off")
+
+
+class _Throughput:
+    """Images per second between two host reads (each read waits for the device, so the interval is
+    the device's time too, not only the host's)."""
+
+    def __init__(self, images_per_step: int, it: int):
+        self.images_per_step = images_per_step
+        self.restart(it)
+
+    def restart(self, it: int) -> None:
+        self.t0, self.it0 = time.perf_counter(), it
+
+    def rate(self, it: int) -> float:
+        dt = time.perf_counter() - self.t0
+        value = (it - self.it0) * self.images_per_step / dt if dt > 0 else 0.0
+        self.restart(it)
+        return value
+
+
 def _step_seed(seed: int, rank: int, iteration: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + iteration) % (2 ** 63)
 
 
-def _resume_path(args: argparse.Namespace) -> Optional[str]:
-    if not args.resume:
-        return None
-    if args.resume == "latest":
-        path = ck.latest(args.out)
-        if path is None:
-            raise TrainingError(f"--resume: no checkpoint iter_*.pt in {args.out}")
-        return path
-    return args.resume
+def _resume_path(args: argparse.Namespace, device: torch.device, log: Logger):
+    """(path, state) to resume from or (None, None): the newest checkpoint in --out that loads (or
+    --resume CKPT), checked against this run (:func:`ifbf_fast.engine.preflight.resume_state`)."""
+    from .preflight import resume_state
+
+    return resume_state(args, device, log.info)
 
 
 # --- processes ---------------------------------------------------------------------------------
 
-def _worker(local_rank: int, args: argparse.Namespace, world: int, port: int, backend: str) -> None:
-    with du.local_group(local_rank, world, port, backend):
-        if backend == "gloo":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        train(args, local_rank)
+def _worker(local_rank: int, args: argparse.Namespace, world: int, port: int, backend: str,
+            errors=None) -> None:
+    """One spawned rank. A user error (bad option, file, data, checkpoint) goes to the parent as
+    (rank, exit code, message) through ``errors`` before the group is torn down (so it is there
+    before a peer can fail on the closed connection), and the rank leaves with that code: the parent
+    prints the one line instead of torch's ProcessRaisedException traceback."""
+    from .preflight import exit_code, user_errors
+
+    known = user_errors(TrainingError)
+    try:
+        with du.local_group(local_rank, world, port, backend):
+            if backend == "gloo":
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+            try:
+                train(args, local_rank)
+            except known as exc:
+                if errors is not None:
+                    errors.put((local_rank, exit_code(exc), str(exc)))
+                raise
+    except known as exc:
+        if errors is None:
+            raise
+        sys.stderr.flush()
+        os._exit(exit_code(exc))
     du.exit_worker()
 
 
@@ -319,24 +341,44 @@ def launch(args: argparse.Namespace) -> Dict[str, object]:
         backend = "nccl" if (args.gpus != 0 and torch.cuda.is_available()) else "gloo"
         with du.group(lambda: dist.init_process_group(backend)):
             return train(args, local_rank)
-    gpus = args.gpus if args.gpus is not None else (1 if torch.cuda.is_available() else 0)
+    import logging
+
+    from ifbf_fast.utils.runtime import check_gpus
+
+    from .preflight import RankError
+
+    gpus = check_gpus(args.gpus)          # one line here, not a failed NCCL set-up in every rank
     world, backend = (gpus, "nccl") if gpus > 1 else (args.procs if gpus == 0 else 1, "gloo")
     if world <= 1:
         return train(args)
     # spawn ends every rank when one dies (it terminates the others and raises here).
-    torch.multiprocessing.spawn(_worker, args=(args, world, du.free_port(), backend), nprocs=world, join=True)
+    mp = torch.multiprocessing
+    errors = mp.get_context("spawn").SimpleQueue()
+    # spawn logs a warning for every peer it terminates after a failure: noise beside the one line
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    try:
+        mp.spawn(_worker, args=(args, world, du.free_port(), backend, errors), nprocs=world, join=True)
+    except (mp.ProcessRaisedException, mp.ProcessExitedException):
+        if errors.empty():            # not a user error: a crash, keep its traceback
+            raise
+        rank, code, message = errors.get()      # the first rank that failed
+        raise RankError(rank, message, code) from None
     return {}
 
 
 def main(argv=None) -> int:
-    from ifbf_fast.data.cityscapes import DataReadError, DatasetLayoutError
+    """train.py: 0 on success; a user error prints one line (``train.py: error: ...``) and returns 2
+    for a usage error (an option that does not fit the data, checkpoint, folder or machine), 1 for the
+    rest (bad data files, an unreadable checkpoint, a run that cannot go on)."""
+    from .preflight import check_pretrained, exit_code, user_errors
 
     args = parse_args(argv)
     try:
+        check_pretrained(args)            # before any process or data is set up
         launch(args)
-    except (TrainingError, SetupError, ck.CheckpointError, DatasetLayoutError, DataReadError) as exc:
+    except user_errors(TrainingError) as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
-        return 1
+        return exit_code(exc)
     if _under_torchrun():
         # A torchrun rank is this process: leave as a spawned worker does (du.exit_worker), so that the
         # static-destructor abort seen after collectives cannot turn a finished rank into a failed one.

@@ -14,9 +14,8 @@ STEPS = 2
 
 
 def _setup(impl):
-    import contextlib
-
     from ifbf_fast import ops
+    from ifbf_fast.engine.step import FlatBuffers
     from ifbf_fast.engine.trainer import build_optimizer
     from ifbf_fast.engine.config import parse_args
     from ifbf_fast.models import build_model
@@ -29,26 +28,27 @@ def _setup(impl):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     args = parse_args(["--lr", "0.01", "--iters", "10", "--warmup-iters", "1", "--data", "."])
+    buffers = FlatBuffers(model)
     opt, sched = build_optimizer(model, args)
     loss = IFBFLoss(keep_ratio=1.0)
     g = torch.Generator().manual_seed(1)
     batches = [{"image": torch.randn(4, 3, 32, 32, generator=g),
                 "label": torch.randint(0, 19, (4, 32, 32), generator=g)} for _ in range(STEPS)]
-    return model, opt, sched, loss, batches, contextlib.nullcontext
+    return model, opt, sched, loss, batches, buffers
 
 
 def _worker(rank, port, impl, out_dir):
 
-    from ifbf_fast.engine.trainer import train_one_step
+    from ifbf_fast.engine.step import TrainStep
     with local_group(rank, 2, port, timeout_s=120):
         torch.set_num_threads(1)
-        model, opt, sched, loss, batches, autocast = _setup(impl)
+        model, opt, sched, loss, batches, buffers = _setup(impl)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
+        step = TrainStep(ddp, model, loss, opt, sched, torch.device("cpu"), buffers=buffers)
         losses = []
         for b in batches:
             half = {k: v[2 * rank:2 * rank + 2] for k, v in b.items()}
-            terms = train_one_step(ddp, loss, half, opt, None, autocast, torch.device("cpu"))
-            sched.step()
+            terms = step(half)
             losses.append(terms["loss"])
         if rank == 0:
             torch.save({"model": model.state_dict(), "losses": torch.stack(losses)}, os.path.join(out_dir, "r0.pt"))
@@ -59,15 +59,15 @@ def _worker(rank, port, impl, out_dir):
 @pytest.mark.timeout(TIMEOUT_S)
 @pytest.mark.parametrize("impl", ["reference", "auto"])
 def test_two_processes_match_one_process_on_the_union_batch(tmp_path, impl):
-    from ifbf_fast.engine.trainer import train_one_step
+    from ifbf_fast.engine.step import TrainStep
 
     spawn_ranks(_worker, (impl, str(tmp_path)), timeout_s=TIMEOUT_S - 30, what="DDP with InPlaceABNSync")
 
-    model, opt, sched, loss, batches, autocast = _setup(impl)
+    model, opt, sched, loss, batches, buffers = _setup(impl)
+    step = TrainStep(model, model, loss, opt, sched, torch.device("cpu"), buffers=buffers)
     losses = []
     for b in batches:
-        losses.append(train_one_step(model, loss, b, opt, None, autocast, torch.device("cpu"))["loss"])
-        sched.step()
+        losses.append(step(b)["loss"])
     two = torch.load(tmp_path / "r0.pt")
     # Each rank's loss is the mean over its own half; the union's is the mean of both halves.
     assert two["losses"].shape == (STEPS,)

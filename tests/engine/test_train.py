@@ -9,7 +9,7 @@ import torch
 
 from ifbf_fast.engine import checkpoint as ck
 from ifbf_fast.engine.config import args_list, parse_args
-from ifbf_fast.engine.trainer import TrainingError, main, train, train_one_step
+from ifbf_fast.engine.trainer import TrainingError, main, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -123,18 +123,32 @@ def test_checkpoint_of_another_model_is_refused(city, tmp_path, capsys):
 
 
 def test_nonfinite_loss_skips_the_step():
+    from ifbf_fast.engine.step import TrainStep, fused_sgd
     model = torch.nn.Conv2d(3, 2, 1)
     before = model.weight.detach().clone()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = fused_sgd(list(model.parameters()), lr=0.1, momentum=0.9, weight_decay=0.0)
     batch = {"image": torch.randn(1, 3, 4, 4), "label": torch.zeros(1, 4, 4, dtype=torch.long)}
 
     def nan_loss(outputs, labels):
         return {"loss": outputs["out"].sum() * float("nan")}
 
-    import contextlib
-    got = train_one_step(lambda x: {"out": model(x)}, nan_loss, batch, opt, None, contextlib.nullcontext,
-                         torch.device("cpu"))
-    assert got is None and torch.equal(model.weight, before)
+    step = TrainStep(lambda x: {"out": model(x)}, model, nan_loss, opt, None, torch.device("cpu"))
+    got = step(batch)
+    assert float(got["skipped"]) == 1.0 and torch.equal(model.weight, before)
+    assert step.read_counters()["skipped"] == 1
+
+
+def test_too_many_consecutive_nonfinite_steps_stop_the_run():
+    from ifbf_fast.engine.logger import Logger
+    from ifbf_fast.engine.trainer import check_counters
+    args = parse_args(["--max-nonfinite", "3", "--log-every", "5", "--out", "/nonexistent", "--no-progress"])
+    log = Logger(args, enabled=False)
+    ok = {"skipped": 2, "consecutive": 2, "max_consecutive": 2, "bad_labels": 0, "steps": 5}
+    check_counters(ok, 5, args, log)
+    with pytest.raises(TrainingError, match="3 consecutive steps had a non-finite loss"):
+        check_counters(dict(ok, max_consecutive=3), 10, args, log)
+    with pytest.raises(TrainingError, match=r"label pixel\(s\) hold an id outside \[0, 19\)"):
+        check_counters(dict(ok, bad_labels=7), 10, args, log)
 
 
 @pytest.mark.slow

@@ -12,6 +12,8 @@ forward+backward call,
 * ``host_ms``: the time until the call returns to Python, the device still running (what the CPU
   spends issuing the work: if it is close to ``wall_ms``, the call is bound by the host, not the GPU);
 * ``device_ms`` and ``launches``: the sum of the kernels' device times and their count (torch.profiler);
+* ``graph_ms``: the device time by replaying a CUDA graph of the call (no host work between kernels);
+* ``counted_launches``: kernels launched per call counted at dispatch (``ifbf_fast.utils.launches``);
 * the kernels that take the most device time.
 
 The callables are the benches' own (``make_case`` of each bench file), on the same shapes, so a row
@@ -82,10 +84,49 @@ def _device_time_us(evt) -> float:
     return 0.0
 
 
+def graph_replay_ms(step: Callable[[], object], reps: int = 20) -> Optional[float]:
+    """Device time of ``step()`` per call by replaying a CUDA graph of it: no host work at all between
+    the kernels, so this is what the GPU needs when the host keeps up. ``None`` where ``step`` cannot be
+    captured (a host read, a CPU tensor, an allocation the graph pool refuses)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):          # warm-up on a side stream, as torch.cuda.graph requires
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / reps
+    except Exception:                           # not capturable: the other columns still stand
+        torch.cuda.synchronize()
+        return None
+
+
+def counted_launches(step: Callable[[], object]) -> int:
+    """Device kernels one call launches, counted at dispatch (ifbf_fast.utils.launches; the same on
+    any machine)."""
+    from ifbf_fast.utils.launches import count_launches
+    with count_launches() as count:
+        step()
+    return count.total
+
+
 def profile_step(step: Callable[[], object], device: str, iters: int = 10, warmup: int = 3) -> Dict[str, object]:
-    """Wall, host and per-kernel device time of ``step()`` per call (see the module docstring)."""
+    """Wall, host and per-kernel device time of ``step()`` per call (see the module docstring), the
+    device time by CUDA-graph replay on a GPU, and the launches counted at dispatch."""
     for _ in range(warmup):
         step()
+    counted = counted_launches(step)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(iters):
@@ -117,7 +158,9 @@ def profile_step(step: Callable[[], object], device: str, iters: int = 10, warmu
     rows.sort(key=lambda r: -r["us_per_call"])
     return {"wall_ms": wall * 1e3, "host_ms": sorted(host)[len(host) // 2] * 1e3,
             "device_ms": sum(r["us_per_call"] for r in rows) / 1e3,
-            "launches": sum(r["count_per_call"] for r in rows), "kernels": rows[:TOP_KERNELS]}
+            "graph_ms": graph_replay_ms(step) if device == "cuda" else None,
+            "launches": sum(r["count_per_call"] for r in rows), "counted_launches": counted,
+            "kernels": rows[:TOP_KERNELS]}
 
 
 def run(device: str, smoke: bool = False, iters: int = 10, only: Optional[List[str]] = None) -> List[Dict[str, object]]:
@@ -142,17 +185,19 @@ def _short(name: str, width: int = 60) -> str:
 
 
 def markdown(results: List[Dict[str, object]]) -> str:
-    lines = ["| case | provider | wall ms | host ms | device ms | launches | top kernels (us per call) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| case | provider | wall ms | host ms | device ms | graph ms | launches | counted | "
+             "top kernels (us per call) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['provider']} | error: {_short(str(r['error']), 100)} | | | | |")
+            lines.append(f"| {r['case']} | {r['provider']} | error: {_short(str(r['error']), 100)} | | | | | | |")
             continue
         top = "; ".join(f"{_short(k['kernel'], 48)} {k['us_per_call']:,.0f}"
                         + (f" x{k['count_per_call']:g}" if k["count_per_call"] != 1 else "")
                         for k in r["kernels"][:3])
+        graph = "" if r.get("graph_ms") is None else f"{r['graph_ms']:,.3f}"
         lines.append(f"| {r['case']} | {r['provider']} | {r['wall_ms']:,.3f} | {r['host_ms']:,.3f} | "
-                     f"{r['device_ms']:,.3f} | {r['launches']:g} | {top} |")
+                     f"{r['device_ms']:,.3f} | {graph} | {r['launches']:g} | {r.get('counted_launches', '')} | "
+                     f"{top} |")
     return "\n".join(lines)
 
 

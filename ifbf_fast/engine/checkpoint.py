@@ -4,6 +4,12 @@ A checkpoint is a dict of tensors and plain Python values only (so ``weights_onl
 ``model``, ``optimizer``, ``scheduler``, ``scaler`` state dicts, ``iteration``, ``epoch``, the loader
 position, the RNG states, the resolved arguments and a ``meta`` block describing the model (backbone,
 classes, ablation switches) that is compared before anything is loaded.
+
+Crash safety: a checkpoint is written to ``.NAME.tmp.PID`` beside its final name and renamed, so a
+kill at any moment leaves the old file or the new one. A kill during the write leaves the temporary
+file; ``remove_stale_temporaries`` deletes those (ours only, by name, and only when the writing
+process is gone) when a run starts. ``load_newest`` skips a latest checkpoint that does not load
+(cut short by a full disk, say) and falls back to the newest one that does.
 """
 
 from __future__ import annotations
@@ -12,16 +18,66 @@ import glob
 import os
 import random
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 CKPT_PATTERN = "iter_{:08d}.pt"
+#: the temporary names ``save_atomic`` writes (``.iter_00000150.pt.tmp.4711``, ``.best.pt.tmp.4711``)
+TMP_RE = re.compile(r"^\.(iter_\d+|best)\.pt\.tmp\.(\d+)$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used: missing, unreadable, or made for another model."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A readable checkpoint that this run's options do not fit (another model, norm, batch size...):
+    a usage error, exit code 2 like argparse's."""
+
+    exit_code = 2
+
+
+def tmp_path(path: str) -> str:
+    """The temporary file ``save_atomic`` writes ``path`` through (same folder, so the rename is atomic)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:       # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str) -> List[str]:
+    """Delete the temporary files an interrupted ``save_atomic`` left in ``folder`` (each the size of a
+    checkpoint): only names of the form ``TMP_RE``, and only when the process that wrote them is gone
+    (or is this one, which is not writing yet). Returns the paths removed."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in sorted(names):
+        m = TMP_RE.match(name)
+        if m is None:
+            continue
+        pid = int(m.group(2))
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            os.remove(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def save_atomic(obj: dict, path: str) -> None:
@@ -29,7 +85,7 @@ def save_atomic(obj: dict, path: str) -> None:
     one, never a truncated file: write to a temporary file in the same folder, fsync, rename."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    tmp = tmp_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -63,17 +119,31 @@ def load(path: str, map_location="cpu") -> dict:
     return obj
 
 
+def load_newest(folder: str, map_location="cpu") -> Tuple[Optional[str], Optional[dict], List[str]]:
+    """(path, state, skipped) of the newest periodic checkpoint in ``folder`` that loads; ``skipped``
+    holds one line per newer checkpoint that did not (truncated, corrupt), newest first. ``(None, None,
+    skipped)`` when none loads or there is none."""
+    skipped = []
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            return path, load(path, map_location), skipped
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+    return None, None, skipped
+
+
 def check_meta(saved: Dict[str, object], current: Dict[str, object], path: str) -> None:
     """Refuse a checkpoint of another model, naming every field that differs."""
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs this run {current.get(k)!r}"
              for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if diffs:
-        raise CheckpointError(f"checkpoint {path} was made for another model: " + "; ".join(diffs))
+        raise CheckpointMismatch(f"checkpoint {path} was made for another model: " + "; ".join(diffs))
 
 
 def list_checkpoints(folder: str) -> List[str]:
     """Periodic checkpoints in ``folder``, oldest first."""
-    paths = glob.glob(os.path.join(folder, "iter_*.pt"))
+    paths = [p for p in glob.glob(os.path.join(glob.escape(folder), "iter_*.pt"))
+             if re.search(r"iter_(\d+)\.pt$", p)]
     return sorted(paths, key=lambda p: int(re.search(r"iter_(\d+)\.pt$", p).group(1)))
 
 

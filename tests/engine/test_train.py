@@ -117,9 +117,9 @@ def test_resume_is_exact(city, tmp_path):
 def test_checkpoint_of_another_model_is_refused(city, tmp_path, capsys):
     train(tiny(city, tmp_path, iters=2, ckpt_every=2))
     words = args_list(dict(data=city, out=str(tmp_path), backbone="resnet18", crop_size=64, batch_size=4,
-                           workers=0, iters=4, warmup_iters=1, gpus=0, num_classes=8, resume="latest"))
-    assert main(words) == 1
-    assert "num_classes: checkpoint 19 vs this run 8" in capsys.readouterr().err
+                           workers=0, iters=4, warmup_iters=1, gpus=0, spatial_channels=64, resume="latest"))
+    assert main(words) == 2
+    assert "spatial_channels: checkpoint 128 vs this run 64" in capsys.readouterr().err
 
 
 def test_nonfinite_loss_skips_the_step():

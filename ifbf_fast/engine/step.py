@@ -180,14 +180,15 @@ class TrainStep:
         self.one = torch.ones(1, dtype=torch.float32, device=device)
         self.counters = torch.zeros(5, dtype=torch.float64, device=device)
 
-    def compile(self, mode: str = "default") -> None:
+    def compile(self, mode: str = "default", backend: str = "inductor") -> None:
         """``torch.compile`` forward and loss as one function (AOTAutograd compiles the backward with it).
 
         The optimizer step, the finite checks and the buffer restore stay eager: a few multi-tensor
         launches. ``mode`` is torch.compile's (``reduce-overhead`` replays the compiled forward and
         backward as CUDA graphs: every step then starts with ``cudagraph_mark_step_begin``).
         """
-        self.forward_loss = torch.compile(self._forward_loss, mode=None if mode == "default" else mode)
+        self.forward_loss = torch.compile(self._forward_loss, mode=None if mode == "default" else mode,
+                                          backend=backend)
         self.cudagraphs = mode == "reduce-overhead"
 
     def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -169,3 +169,30 @@ def test_train_step_refuses_an_optimizer_that_cannot_skip_on_the_device():
     with pytest.raises(ValueError, match="fused=True"):
         TrainStep(model, model, lambda o, y: {"loss": o.sum()}, torch.optim.SGD(model.parameters(), lr=0.1),
                   None, CPU, contextlib.nullcontext)
+
+
+@pytest.mark.slow
+def test_compiled_step_has_no_graph_break_and_matches_eager():
+    """train.py --compile: forward and loss in one graph (zero breaks, every fast op), the backward
+    through AOTAutograd; aot_eager keeps the kernels, so the state after two steps matches eager."""
+    import torch._dynamo as dynamo
+    model, opt, step = _setup()
+    batch = _batch(1)
+    with ops.use_impl("fast"):
+        explanation = dynamo.explain(step._forward_loss)(batch["image"], batch["label"])
+    assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
+    states = []
+    for compiled in (False, True):
+        model, opt, step = _setup()
+        if compiled:
+            dynamo.reset()
+            step.compile(backend="aot_eager")
+        with ops.use_impl("fast"):
+            for s in (1, 2):
+                torch.manual_seed(s)
+                step(_batch(s))
+        states.append(_state(model, opt, step))
+    worst = max(float((a - b).abs().max() / (a.abs().max() + 1e-12))
+                for k, a in states[0].items() if a.is_floating_point() for b in [states[1][k]])
+    assert worst < 1e-3, worst

@@ -4,7 +4,14 @@
 
 The training loss's shape (DESIGN section 3): batch 4 x 19 classes x 876 x 876 (the crop), bf16 and
 fp32 logits, int64 labels with about 10% ignored pixels (255), keep_ratio 0.75, without and with the
-``thresh=0.7`` union; forward and forward+backward. The providers of one case share a group so that
+``thresh=0.7`` union; forward and forward+backward. Without CUDA these skip.
+
+``test_host_ohem_ce`` (CPU, any machine): the host time of one fwd+bwd with every Triton launch
+stubbed (counted, not run), fast beside the reference and beside an empty autograd step (the
+engine's own floor), with the launch counts in ``extra_info``. It needs no TRITON_INTERPRET in the
+environment (bench/conftest.py refuses it for the GPU benches): the fast path's availability probe
+is told so only while the case runs, as ``memory_account.fast_paths_assumed`` does, and the stubbed
+launches never compile or interpret a kernel. The providers of one case share a group so that
 they print side by side. Each result's ``extra_info`` holds the minimal bytes the op must move
 (``bytes_moved``), the bytes the fast kernels actually move (``fast_path_bytes``), the GB/s achieved
 at the median time against ``bytes_moved``, and the peak memory the call allocates beyond its inputs.
@@ -15,7 +22,9 @@ importable; nothing here runs at import. Without CUDA every benchmark skips, say
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 from typing import Callable, Optional, Sequence
 
 import pytest
@@ -24,6 +33,7 @@ import torch
 from ifbf_fast import ops
 
 OPS = importlib.import_module("ifbf_fast.ops.ohem_ce")
+OPS_UP = importlib.import_module("ifbf_fast.ops.ohem_ce_upsampled")
 
 SHAPE = (4, 19, 876, 876)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -59,17 +69,16 @@ def bytes_moved(shape: Sequence[int], logits_dtype: torch.dtype, target_dtype: t
 
 def fast_path_bytes(shape: Sequence[int], logits_dtype: torch.dtype, target_dtype: torch.dtype = torch.int64,
                     backward: bool = False) -> int:
-    """Bytes the fast kernels move (an upper bound): ``bytes_moved`` plus the fp32 per-pixel loss buffer.
+    """DRAM bytes the fast kernels move, from the bytes model next to their launchers
+    (``kernels/ohem_ce.py: bytes_model``): ``bytes_moved`` plus the fp32 per-pixel loss buffer, written
+    by the forward and read by the select pass (8 bytes per pixel), and read once more by the backward
+    (4 bytes per pixel). The histogram atomics and the O(1) scratch stay in L2 and are left out."""
+    from ifbf_fast.kernels import ohem_ce as kernels
 
-    Forward: the loss buffer written once and read by the three radix passes and the reduction
-    (5 x 4 bytes per pixel); the 4 KiB state and the partial sums are left out. Backward: the loss
-    buffer read once more (4 bytes per pixel); it reads the logits only of kept pixels, so its true
-    traffic is lower by up to the dropped share (1 - keep_ratio of the valid pixels, plus ignored).
-    """
-    n, _, h, w = shape
-    pixels = n * h * w
-    extra = 5 * 4 * pixels + (4 * pixels if backward else 0)
-    return bytes_moved(shape, logits_dtype, target_dtype, backward) + extra
+    launches = kernels.bytes_model(shape, logits_dtype, target_dtype)["launches"]
+    if backward:
+        return sum(launches.values())
+    return launches["_ohem_ce_fwd_kernel"] + launches["_ohem_ce_select_kernel"]
 
 
 _compiled_ref = None
@@ -188,10 +197,10 @@ def bytes_moved_upsampled(lowres_shape: Sequence[int], size: Sequence[int], logi
 def _upsampled_fn(provider: str) -> Callable:
     global _compiled_up_ref
     if provider == "reference":
-        return OPS.ohem_cross_entropy_upsampled_ref
+        return OPS_UP.ohem_cross_entropy_upsampled_ref
     if provider == "compiled_reference":
         if _compiled_up_ref is None:
-            _compiled_up_ref = torch.compile(OPS.ohem_cross_entropy_upsampled_ref, dynamic=False)
+            _compiled_up_ref = torch.compile(OPS_UP.ohem_cross_entropy_upsampled_ref, dynamic=False)
         return _compiled_up_ref
     if provider == "fast_unfused":
         def unfused(x, t, *args):
@@ -202,7 +211,7 @@ def _upsampled_fn(provider: str) -> Callable:
     if provider == "fast_fused":
         def fused(*args):
             with ops.use_impl("fast"):
-                return OPS.ohem_cross_entropy_upsampled(*args)
+                return OPS_UP.ohem_cross_entropy_upsampled(*args)
         return fused
     raise ValueError(f"unknown provider {provider!r}; expected one of {UP_PROVIDERS}")
 
@@ -250,3 +259,74 @@ def test_ohem_ce_upsampled(benchmark, pass_, dtype, provider):
     benchmark.extra_info.update(
         provider=provider, bytes_moved=nbytes, gb_per_s=nbytes / median / 1e9, median_ms=median * 1e3,
         peak_mem_bytes=peak, device=torch.cuda.get_device_name())
+
+
+# --- host time per call on the CPU, Triton launches stubbed (issue 13.2) ------------------------------
+
+HOST_SHAPES = {"tiny": (1, 19, 8, 8), "network": SHAPE}
+HOST_PROVIDERS = ("reference", "fast", "autograd_floor")
+
+
+@contextlib.contextmanager
+def host_mode():
+    """Triton launches stubbed and the fast path's CPU probe satisfied, for the duration only."""
+    from ifbf_fast.utils.launches import stub_triton
+
+    importlib.import_module("ifbf_fast.kernels.ohem_ce_upsampled")     # import-time mode left as it is
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        with stub_triton():
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def make_host_case(provider: str, variant: str, shape: Sequence[int]) -> Callable:
+    """One fwd+bwd on CPU tensors as a training step issues it (loss, then autograd.grad): ``variant``
+    "plain" (logits at ``shape``) or "fused" (logits at 1/4 of it, upsampled inside the loss)."""
+    n, c, h, w = shape
+    low = (n, c, max(h // 4, 1), max(w // 4, 1))
+    logits = (torch.randn(low if variant == "fused" else shape) * 3).to(torch.bfloat16).requires_grad_()
+    target = torch.randint(0, c, (n, h, w), dtype=torch.uint8)
+    if provider == "autograd_floor":
+        def floor():
+            return torch.autograd.grad(logits.sum(), [logits])
+        return floor
+    op = ops.ohem_cross_entropy_upsampled if variant == "fused" else ops.ohem_cross_entropy
+    impl = "reference" if provider == "reference" else "fast"
+
+    def run():
+        with ops.use_impl(impl):
+            loss = op(logits, target, 0.75, None)
+        return torch.autograd.grad(loss, [logits])
+    return run
+
+
+@pytest.mark.benchmark(group="ohem_ce host", warmup=False)
+@pytest.mark.parametrize("provider", HOST_PROVIDERS)
+@pytest.mark.parametrize("size", list(HOST_SHAPES))
+@pytest.mark.parametrize("variant", ["plain", "fused"])
+def test_host_ohem_ce(benchmark, variant, size, provider):
+    """Host microseconds of one fwd+bwd (min and median in extra_info) and its device launches."""
+    from ifbf_fast.utils.launches import count_launches
+
+    if provider == "reference" and size == "network":
+        pytest.skip("the reference computes on the CPU: at the network shape that is not host time")
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    run = make_host_case(provider, variant, HOST_SHAPES[size])
+    with host_mode():
+        for _ in range(3):
+            run()
+        with count_launches(stub_triton=True) as launched:
+            run()
+        benchmark.group = f"ohem_ce host {variant} {'x'.join(map(str, HOST_SHAPES[size]))}"
+        benchmark.pedantic(run, rounds=200, iterations=1, warmup_rounds=5)
+    stats = benchmark.stats.stats
+    benchmark.extra_info.update(provider=provider, host_us_min=stats.min * 1e6, host_us_median=stats.median * 1e6,
+                                launches=launched.total, launches_by_name=dict(launched.by_name),
+                                device="cpu (Triton stubbed)")

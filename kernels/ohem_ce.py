@@ -1,18 +1,28 @@
 """Triton kernels of the fused OHEM cross-entropy (DESIGN section 2) and their host launchers.
 
-Forward, one read of the logits and no host synchronisation:
+Forward and backward in three launches, no host synchronisation, no fill:
 
 1. ``_ohem_ce_fwd_kernel``: per pixel, an fp32 log-sum-exp over the classes (pixels tiled against the
-   small class dimension, any strides: NCHW, channels_last, views); writes ONE fp32 per pixel
-   (the loss, ``-1.0`` for ignored pixels: the sign bit marks them), counts the valid pixels and
-   builds the histogram of the top radix digit of the losses' bit patterns.
-2. ``_ohem_ce_radix_kernel`` (three times): the exact k-th largest loss by radix select over the
-   32-bit pattern of the non-negative fp32 losses (monotone as integers), 8 bits per pass. Each
-   program re-derives the digits chosen so far from the earlier histograms (4 x 256 int32, L2
-   resident), so no separate "select" launches are needed.
-3. ``_ohem_ce_reduce_kernel``: per-block partial sums (losses above the k-th, the hard set of
-   ``thresh``); ``_ohem_ce_finalize_kernel`` (one program) adds them in fp64 in a fixed order
-   (deterministic, no float atomics) and writes the result, ``1/n_kept`` and the tie weight.
+   small class dimension, any strides: NCHW, channels_last, views); writes ONE fp32 per pixel (the
+   loss, ``-1.0`` for ignored pixels: the sign bit marks them) and adds each valid loss to a 65,536-bin
+   histogram of the top 16 of its 31 significant bits (one L2 atomic per pixel; a 256-bin histogram of
+   the exponent, built per program, indexes it). Its last program (a ticket counter) picks the bin
+   that holds the k-th largest loss, reading 2 x 256 bins.
+2. ``_ohem_ce_select_kernel`` (``ohem_ce_select.py``): one more pass over the L2-resident loss buffer.
+   Per program: the fp64 sums of the losses above the k-th's bin and of the ``thresh`` hard set
+   (stored per program, added in a fixed order: deterministic, no float atomics), and the histogram
+   of the low 15 bits of the losses inside the k-th's bin, with integer per-bin sums of those bits.
+   Its last program resolves the k-th largest loss exactly, adds the kept losses of that bin exactly
+   (a loss inside one bin is ``base + low_bits * ulp``: a count and an int64 sum of low bits give
+   their sum exactly), and writes the result and the per-call state.
+3. ``_ohem_ce_bwd_kernel``: grad = (softmax - onehot) * weight / n_kept, every element written.
+
+The histograms and counters live in a persistent per-device scratch buffer (:func:`scratch`, zeroed
+once at allocation, outside any CUDA graph capture): each region is zeroed by a later pass of the
+same call once it has been read (the first histogram by the select pass, the counters and tickets
+by the last programs) or before it is used (the second histogram by the forward kernel), so a call
+starts from zeros and needs no fill. Calls on one device must therefore not overlap (one stream, as
+in training).
 
 ``k = ceil(keep_ratio * n_valid)`` is computed on the device in fp64, exactly as ``num_kept`` does
 on the host: ``keep_ratio``'s fp64 bit pattern travels as two int32 halves (Triton would turn a
@@ -28,16 +38,16 @@ picks arbitrary tied pixels).
 Labels outside ``[0, C)`` that are not ``ignore_index`` are never used as an address (the true-class
 logit is picked from the loaded tile by comparison). Such a pixel, and a pixel whose loss is NaN
 (NaN/inf logits), "poisons" the call: the result is NaN and so is every element of ``grad_logits``.
-No silent garbage, no host sync; ``ifbf_fast.ops.ohem_ce`` documents the opt-in eager check that
-raises the reference's ValueError instead.
+The state counts the bad labels (``STATE_N_BAD``) and the op returns that count as an fp32 scalar on
+the device, so a trainer can name the problem without a host sync. Labels are read in their own
+dtype (uint8, int32 or int64: no conversion copy).
 
-Memory: the per-pixel loss buffer (4 bytes per pixel, saved for backward), 4 KiB of histogram and
-state, and 3 fp32 partials per 2048 pixels. Nothing of size (N, C, H, W) besides ``grad_logits``.
-The forward is bitwise deterministic (integer atomics only, partial sums added in a fixed order).
+Memory: the per-pixel loss buffer (4 bytes per pixel, saved for backward), a 32-byte state per call,
+3 fp64 partials per select program, and the 387 KiB scratch per device. The forward is bitwise
+deterministic (integer atomics only, partial sums added in a fixed order). ``bytes_model`` gives the
+bytes each launch moves against the op's minimum.
 
-The optional variant with the x4 bilinear upsampling of the logits fused in (``_ohem_ce_up_*``) is in
-``ohem_ce_upsampled.py``; it imports the constants, the per-tile loss, the selection launches and the
-host helpers from here.
+The variant with the x4 bilinear upsampling of the logits fused in is in ``ohem_ce_upsampled.py``.
 """
 
 from __future__ import annotations
@@ -49,21 +59,18 @@ import torch
 import triton
 import triton.language as tl
 
-RADIX_BITS = 8
-RADIX = 1 << RADIX_BITS
-N_PASSES = 4                       # 4 x 8 bits = the whole fp32 pattern
-# int32 state buffer: the four histograms, then scalar slots.
-SLOT_N_VALID = N_PASSES * RADIX    # valid pixels
-SLOT_N_POISON = SLOT_N_VALID + 1   # bad labels + NaN losses
-SLOT_CUT = SLOT_N_VALID + 2        # bit pattern of the cut: losses above it are kept with weight 1
-SLOT_INV_N = SLOT_N_VALID + 3      # fp32 bits: 1 / n_kept (NaN when poisoned, 0 when n_valid == 0)
-SLOT_TIE_W = SLOT_N_VALID + 4      # fp32 bits: weight of a pixel whose loss equals the cut
-STATE_SIZE = SLOT_N_VALID + 8
+from .ohem_ce_select import (N_PROGRAM_SLOT, RED_BLOCK, SCRATCH_SIZE, STATE_CUT, STATE_INV_N,
+                             STATE_K, STATE_KTH, STATE_N_BAD, STATE_N_NAN, STATE_N_VALID, STATE_SIZE,
+                             STATE_TIE_W, _STATE_CUT, _STATE_INV_N, _STATE_TIE_W, _ohem_ce_fwd_epilogue,
+                             _ohem_ce_select_kernel, scratch, select_launch, zero_steps, SLOTS, FINE2)
+
+__all__ = ["ohem_ce_fwd", "ohem_ce_bwd", "block_sizes", "thresh_bits", "bytes_model", "scratch",
+           "STATE_SIZE", "STATE_N_VALID", "STATE_N_BAD", "STATE_N_NAN", "STATE_CUT", "STATE_INV_N",
+           "STATE_TIE_W", "STATE_K", "STATE_KTH", "SCRATCH_SIZE", "RED_BLOCK", "_ohem_ce_select_kernel",
+           "N_PROGRAM_SLOT"]
 
 MAX_BLOCK_C = 256                  # classes held in registers; more would need an online LSE loop
-FWD_TILES = 8                      # pixel tiles per forward program (aggregates the histogram atomics)
-RED_BLOCK = 2048                   # loss-buffer elements per radix/reduce program
-FIN_BLOCK = 1024
+FWD_TILES = 8                      # pixel tiles per forward program (aggregates the exponent histogram)
 POS_INF_BITS = 0x7F800000
 NAN_BITS = 0x7FC00000              # canonical positive NaN: sorts above +inf as an integer
 
@@ -81,8 +88,17 @@ def _ohem_ce_pixel_offsets(offs_p, W, stride_h, stride_w, FLAT_HW: tl.constexpr)
 
 
 @triton.jit
+def _ohem_ce_labels(t):
+    """Labels widened for comparisons: int64 stays int64 (2**40 + 1 must not wrap to a class id),
+    narrower ones (uint8 from the loader, int32) become int32 (fewer registers)."""
+    if t.dtype == tl.int64:
+        return t
+    return t.to(tl.int32)
+
+
+@triton.jit
 def _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C):
-    """CE of each row of the fp32 tile ``x`` [P, BLOCK_C] (-inf padding): (loss, poison).
+    """CE of each row of the fp32 tile ``x`` [P, BLOCK_C] (-inf padding): (loss, bad label, NaN loss).
 
     loss is NaN for poisoned pixels (label outside [0, C) or a NaN loss), -1.0 for ignored ones.
     """
@@ -94,31 +110,42 @@ def _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C):
     # (m - x_t) >= 0 and log(s) >= 0 (s >= 1) term by term: no cancellation against the max.
     loss = (m - x_t) + tl.log(s)
     loss = tl.where(loss <= 0.0, 0.0, loss)         # where, not maximum: keeps NaN; -0.0 -> +0.0
-    poison = valid & ((t < 0) | (t >= C) | (loss != loss))
+    bad = valid & ((t < 0) | (t >= C))
+    is_nan = valid & (loss != loss) & ~bad
     nan = tl.full(loss.shape, 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
-    loss = tl.where(poison, nan, loss)
-    return tl.where(valid, loss, -1.0), poison
+    loss = tl.where(bad | is_nan, nan, loss)
+    return tl.where(valid, loss, -1.0), bad, is_nan
+
+
+@triton.jit
+def _ohem_ce_tile_histogram(scratch_ptr, loss, valid):
+    """Add the valid losses of a tile to the 16-bit histogram; return the tile's exponent histogram."""
+    bits = loss.to(tl.int32, bitcast=True)
+    # One relaxed L2 atomic per valid pixel (65,536 bins: too many for a per-program histogram).
+    tl.atomic_add(scratch_ptr + (bits >> 15), valid.to(tl.int32), mask=valid, sem="relaxed")
+    # Masked, not sent to a dummy bin (histogram's mask needs triton >= 3.4).
+    return tl.histogram(bits >> 23, 256, mask=valid)
 
 
 @triton.jit
 def _ohem_ce_fwd_kernel(
     logits_ptr,     # (N, C, H, W) fp32/fp16/bf16, any strides
-    target_ptr,     # (N, H, W) integer class ids, any strides
+    target_ptr,     # (N, H, W) uint8/int32/int64 class ids, any strides
     loss_ptr,       # (N*H*W,) fp32 out: CE of valid pixels (NaN if poisoned), -1.0 for ignored ones
-    state_ptr,      # (STATE_SIZE,) int32, zeroed: histogram 0 and the valid/poison counters
+    scratch_ptr,    # (SCRATCH_SIZE,) int32 per-device scratch (histograms and counters; see ohem_ce_select)
     C, HW, W,       # classes, pixels per image (H*W, passed so that its divisibility is known), width
     stride_ln, stride_lc, stride_lh, stride_lw,   # logits strides (elements)
     stride_tn, stride_th, stride_tw,              # target strides (elements)
     ignore_index,   # label of ignored pixels
+    keep_hi, keep_lo,   # int32 halves of keep_ratio's fp64 bit pattern (for the epilogue's k)
+    n_programs,     # grid size (both axes)
+    zero_steps,     # grid-stride steps that zero the second histogram (ohem_ce_select.zero_steps)
     BLOCK_P: tl.constexpr,   # pixels per tile
     BLOCK_C: tl.constexpr,   # next power of two >= C
     TILES: tl.constexpr,     # tiles per program
-    RADIX_BITS: tl.constexpr,
-    SLOT_N_VALID: tl.constexpr,
     FLAT_HW: tl.constexpr,   # logits' and target's H x W planes are dense
 ):
     """One program: TILES x BLOCK_P pixels of image ``program_id(1)``; grid (cdiv(H*W, TILES*BLOCK_P), N)."""
-    RADIX: tl.constexpr = 1 << RADIX_BITS
     # int64 only for the image's base; offsets inside one image fit int32 (checked by the launcher).
     n = tl.program_id(1).to(tl.int64)
     logits_ptr += n * stride_ln
@@ -128,171 +155,29 @@ def _ohem_ce_fwd_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     col = offs_c * stride_lc
-    hist = tl.zeros([RADIX], dtype=tl.int32)
+    coarse = tl.zeros([256], dtype=tl.int32)
     n_valid = tl.zeros([], dtype=tl.int32)
-    n_poison = tl.zeros([], dtype=tl.int32)
+    n_bad = tl.zeros([], dtype=tl.int32)
+    n_nan = tl.zeros([], dtype=tl.int32)
     for i in range(TILES):
         offs_p = (tl.program_id(0) * TILES + i) * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_p = offs_p < hw_total
-        t = tl.load(target_ptr + _ohem_ce_pixel_offsets(offs_p, W, stride_th, stride_tw, FLAT_HW),
-                    mask=mask_p, other=ignore_index).to(tl.int64)
+        t = _ohem_ce_labels(tl.load(target_ptr + _ohem_ce_pixel_offsets(offs_p, W, stride_th, stride_tw, FLAT_HW),
+                                    mask=mask_p, other=ignore_index))
         valid = mask_p & (t != ignore_index)
         row = _ohem_ce_pixel_offsets(offs_p, W, stride_lh, stride_lw, FLAT_HW)
         # -inf padding is neutral for the max and the exp-sum. Ignored pixels are read too: a mask
         # that depends on the labels would stop the loads from vectorising.
         x = tl.load(logits_ptr + row[:, None] + col[None, :], mask=mask_p[:, None] & mask_c[None, :],
                     other=-float("inf")).to(tl.float32)
-        loss, poison = _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C)
+        loss, bad, is_nan = _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C)
         tl.store(loss_ptr + offs_p, loss, mask=mask_p)
-        bits = loss.to(tl.int32, bitcast=True)
-        # Masked, not sent to a dummy bin: a shared-memory atomic on one address per ignored pixel
-        # would serialise (histogram's mask needs triton >= 3.4).
-        hist += tl.histogram((bits >> (32 - RADIX_BITS)) & (RADIX - 1), RADIX, mask=valid)
+        coarse += _ohem_ce_tile_histogram(scratch_ptr, loss, valid)
         n_valid += tl.sum(valid.to(tl.int32))
-        n_poison += tl.sum(poison.to(tl.int32))
-    bins = tl.arange(0, RADIX)
-    tl.atomic_add(state_ptr + bins, hist, mask=hist != 0)
-    tl.atomic_add(state_ptr + SLOT_N_VALID, n_valid, mask=n_valid != 0)
-    tl.atomic_add(state_ptr + SLOT_N_VALID + 1, n_poison, mask=n_poison != 0)
-
-
-@triton.jit
-def _ohem_ce_num_kept(state_ptr, keep_hi, keep_lo, SLOT_N_VALID: tl.constexpr):
-    """k = ceil(keep_ratio * n_valid) in fp64, keep_ratio rebuilt from its bit pattern."""
-    n_valid = tl.load(state_ptr + SLOT_N_VALID)
-    # tl.cast, not .to(): an argument equal to 1 reaches the kernel as a Python int (Triton specialises 1)
-    kr_bits = (tl.cast(keep_hi, tl.int64) << 32) | (tl.cast(keep_lo, tl.int64) & 0xFFFFFFFF)
-    keep_ratio = kr_bits.to(tl.float64, bitcast=True)
-    k = tl.math.ceil(keep_ratio * n_valid.to(tl.float64))
-    return k.to(tl.int32), n_valid
-
-
-@triton.jit
-def _ohem_ce_select(state_ptr, k, PASSES: tl.constexpr, RADIX_BITS: tl.constexpr):
-    """Replay radix-select over the first PASSES histograms.
-
-    Returns (prefix, n_greater, n_in_bin): the top ``8*PASSES`` bits of the k-th largest pattern,
-    how many valid losses lie strictly above that prefix, and how many share it.
-    """
-    RADIX: tl.constexpr = 1 << RADIX_BITS
-    bins = tl.arange(0, RADIX)
-    prefix = 0
-    n_greater = 0
-    n_in = 0
-    for p in tl.static_range(PASSES):
-        hcount = tl.load(state_ptr + p * RADIX + bins)
-        at_or_above = tl.sum(hcount) - tl.cumsum(hcount, 0) + hcount
-        # Largest digit with at least k_rem losses at or above it (k_rem = 0 only when n_valid = 0).
-        digit = tl.max(tl.where(at_or_above >= k - n_greater, bins, 0))
-        n_in = tl.sum(tl.where(bins == digit, hcount, 0))
-        n_greater += tl.sum(tl.where(bins == digit, at_or_above, 0)) - n_in
-        prefix = (prefix << RADIX_BITS) | digit
-    return prefix, n_greater, n_in
-
-
-@triton.jit
-def _ohem_ce_radix_kernel(
-    loss_ptr,      # (P,) fp32 losses, -1.0 for ignored pixels
-    state_ptr,     # (STATE_SIZE,) int32: histograms 0..PASS-1 read, histogram PASS accumulated
-    P,             # number of pixels
-    keep_hi, keep_lo,   # int32 halves of keep_ratio's fp64 bit pattern
-    PASS: tl.constexpr,        # 1, 2 or 3
-    RADIX_BITS: tl.constexpr,
-    SLOT_N_VALID: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Histogram of digit PASS of the losses that match the prefix chosen by passes 0..PASS-1."""
-    RADIX: tl.constexpr = 1 << RADIX_BITS
-    SHIFT: tl.constexpr = 32 - RADIX_BITS * (PASS + 1)
-    k, n_valid = _ohem_ce_num_kept(state_ptr, keep_hi, keep_lo, SLOT_N_VALID)
-    prefix, n_greater, n_in = _ohem_ce_select(state_ptr, k, PASS, RADIX_BITS)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < P
-    bits = tl.load(loss_ptr + offs, mask=mask, other=-1.0).to(tl.int32, bitcast=True)
-    # Ignored pixels (negative patterns) never match: prefix >= 0 and the shift is arithmetic.
-    match = mask & ((bits >> (SHIFT + RADIX_BITS)) == prefix)
-    # After the first passes few losses still match: most programs skip the histogram entirely.
-    if tl.sum(match.to(tl.int32)) > 0:
-        hist = tl.histogram((bits >> SHIFT) & (RADIX - 1), RADIX, mask=match)
-        tl.atomic_add(state_ptr + PASS * RADIX + tl.arange(0, RADIX), hist, mask=hist != 0)
-
-
-@triton.jit
-def _ohem_ce_reduce_kernel(
-    loss_ptr,      # (P,) fp32 losses, -1.0 for ignored pixels
-    state_ptr,     # (STATE_SIZE,) int32 with all four histograms
-    partial_ptr,   # (3, n_programs) fp32 out: sum above the k-th, sum of the hard set, hard count
-    P,
-    keep_hi, keep_lo,
-    thresh_bits,   # int32 pattern of -log(thresh) as fp32 (+inf without thresh)
-    n_programs,
-    RADIX_BITS: tl.constexpr,
-    N_PASSES: tl.constexpr,
-    SLOT_N_VALID: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Per-program partial sums; added in a fixed order by the finalize kernel (deterministic)."""
-    k, n_valid = _ohem_ce_num_kept(state_ptr, keep_hi, keep_lo, SLOT_N_VALID)
-    kth_bits, n_greater, n_tied = _ohem_ce_select(state_ptr, k, N_PASSES, RADIX_BITS)
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    loss = tl.load(loss_ptr + offs, mask=offs < P, other=-1.0)
-    bits = loss.to(tl.int32, bitcast=True)
-    above = bits > kth_bits                       # ignored (negative) patterns are never above
-    hard = bits > thresh_bits
-    tl.store(partial_ptr + pid, tl.sum(tl.where(above, loss, 0.0)))
-    tl.store(partial_ptr + n_programs + pid, tl.sum(tl.where(hard, loss, 0.0)))
-    tl.store(partial_ptr + 2 * n_programs + pid, tl.sum(hard.to(tl.float32)))
-
-
-@triton.jit
-def _ohem_ce_finalize_kernel(
-    state_ptr,     # (STATE_SIZE,) int32: CUT, INV_N and TIE_W written here
-    partial_ptr,   # (3, n_programs) fp32 from the reduce kernel
-    result_ptr,    # () fp32 out: the loss
-    n_programs,
-    keep_hi, keep_lo,
-    thresh_bits,
-    RADIX_BITS: tl.constexpr,
-    N_PASSES: tl.constexpr,
-    SLOT_N_VALID: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """One program: the mean over the kept set and what the backward needs to weight each pixel."""
-    k, n_valid = _ohem_ce_num_kept(state_ptr, keep_hi, keep_lo, SLOT_N_VALID)
-    kth_bits, n_greater, n_tied = _ohem_ce_select(state_ptr, k, N_PASSES, RADIX_BITS)
-    n_poison = tl.load(state_ptr + SLOT_N_VALID + 1)
-    acc_above = tl.zeros([BLOCK], dtype=tl.float64)
-    acc_hard = tl.zeros([BLOCK], dtype=tl.float64)
-    acc_n_hard = tl.zeros([BLOCK], dtype=tl.float64)
-    for start in range(0, n_programs, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < n_programs
-        acc_above += tl.load(partial_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        acc_hard += tl.load(partial_ptr + n_programs + offs, mask=mask, other=0.0).to(tl.float64)
-        acc_n_hard += tl.load(partial_ptr + 2 * n_programs + offs, mask=mask, other=0.0).to(tl.float64)
-    sum_above = tl.sum(acc_above)
-    sum_hard = tl.sum(acc_hard)
-    n_hard = tl.sum(acc_n_hard)
-    k64 = k.to(tl.float64)
-    n_take = (k - n_greater).to(tl.float64)       # copies of the k-th value in the top-k
-    kth = kth_bits.to(tl.float32, bitcast=True).to(tl.float64)
-    use_hard = n_hard >= k64                      # the hard set holds the top-k: keep it whole
-    denom = tl.where(use_hard, n_hard, k64)
-    denom = tl.where(k == 0, 1.0, denom)
-    total = tl.where(use_hard, sum_hard, sum_above + n_take * kth)
-    result = tl.where(k == 0, 0.0, total / denom)
-    inv_n = tl.where(k == 0, 0.0, 1.0 / denom)
-    tie_w = tl.where(use_hard | (k == 0), 0.0, n_take / tl.maximum(n_tied, 1).to(tl.float64))
-    cut = tl.where(use_hard, thresh_bits, kth_bits)
-    cut = tl.where(k == 0, 0x7FFFFFFF, cut)
-    nan = tl.full([], 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
-    result32 = tl.where(n_poison > 0, nan, result.to(tl.float32))
-    inv32 = tl.where(n_poison > 0, nan, inv_n.to(tl.float32))
-    tl.store(result_ptr, result32)
-    tl.store(state_ptr + SLOT_N_VALID + 2, cut)
-    tl.store(state_ptr + SLOT_N_VALID + 3, inv32.to(tl.int32, bitcast=True))
-    tl.store(state_ptr + SLOT_N_VALID + 4, tie_w.to(tl.float32).to(tl.int32, bitcast=True))
+        n_bad += tl.sum(bad.to(tl.int32))
+        n_nan += tl.sum(is_nan.to(tl.int32))
+    _ohem_ce_fwd_epilogue(scratch_ptr, coarse, n_valid, n_bad, n_nan, keep_hi, keep_lo,
+                          tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), n_programs, zero_steps)
 
 
 @triton.jit
@@ -307,7 +192,6 @@ def _ohem_ce_bwd_kernel(
     stride_ln, stride_lc, stride_lh, stride_lw,
     stride_tn, stride_th, stride_tw,
     stride_gn, stride_gc, stride_gh, stride_gw,
-    SLOT_N_VALID: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     FLAT_HW: tl.constexpr,   # logits', target's and grad's H x W planes are dense
@@ -323,26 +207,27 @@ def _ohem_ce_bwd_kernel(
     mask_p = offs_p < hw_total
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    cut = tl.load(state_ptr + SLOT_N_VALID + 2)
-    inv_n = tl.load(state_ptr + SLOT_N_VALID + 3).to(tl.float32, bitcast=True)
-    tie_w = tl.load(state_ptr + SLOT_N_VALID + 4).to(tl.float32, bitcast=True)
+    cut = tl.load(state_ptr + _STATE_CUT)
+    inv_n = tl.load(state_ptr + _STATE_INV_N).to(tl.float32, bitcast=True)
+    tie_w = tl.load(state_ptr + _STATE_TIE_W).to(tl.float32, bitcast=True)
     g = tl.load(grad_out_ptr).to(tl.float32)
     bits = tl.load(loss_ptr + offs_p, mask=mask_p, other=-1.0).to(tl.int32, bitcast=True)
     weight = tl.where(bits > cut, 1.0, tl.where(bits == cut, tie_w, 0.0))
     coef = g * inv_n * weight            # NaN everywhere when poisoned (inv_n = NaN)
     kept = mask_p & (weight != 0.0)
-    t = tl.load(target_ptr + _ohem_ce_pixel_offsets(offs_p, W, stride_th, stride_tw, FLAT_HW), mask=kept,
-                other=-1).to(tl.int64)
-    # Dropped and ignored pixels' logits are not read: their gradient is zero whatever they hold.
+    # Loads masked by the image bounds only (not by the kept flag): they vectorise; a dropped pixel's
+    # gradient is selected to zero below (0 * coef: NaN only when the call is poisoned).
+    t = _ohem_ce_labels(tl.load(target_ptr + _ohem_ce_pixel_offsets(offs_p, W, stride_th, stride_tw, FLAT_HW),
+                                mask=mask_p, other=-1))
     row = _ohem_ce_pixel_offsets(offs_p, W, stride_lh, stride_lw, FLAT_HW)
     x = tl.load(logits_ptr + row[:, None] + (offs_c * stride_lc)[None, :],
-                mask=kept[:, None] & mask_c[None, :], other=-float("inf")).to(tl.float32)
-    m = tl.where(kept, tl.max(x, axis=1), 0.0)
+                mask=mask_p[:, None] & mask_c[None, :], other=-float("inf")).to(tl.float32)
+    m = tl.where(mask_p, tl.max(x, axis=1), 0.0)
     e = tl.exp(x - m[:, None])
-    s = tl.where(kept, tl.sum(e, axis=1), 1.0)
+    s = tl.where(mask_p, tl.sum(e, axis=1), 1.0)
     prob = e / s[:, None]
     onehot = tl.where(offs_c[None, :] == t[:, None], 1.0, 0.0)
-    grad = (prob - onehot) * coef[:, None]
+    grad = tl.where(kept[:, None], (prob - onehot) * coef[:, None], (0.0 * coef)[:, None])
     grad_row = _ohem_ce_pixel_offsets(offs_p, W, stride_gh, stride_gw, FLAT_HW)
     tl.store(grad_ptr + grad_row[:, None] + (offs_c * stride_gc)[None, :],
              grad.to(grad_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
@@ -356,7 +241,7 @@ def block_sizes(num_classes: int) -> tuple:
     if block_c > MAX_BLOCK_C:
         raise ValueError(f"ohem_ce kernels hold at most {MAX_BLOCK_C} classes in registers; got {num_classes}")
     # a 4096-element tile: 32 fp32 values per thread at 4 warps; at most 1024 pixels, whose per-pixel state
-    # (int64 label, loss, masks) would otherwise spill for one or two classes (seen with triton 3.6, sm_80)
+    # (label, loss, masks) would otherwise spill for one or two classes (seen with triton 3.6, sm_80)
     block_p = min(max(4096 // block_c, 16), 1024)
     return block_p, block_c, 4
 
@@ -398,137 +283,119 @@ def thresh_bits(thresh: float) -> int:
     return struct.unpack("<i", struct.pack("<f", cut))[0]
 
 
-def _select_and_reduce(losses, state, result, p, n_prog, hi, lo, tb) -> None:
-    """Radix passes 1..3, the partial sums and the finalize (after a forward kernel filled pass 0)."""
-    alloc = torch.empty if p > 0 else torch.zeros           # fully written by the reduce kernel
-    partial = alloc((3, n_prog), dtype=torch.float32, device=losses.device)
-    if p > 0:
-        for pass_ in range(1, N_PASSES):
-            _ohem_ce_radix_kernel[(n_prog,)](losses, state, p, hi, lo, PASS=pass_, RADIX_BITS=RADIX_BITS,
-                                             SLOT_N_VALID=SLOT_N_VALID, BLOCK=RED_BLOCK, num_warps=4)
-        _ohem_ce_reduce_kernel[(n_prog,)](losses, state, partial, p, hi, lo, tb, n_prog, RADIX_BITS=RADIX_BITS,
-                                          N_PASSES=N_PASSES, SLOT_N_VALID=SLOT_N_VALID, BLOCK=RED_BLOCK,
-                                          num_warps=4)
-    _ohem_ce_finalize_kernel[(1,)](state, partial, result, n_prog, hi, lo, tb, RADIX_BITS=RADIX_BITS,
-                                   N_PASSES=N_PASSES, SLOT_N_VALID=SLOT_N_VALID, BLOCK=FIN_BLOCK, num_warps=4)
+# Per-call launch metadata, cached by what determines it (shapes, strides, dtypes): the host cost of a
+# call is then a dict lookup, the allocations and the launches.
+_FWD_META: dict = {}
+_BWD_META: dict = {}
+_SCALARS: dict = {}
+
+
+def _scalars(keep_ratio: float, thresh: float) -> tuple:
+    key = (keep_ratio, thresh)
+    got = _SCALARS.get(key)
+    if got is None:
+        got = _SCALARS[key] = _f64_halves(keep_ratio) + (thresh_bits(thresh),)
+    return got
+
+
+def _fwd_meta(logits: torch.Tensor, target: torch.Tensor) -> tuple:
+    key = (logits.shape, logits.stride(), target.stride())
+    meta = _FWD_META.get(key)
+    if meta is None:
+        n, c, h, w = logits.shape
+        p = n * h * w
+        if p >= 2 ** 31:
+            raise ValueError(f"ohem_ce kernels count pixels in int32; got {p} pixels")
+        block_p, block_c, warps = block_sizes(c)
+        _check_offsets(logits, target)
+        grid = (_cdiv(h * w, block_p * FWD_TILES), n)
+        n_prog = grid[0] * grid[1]
+        meta = _FWD_META[key] = (p, _ohem_ce_fwd_kernel[grid], _cdiv(p, RED_BLOCK) if p else 1,
+                                 (c, h * w, w) + tuple(logits.stride()) + tuple(target.stride()),
+                                 (n_prog, zero_steps(SLOTS - FINE2, max(n_prog, 1))),
+                                 dict(BLOCK_P=block_p, BLOCK_C=block_c, TILES=FWD_TILES,
+                                      FLAT_HW=_flat_hw(logits, target), num_warps=warps))
+    return meta
 
 
 def ohem_ce_fwd(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float, thresh: float,
                 ignore_index: int) -> tuple:
-    """Launch the forward: returns (loss () fp32, losses (N, H, W) fp32, state (STATE_SIZE,) int32).
+    """Launch the forward: (loss () fp32, losses (N, H, W) fp32, state (STATE_SIZE,) int32,
+    bad_labels () fp32: the number of labels outside [0, C) that are not ignore_index).
 
     ``thresh < 0`` means no threshold. Arguments are assumed checked (``check_ohem_args``).
     """
-    n, c, h, w = logits.shape
-    p = n * h * w
-    if p >= 2 ** 31:
-        raise ValueError(f"ohem_ce kernels count pixels in int32; got {p} pixels")
-    block_p, block_c, warps = block_sizes(c)
-    _check_offsets(logits, target)
+    p, launch, n_sel, args, tail, consts = _fwd_meta(logits, target)
+    hi, lo, tb = _scalars(keep_ratio, thresh)
     dev = logits.device
-    losses = torch.empty((n, h, w), dtype=torch.float32, device=dev)
-    state = torch.zeros(STATE_SIZE, dtype=torch.int32, device=dev)
-    result = torch.empty((), dtype=torch.float32, device=dev)
-    hi, lo = _f64_halves(keep_ratio)
-    tb = thresh_bits(thresh)
-    if p == 0:   # empty batch: k = 0, the finalize kernel alone writes 0.0
-        _select_and_reduce(losses, state, result, 0, 1, hi, lo, tb)
-        return result, losses, state
-    grid = (_cdiv(h * w, block_p * FWD_TILES), n)
-    _ohem_ce_fwd_kernel[grid](
-        logits, target, losses, state, c, h * w, w, *logits.stride(), *target.stride(), ignore_index,
-        BLOCK_P=block_p, BLOCK_C=block_c, TILES=FWD_TILES, RADIX_BITS=RADIX_BITS,
-        SLOT_N_VALID=SLOT_N_VALID, FLAT_HW=_flat_hw(logits, target), num_warps=warps)
-    _select_and_reduce(losses, state, result, p, _cdiv(p, RED_BLOCK), hi, lo, tb)
-    return result, losses, state
+    losses = torch.empty(target.shape, dtype=torch.float32, device=dev)
+    work = scratch(dev)
+    try:
+        if p:
+            launch(logits, target, losses, work, *args, ignore_index, hi, lo, *tail, **consts)
+        out = select_launch(losses, work, p, n_sel, hi, lo, tb)
+    except BaseException:
+        work.zero_()            # a failed launch must not leave the scratch dirty for the next call
+        raise
+    return (out[0],) + (losses,) + out[1:]
 
 
 def ohem_ce_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, losses: torch.Tensor,
                 state: torch.Tensor, grad_logits: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the backward; writes every element of ``grad_logits`` (allocated like ``logits`` if None)."""
-    n, c, h, w = logits.shape
     if grad_logits is None:
         grad_logits = torch.empty_like(logits)
-    if grad_logits.numel() == 0:
-        return grad_logits
-    block_p, block_c, warps = block_sizes(c)
-    _check_offsets(logits, target, grad_logits)
-    grid = (_cdiv(h * w, block_p), n)
-    _ohem_ce_bwd_kernel[grid](
-        grad_out, logits, target, losses, state, grad_logits, c, h * w, w,
-        *logits.stride(), *target.stride(), *grad_logits.stride(),
-        SLOT_N_VALID=SLOT_N_VALID, BLOCK_P=block_p, BLOCK_C=block_c,
-        FLAT_HW=_flat_hw(logits, target, grad_logits), num_warps=warps)
+    key = (logits.shape, logits.stride(), target.stride(), grad_logits.stride())
+    meta = _BWD_META.get(key)
+    if meta is None:
+        n, c, h, w = logits.shape
+        block_p, block_c, warps = block_sizes(c)
+        _check_offsets(logits, target, grad_logits)
+        meta = _BWD_META[key] = (_ohem_ce_bwd_kernel[(_cdiv(h * w, block_p), n)], n * c * h * w,
+                                 (c, h * w, w) + tuple(logits.stride()) + tuple(target.stride())
+                                 + tuple(grad_logits.stride()),
+                                 dict(BLOCK_P=block_p, BLOCK_C=block_c,
+                                      FLAT_HW=_flat_hw(logits, target, grad_logits), num_warps=warps))
+    launch, numel, args, consts = meta
+    if numel:
+        launch(grad_out, logits, target, losses, state, grad_logits, *args, **consts)
     return grad_logits
 
 
-# --- what the launchers compile, for the ahead-of-time compile test -----------------------------
+# --- the bytes model (issue 14.1): what each launch moves, against the op's minimum --------------
 
-_TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
-             torch.int32: "i32", torch.uint8: "u8", torch.int16: "i16", torch.int8: "i8"}
+SMALL_BYTES = 1 << 20     # scratch, state, partial sums, scalars: L2-resident, O(1) per call
 
 
-def kernel_specs(num_classes: int, logits_dtype: torch.dtype, target_dtype: torch.dtype = torch.int64,
-                 channels_last: bool = False, aligned: bool = True) -> list:
-    """``KernelSpec``s of the forward and backward launches for one input kind (see utils.triton_aot).
+def _sizes(logits_dtype: torch.dtype, target_dtype: torch.dtype) -> tuple:
+    return (torch.empty((), dtype=logits_dtype).element_size(), torch.empty((), dtype=target_dtype).element_size())
 
-    Dense NCHW or channels_last inputs (the unit stride is specialised to 1 as a real launch does);
-    ``aligned`` marks what a real launch at 876 x 876 marks divisible by 16 (pointers, H*W, the
-    batch strides and the class stride of NCHW). The dtype-independent selection kernels are in
-    :func:`select_kernel_specs`, the fused-upsampling ones in ``ohem_ce_upsampled.upsample_kernel_specs``.
+
+def op_minimum(pixels: int, logit_bytes: int, label_bytes: int) -> int:
+    """The fewest DRAM bytes this algorithm moves for one fwd+bwd: the logits and labels read by the
+    forward and again by the backward (nothing of logits' size is saved: the softmax is recomputed),
+    grad_logits written once, and the one fp32 per pixel an exact selection must keep: the loss,
+    written once, read by the selection and read by the backward (which must know each pixel's
+    weight; recomputing it in another kernel would not be bitwise equal to the cut)."""
+    return 2 * (logit_bytes + label_bytes) + logit_bytes + 12 * pixels
+
+
+def bytes_model(shape, logits_dtype: torch.dtype, target_dtype: torch.dtype = torch.int64) -> dict:
+    """DRAM bytes read + written by each launch of one fwd+bwd at logits ``shape`` = (N, C, H, W).
+
+    ``launches`` maps each launch to its bytes; ``l2`` lists traffic that stays in L2 (the histogram
+    atomics, one 4-byte atomic per valid pixel on 256 KiB; scratch, state and partial sums, below
+    ``SMALL_BYTES``), ``total`` sums the launches and ``minimum`` is :func:`op_minimum`. The
+    backward reads every logit whatever the keep ratio (its loads are not masked by the kept flag).
     """
-    from ifbf_fast.utils.triton_aot import KernelSpec
-
-    block_p, block_c, warps = block_sizes(num_classes)
-    lt, tt = _TL_TYPES[logits_dtype], _TL_TYPES[target_dtype]
-    unit = "stride_lc" if channels_last else "stride_lw"
-    common = {"C": "i32", "HW": "i32", "W": "i32", "stride_ln": "i32", "stride_lc": "i32", "stride_lh": "i32",
-              "stride_lw": "i32", "stride_tn": "i32", "stride_th": "i32", "stride_tw": "constexpr",
-              unit: "constexpr"}
-    consts = {"stride_tw": 1, unit: 1, "SLOT_N_VALID": SLOT_N_VALID, "BLOCK_P": block_p, "BLOCK_C": block_c,
-              "FLAT_HW": True}
-    div = ["logits_ptr", "target_ptr", "HW", "stride_ln", "stride_tn"] + ([] if channels_last else ["stride_lc"])
-    fwd_sig = dict(common, logits_ptr=f"*{lt}", target_ptr=f"*{tt}", loss_ptr="*fp32", state_ptr="*i32",
-                   ignore_index="i32", BLOCK_P="constexpr", BLOCK_C="constexpr", TILES="constexpr",
-                   RADIX_BITS="constexpr", SLOT_N_VALID="constexpr", FLAT_HW="constexpr")
-    gunit = "stride_gc" if channels_last else "stride_gw"
-    bwd_sig = dict(common, grad_out_ptr="*fp32", logits_ptr=f"*{lt}", target_ptr=f"*{tt}", loss_ptr="*fp32",
-                   state_ptr="*i32", grad_ptr=f"*{lt}", stride_gn="i32", stride_gc="i32", stride_gh="i32",
-                   stride_gw="i32", SLOT_N_VALID="constexpr", BLOCK_P="constexpr", BLOCK_C="constexpr",
-                   FLAT_HW="constexpr")
-    bwd_sig[gunit] = "constexpr"
-    mod = __name__
-    return [
-        KernelSpec(mod, "_ohem_ce_fwd_kernel", fwd_sig,
-                   dict(consts, TILES=FWD_TILES, RADIX_BITS=RADIX_BITS),
-                   divisible_by_16=tuple(div + ["loss_ptr", "state_ptr"]) if aligned else (), num_warps=warps),
-        KernelSpec(mod, "_ohem_ce_bwd_kernel", bwd_sig, dict(consts, **{gunit: 1}),
-                   divisible_by_16=tuple(div + ["loss_ptr", "state_ptr", "grad_ptr", "grad_out_ptr", "stride_gn"]
-                                         + ([] if channels_last else ["stride_gc"])) if aligned else (),
-                   num_warps=warps),
-    ]
-
-
-def select_kernel_specs() -> list:
-    """``KernelSpec``s of the radix, reduce and finalize launches (independent of dtype and classes)."""
-    from ifbf_fast.utils.triton_aot import KernelSpec
-
-    mod = __name__
-    base = {"loss_ptr": "*fp32", "state_ptr": "*i32", "P": "i32", "keep_hi": "i32", "keep_lo": "i32",
-            "RADIX_BITS": "constexpr", "SLOT_N_VALID": "constexpr", "BLOCK": "constexpr"}
-    consts = {"RADIX_BITS": RADIX_BITS, "SLOT_N_VALID": SLOT_N_VALID}
-    div = ("loss_ptr", "state_ptr", "P")
-    specs = [KernelSpec(mod, "_ohem_ce_radix_kernel", dict(base, PASS="constexpr"),
-                        dict(consts, PASS=pass_, BLOCK=RED_BLOCK), divisible_by_16=div, num_warps=4)
-             for pass_ in range(1, N_PASSES)]
-    specs.append(KernelSpec(mod, "_ohem_ce_reduce_kernel",
-                            dict(base, partial_ptr="*fp32", thresh_bits="i32", n_programs="i32", N_PASSES="constexpr"),
-                            dict(consts, N_PASSES=N_PASSES, BLOCK=RED_BLOCK),
-                            divisible_by_16=div + ("partial_ptr",), num_warps=4))
-    specs.append(KernelSpec(mod, "_ohem_ce_finalize_kernel",
-                            {"state_ptr": "*i32", "partial_ptr": "*fp32", "result_ptr": "*fp32", "n_programs": "i32",
-                             "keep_hi": "i32", "keep_lo": "i32", "thresh_bits": "i32", "RADIX_BITS": "constexpr",
-                             "N_PASSES": "constexpr", "SLOT_N_VALID": "constexpr", "BLOCK": "constexpr"},
-                            dict(consts, N_PASSES=N_PASSES, BLOCK=FIN_BLOCK),
-                            divisible_by_16=("state_ptr", "partial_ptr", "result_ptr"), num_warps=4))
-    return specs
+    n, c, h, w = shape
+    pixels = n * h * w
+    esz, tsz = _sizes(logits_dtype, target_dtype)
+    logits, labels = pixels * c * esz, pixels * tsz
+    launches = {
+        "_ohem_ce_fwd_kernel": logits + labels + 4 * pixels,        # logits, labels in; losses out
+        "_ohem_ce_select_kernel": 4 * pixels,                        # losses in
+        "_ohem_ce_bwd_kernel": logits + labels + 4 * pixels + logits,   # logits, labels, losses in; grad out
+    }
+    return {"launches": launches, "total": sum(launches.values()), "minimum": op_minimum(pixels, logits, labels),
+            "l2": {"histogram_atomics": 4 * pixels, "scratch_and_state": SMALL_BYTES}}

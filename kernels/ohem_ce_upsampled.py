@@ -1,32 +1,38 @@
 """Triton kernels of the OHEM cross-entropy with the bilinear upsampling of the logits fused in, and
-their host launchers (the optional ``ifbf_fast.ops.ohem_cross_entropy_upsampled`` fast path).
+their host launchers (the ``ifbf_fast.ops.ohem_cross_entropy_upsampled`` fast path).
 
 The same loss as ``ohem_ce.py`` on ``interpolate(logits, (H, W), bilinear, align_corners=False)`` of
-1/4-resolution logits, interpolated on the fly:
+1/4-resolution logits, interpolated on the fly, in three launches for forward and backward:
 
 * ``_ohem_ce_up_fwd_kernel``: ``_ohem_ce_fwd_kernel`` with each output pixel's logits gathered from
-  its four source pixels; it fills the same per-pixel loss buffer and pass-0 histogram, after which
-  the selection kernels of ``ohem_ce.py`` (radix, reduce, finalize) run unchanged.
-* ``_ohem_ce_up_bwd_kernel``: the gradient wrt the low-resolution logits, accumulated with fp32
-  atomics (not bitwise deterministic).
+  its four source pixels; it fills the same per-pixel loss buffer and first histogram, after which
+  the select pass of ``ohem_ce_select.py`` runs unchanged.
+* ``_ohem_ce_up_bwd_kernel``: the gradient wrt the low-resolution logits, written once in their
+  dtype and layout: a program OWNS a tile of low-resolution pixels and gathers the contributions of
+  every output pixel whose bilinear sources reach it (no atomics, no fp32 buffer, no fill, no copy;
+  bitwise deterministic). The price: the output windows of neighbouring tiles overlap by the
+  bilinear support (at x4 with 7 x 7 owned pixels, 32 x 32 output pixels per 28 x 28: 1.31x the
+  output-resolution work, the re-reads mostly from L2).
 
-What it shares (constants, the per-tile loss, the selection launches, the argument helpers) is
+What it shares (the per-tile loss, the label widening, the select launch, the argument helpers) is
 imported from ``ohem_ce.py``; the ``@triton.jit`` helpers are imported into this module's globals,
 where Triton resolves the names a kernel calls.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from .ohem_ce import (FWD_TILES, RADIX_BITS, RED_BLOCK, SLOT_N_VALID, STATE_SIZE, _TL_TYPES, _cdiv, _check_offsets,
-                      _f64_halves, _flat_hw, _ohem_ce_pixel_offsets, _ohem_ce_tile_loss, _select_and_reduce,
-                      block_sizes, thresh_bits)
+from .ohem_ce import (FWD_TILES, RED_BLOCK, _STATE_CUT, _STATE_INV_N, _STATE_TIE_W, _cdiv, _check_offsets,
+                      _flat_hw, _ohem_ce_fwd_epilogue, _ohem_ce_labels, _ohem_ce_pixel_offsets, _ohem_ce_tile_histogram,
+                      _ohem_ce_tile_loss, _scalars, block_sizes, scratch, select_launch, zero_steps, SLOTS, FINE2)
 
 
 # --- kernels: the x4 bilinear upsampling of the logits fused into the loss -----------------------
@@ -35,11 +41,10 @@ from .ohem_ce import (FWD_TILES, RADIX_BITS, RED_BLOCK, SLOT_N_VALID, STATE_SIZE
 # label size. These kernels take the low-resolution logits and interpolate on the fly, in fp32, so
 # the full-resolution logits and their gradient never exist. Forward: each output pixel gathers its
 # four source pixels (the low-resolution tensor is 1/16 of the full one and stays in L1/L2). Backward:
-# a program owns a TH x TW tile of output pixels, computes their gradient G [P, C] in registers and
-# applies the transposed interpolation as one small matmul, G^T @ M with M [P, L] the bilinear weights
-# onto the L = LH x LW source pixels the tile touches, then adds the [C, L] result to an fp32
-# low-resolution buffer with atomics (tiles overlap by a source row/column: the low-resolution
-# gradient is not bitwise deterministic).
+# a program owns OT_H x OT_W low-resolution pixels, walks the output window that reaches them in steps
+# of CH rows, computes the gradient G [P, C] of those output pixels in registers and applies the
+# transposed interpolation restricted to its own pixels as one small matmul, G^T @ M with M [P, L] the
+# bilinear weights onto the L = LB_H x LB_W owned pixels; the [C, L] sum is stored once.
 
 @triton.jit
 def _ohem_ce_source_index(dst, scale, size_in):
@@ -69,51 +74,70 @@ def _ohem_ce_bilinear_tile(lr_ptr, Y, X, mask, offs_c, mask_c, h_in, w_in, scale
     return tl.where(m2, x, -float("inf"))
 
 
+
 @triton.jit
 def _ohem_ce_up_fwd_kernel(
     lr_ptr,         # (N, C, h, w) low-resolution logits, any strides
-    target_ptr,     # (N, H, W) integer class ids, any strides
+    target_ptr,     # (N, H, W) uint8/int32/int64 class ids, any strides
     loss_ptr,       # (N*H*W,) fp32 out, as in _ohem_ce_fwd_kernel
-    state_ptr,      # (STATE_SIZE,) int32, zeroed
+    scratch_ptr,    # (SCRATCH_SIZE,) int32 per-device scratch
     C, HW, W,       # classes, output pixels per image, output width
     h_in, w_in,     # low-resolution size
     scale_h, scale_w,   # h_in / H and w_in / W (fp32, as PyTorch computes them)
     stride_ln, stride_lc, stride_lh, stride_lw,
     stride_tn, stride_th, stride_tw,
     ignore_index,
+    keep_hi, keep_lo, n_programs, zero_steps,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr,
-    RADIX_BITS: tl.constexpr, SLOT_N_VALID: tl.constexpr,
     FLAT_HW: tl.constexpr,   # the target's H x W plane is dense
 ):
     """_ohem_ce_fwd_kernel on bilinearly upsampled logits; grid (cdiv(H*W, TILES*BLOCK_P), N)."""
-    RADIX: tl.constexpr = 1 << RADIX_BITS
     n = tl.program_id(1).to(tl.int64)
     lr_ptr += n * stride_ln
     target_ptr += n * stride_tn
     loss_ptr += n * HW
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    hist = tl.zeros([RADIX], dtype=tl.int32)
+    coarse = tl.zeros([256], dtype=tl.int32)
     n_valid = tl.zeros([], dtype=tl.int32)
-    n_poison = tl.zeros([], dtype=tl.int32)
+    n_bad = tl.zeros([], dtype=tl.int32)
+    n_nan = tl.zeros([], dtype=tl.int32)
     for i in range(TILES):
         offs_p = (tl.program_id(0) * TILES + i) * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_p = offs_p < HW
-        t = tl.load(target_ptr + _ohem_ce_pixel_offsets(offs_p, W, stride_th, stride_tw, FLAT_HW),
-                    mask=mask_p, other=ignore_index).to(tl.int64)
+        t = _ohem_ce_labels(tl.load(target_ptr + _ohem_ce_pixel_offsets(offs_p, W, stride_th, stride_tw, FLAT_HW),
+                                    mask=mask_p, other=ignore_index))
         valid = mask_p & (t != ignore_index)
         x = _ohem_ce_bilinear_tile(lr_ptr, offs_p // W, offs_p % W, mask_p, offs_c, mask_c, h_in, w_in,
                                    scale_h, scale_w, stride_lc, stride_lh, stride_lw)
-        loss, poison = _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C)
+        loss, bad, is_nan = _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C)
         tl.store(loss_ptr + offs_p, loss, mask=mask_p)
-        bits = loss.to(tl.int32, bitcast=True)
-        hist += tl.histogram((bits >> (32 - RADIX_BITS)) & (RADIX - 1), RADIX, mask=valid)
+        coarse += _ohem_ce_tile_histogram(scratch_ptr, loss, valid)
         n_valid += tl.sum(valid.to(tl.int32))
-        n_poison += tl.sum(poison.to(tl.int32))
-    bins = tl.arange(0, RADIX)
-    tl.atomic_add(state_ptr + bins, hist, mask=hist != 0)
-    tl.atomic_add(state_ptr + SLOT_N_VALID, n_valid, mask=n_valid != 0)
-    tl.atomic_add(state_ptr + SLOT_N_VALID + 1, n_poison, mask=n_poison != 0)
+        n_bad += tl.sum(bad.to(tl.int32))
+        n_nan += tl.sum(is_nan.to(tl.int32))
+    _ohem_ce_fwd_epilogue(scratch_ptr, coarse, n_valid, n_bad, n_nan, keep_hi, keep_lo,
+                          tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), n_programs, zero_steps)
+
+
+@triton.jit
+def _ohem_ce_source_row(dst, scale, size_in):
+    """i0 of :func:`_ohem_ce_source_index` alone."""
+    src = tl.maximum((dst.to(tl.float32) + 0.5) * scale - 0.5, 0.0)
+    return tl.minimum(src.to(tl.int32), size_in - 1)
+
+
+@triton.jit
+def _ohem_ce_window_start(r0, scale, inv_scale, size_in):
+    """First output index whose bilinear sources reach source index ``r0`` (i1 >= r0, i.e. i0 >= r0 - 1).
+
+    An estimate from the inverse map, lowered by 2 and raised step by step with the exact map the
+    kernels use (so the window never misses a contributing pixel, whatever the fp32 rounding).
+    """
+    est = tl.maximum(((r0.to(tl.float32) - 0.5) * inv_scale - 0.5).to(tl.int32) - 2, 0)
+    for _ in tl.static_range(4):
+        est = tl.where(_ohem_ce_source_row(est, scale, size_in) < r0 - 1, est + 1, est)
+    return tl.where(r0 == 0, 0, est)
 
 
 @triton.jit
@@ -123,77 +147,82 @@ def _ohem_ce_up_bwd_kernel(
     target_ptr,     # (N, H, W) any strides
     loss_ptr,       # (N*H*W,) fp32 losses from the forward
     state_ptr,      # (STATE_SIZE,) int32 from the forward
-    glr_ptr,        # (N, C, h, w) fp32, contiguous, zeroed: the low-resolution gradient accumulates here
+    glr_ptr,        # (N, C, h, w) out, the logits' dtype, own strides: every element written once
     C, H, W, h_in, w_in, scale_h, scale_w,
+    inv_scale_h, inv_scale_w,               # H / h_in and W / w_in (fp32; only for the window estimate)
     stride_ln, stride_lc, stride_lh, stride_lw,
     stride_tn, stride_th, stride_tw,
-    SLOT_N_VALID: tl.constexpr,
-    TH: tl.constexpr, TW: tl.constexpr,     # output tile
-    LH: tl.constexpr, LW: tl.constexpr,     # source footprint of a tile (powers of two, from the launcher)
-    BLOCK_C: tl.constexpr,                  # >= 16 (tl.dot)
+    stride_gn, stride_gc, stride_gh, stride_gw,
+    OT_H: tl.constexpr, OT_W: tl.constexpr,     # low-resolution pixels owned per program
+    LB_H: tl.constexpr, LB_W: tl.constexpr,     # their power-of-two bounds (>= 4: tl.dot)
+    WIN_H: tl.constexpr, WIN_W: tl.constexpr,   # output window that reaches them (from the launcher)
+    CH: tl.constexpr,                           # window rows per step (CH * WIN_W pixels)
+    BLOCK_C: tl.constexpr,                      # >= 16 (tl.dot)
 ):
-    """grad wrt the low-resolution logits; grid (cdiv(W, TW), cdiv(H, TH), N)."""
+    """grad wrt the low-resolution logits; grid (cdiv(w_in, OT_W), cdiv(h_in, OT_H), N)."""
     n = tl.program_id(2).to(tl.int64)
     lr_ptr += n * stride_ln
     target_ptr += n * stride_tn
     loss_ptr += n * H * W
-    glr_ptr += n * C * h_in * w_in
-    offs = tl.arange(0, TH * TW)
-    Y = tl.program_id(1) * TH + offs // TW
-    X = tl.program_id(0) * TW + offs % TW
-    mask_p = (Y < H) & (X < W)
+    glr_ptr += n * stride_gn
+    r0 = tl.program_id(1) * OT_H
+    c0 = tl.program_id(0) * OT_W
+    ys = _ohem_ce_window_start(r0, scale_h, inv_scale_h, h_in)
+    xs = _ohem_ce_window_start(c0, scale_w, inv_scale_w, w_in)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    cut = tl.load(state_ptr + SLOT_N_VALID + 2)
-    inv_n = tl.load(state_ptr + SLOT_N_VALID + 3).to(tl.float32, bitcast=True)
-    tie_w = tl.load(state_ptr + SLOT_N_VALID + 4).to(tl.float32, bitcast=True)
+    offs_l = tl.arange(0, LB_H * LB_W)
+    ly = (offs_l // LB_W)[None, :]
+    lx = (offs_l % LB_W)[None, :]
+    cut = tl.load(state_ptr + _STATE_CUT)
+    inv_n = tl.load(state_ptr + _STATE_INV_N).to(tl.float32, bitcast=True)
+    tie_w = tl.load(state_ptr + _STATE_TIE_W).to(tl.float32, bitcast=True)
     g = tl.load(grad_out_ptr).to(tl.float32)
-    bits = tl.load(loss_ptr + Y * W + X, mask=mask_p, other=-1.0).to(tl.int32, bitcast=True)
-    weight = tl.where(bits > cut, 1.0, tl.where(bits == cut, tie_w, 0.0))
-    coef = tl.where(mask_p, g * inv_n * weight, 0.0)     # NaN everywhere in the image when poisoned
-    kept = mask_p & (weight != 0.0)
-    t = tl.load(target_ptr + Y * stride_th + X * stride_tw, mask=kept, other=-1).to(tl.int64)
-    x = _ohem_ce_bilinear_tile(lr_ptr, Y, X, kept, offs_c, mask_c, h_in, w_in, scale_h, scale_w,
-                               stride_lc, stride_lh, stride_lw)
-    m = tl.where(kept, tl.max(x, axis=1), 0.0)
-    e = tl.exp(x - m[:, None])
-    s = tl.where(kept, tl.sum(e, axis=1), 1.0)
-    onehot = tl.where(offs_c[None, :] == t[:, None], 1.0, 0.0)
-    grad = (e / s[:, None] - onehot) * coef[:, None]                     # [P, BLOCK_C]
-    # Transposed interpolation: M[p, l] = bilinear weight of source pixel l (tile-local) for pixel p.
-    y0, y1, ly = _ohem_ce_source_index(Y, scale_h, h_in)
-    x0, x1, lx = _ohem_ce_source_index(X, scale_w, w_in)
-    oy, _, _ = _ohem_ce_source_index(tl.program_id(1) * TH, scale_h, h_in)   # footprint origin
-    ox, _, _ = _ohem_ce_source_index(tl.program_id(0) * TW, scale_w, w_in)
-    offs_l = tl.arange(0, LH * LW)
-    ry = (offs_l // LW)[None, :]
-    rx = (offs_l % LW)[None, :]
-    wy0 = tl.where(ry == (y0 - oy)[:, None], (1.0 - ly)[:, None], 0.0)
-    wy1 = tl.where(ry == (y1 - oy)[:, None], ly[:, None], 0.0)          # y1 == y0 at the border: adds
-    wx0 = tl.where(rx == (x0 - ox)[:, None], (1.0 - lx)[:, None], 0.0)
-    wx1 = tl.where(rx == (x1 - ox)[:, None], lx[:, None], 0.0)
-    interp = (wy0 + wy1) * (wx0 + wx1)                                    # [P, L]
-    glr = tl.dot(tl.trans(grad), interp, input_precision="ieee")          # [BLOCK_C, L]
-    gy = oy + offs_l // LW
-    gx = ox + offs_l % LW
-    dst = glr_ptr + (offs_c * (h_in * w_in))[:, None] + (gy * w_in + gx)[None, :]
-    tl.atomic_add(dst, glr, mask=mask_c[:, None] & ((gy < h_in) & (gx < w_in))[None, :] & (glr != 0.0))
+    offs = tl.arange(0, CH * WIN_W)
+    acc = tl.zeros([BLOCK_C, LB_H * LB_W], dtype=tl.float32)
+    for i in range(WIN_H // CH):
+        Y = ys + i * CH + offs // WIN_W
+        X = xs + offs % WIN_W
+        mask_p = (Y < H) & (X < W)
+        bits = tl.load(loss_ptr + Y * W + X, mask=mask_p, other=-1.0).to(tl.int32, bitcast=True)
+        weight = tl.where(bits > cut, 1.0, tl.where(bits == cut, tie_w, 0.0))
+        coef = g * inv_n * weight                    # NaN everywhere when poisoned
+        kept = mask_p & (weight != 0.0)
+        t = _ohem_ce_labels(tl.load(target_ptr + Y * stride_th + X * stride_tw, mask=mask_p, other=-1))
+        x = _ohem_ce_bilinear_tile(lr_ptr, Y, X, mask_p, offs_c, mask_c, h_in, w_in, scale_h, scale_w,
+                                   stride_lc, stride_lh, stride_lw)
+        m = tl.where(mask_p, tl.max(x, axis=1), 0.0)
+        e = tl.exp(x - m[:, None])
+        s = tl.where(mask_p, tl.sum(e, axis=1), 1.0)
+        onehot = tl.where(offs_c[None, :] == t[:, None], 1.0, 0.0)
+        grad = tl.where(kept[:, None], (e / s[:, None] - onehot) * coef[:, None], (0.0 * coef)[:, None])
+        # M[p, l]: bilinear weight of owned source pixel l for output pixel p (0 if it does not reach it).
+        y0, y1, wy1 = _ohem_ce_source_index(Y, scale_h, h_in)
+        x0, x1, wx1 = _ohem_ce_source_index(X, scale_w, w_in)
+        wy = (tl.where((y0 - r0)[:, None] == ly, (1.0 - wy1)[:, None], 0.0)
+              + tl.where((y1 - r0)[:, None] == ly, wy1[:, None], 0.0))       # y1 == y0 at the border: adds
+        wx = (tl.where((x0 - c0)[:, None] == lx, (1.0 - wx1)[:, None], 0.0)
+              + tl.where((x1 - c0)[:, None] == lx, wx1[:, None], 0.0))
+        interp = tl.where(mask_p[:, None], wy * wx, 0.0)                      # [P, L]
+        acc += tl.dot(tl.trans(grad), interp, input_precision="ieee")         # [BLOCK_C, L]
+    r = r0 + ly
+    c = c0 + lx
+    own = (ly < OT_H) & (lx < OT_W) & (r < h_in) & (c < w_in)
+    dst = glr_ptr + (offs_c * stride_gc)[:, None] + r * stride_gh + c * stride_gw
+    tl.store(dst, acc.to(glr_ptr.dtype.element_ty), mask=mask_c[:, None] & own)
 
 
 # --- host launchers ------------------------------------------------------------------------------
 
-UP_TILE = (8, 8)             # (TH, TW) output pixels per backward program (registers: no spills)
-UP_MAX_FOOTPRINT = 32        # LH * LW source pixels a backward tile may touch (64 spills registers)
-
-
-def up_bwd_warps(lh: int, lw: int) -> int:
-    """Warps of the backward launch: 8 for a footprint of 32 source pixels (at 4, triton 3.6 spills 8 bytes
-    for sm_80 with an 8 x 4 footprint), else 4."""
-    return 8 if lh * lw > 16 else 4
+UP_TILE = (8, 8)             # (TH, TW): the footprint rule below (which resizes are fused) is stated for it
+UP_MAX_FOOTPRINT = 32        # LH * LW source pixels an 8 x 8 output tile may touch
+UP_WINDOW = 32               # output rows/columns a backward program's window spans (more for large factors)
+UP_MAX_OWNED = 8             # low-resolution rows/columns a backward program owns, at most
+UP_PIXELS = 64               # output pixels per step of the backward (CH x WIN_W)
 
 
 def upsample_footprint(size_in: tuple, size_out: tuple) -> tuple:
-    """(LH, LW): power-of-two bounds of the source rows/columns one backward tile touches."""
+    """(LH, LW): power-of-two bounds of the source rows/columns an 8 x 8 output tile touches."""
     th, tw = UP_TILE
     lh = triton.next_power_of_2(math.ceil((th - 1) * size_in[0] / size_out[0]) + 2)
     lw = triton.next_power_of_2(math.ceil((tw - 1) * size_in[1] / size_out[1]) + 2)
@@ -211,86 +240,150 @@ def upsample_unsupported_reason(size_in: tuple, size_out: tuple) -> str | None:
     return None
 
 
+def _f32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
 def _scales(size_in: tuple, size_out: tuple) -> tuple:
     # fp32(in / out), what PyTorch's area_pixel_compute_scale gives for an explicit output size.
-    return (struct.unpack("<f", struct.pack("<f", size_in[0] / size_out[0]))[0],
-            struct.unpack("<f", struct.pack("<f", size_in[1] / size_out[1]))[0])
+    return _f32(size_in[0] / size_out[0]), _f32(size_in[1] / size_out[1])
+
+
+def _source_rows(size_in: int, size_out: int, scale: float) -> list:
+    """i0 of every output index as the kernels compute it, with and without a fused multiply-add."""
+    y = np.arange(size_out, dtype=np.float32) + np.float32(0.5)
+    plain = y * np.float32(scale) - np.float32(0.5)
+    fused = (y.astype(np.float64) * np.float64(np.float32(scale)) - 0.5).astype(np.float32)
+    return [np.minimum(np.maximum(v, 0).astype(np.int64), size_in - 1) for v in (plain, fused)]
+
+
+@functools.lru_cache(maxsize=64)
+def backward_tiling(size_in: int, size_out: int) -> tuple:
+    """(owned, window): the most low-resolution indices (<= UP_MAX_OWNED) a backward program can own along
+    one axis with every contributing output index inside a power-of-two window (UP_WINDOW, or the
+    smallest that holds one owned index at large factors); exact for the kernels' fp32 map."""
+    scale = _f32(size_in / size_out)
+    rows = _source_rows(size_in, size_out, scale)
+
+    def widest(owned):
+        need = 0
+        for i0 in rows:
+            i1 = np.minimum(i0 + 1, size_in - 1)
+            for r0 in range(0, size_in, owned):
+                last = min(r0 + owned, size_in) - 1
+                first = int(np.searchsorted(i1, r0, side="left"))        # i1 >= r0 (monotone)
+                end = int(np.searchsorted(i0, last, side="right")) - 1   # i0 <= last
+                need = max(need, end - first + 1)
+        return need
+
+    for owned in range(UP_MAX_OWNED, 0, -1):
+        if widest(owned) <= UP_WINDOW:
+            return owned, UP_WINDOW
+    return 1, triton.next_power_of_2(widest(1))
+
+
+_UP_FWD_META: dict = {}
+_UP_BWD_META: dict = {}
 
 
 def ohem_ce_up_fwd(logits_lr: torch.Tensor, target: torch.Tensor, keep_ratio: float, thresh: float,
                    ignore_index: int) -> tuple:
-    """Forward on ``interpolate(logits_lr, target's size, bilinear)`` without materialising it."""
-    n, c, h_in, w_in = logits_lr.shape
-    h, w = target.shape[-2:]
-    p = n * h * w
-    if p >= 2 ** 31:
-        raise ValueError(f"ohem_ce kernels count pixels in int32; got {p} pixels")
-    block_p, block_c, warps = block_sizes(c)
-    _check_offsets(logits_lr, target)
-    dev = logits_lr.device
-    losses = torch.empty((n, h, w), dtype=torch.float32, device=dev)
-    state = torch.zeros(STATE_SIZE, dtype=torch.int32, device=dev)
-    result = torch.empty((), dtype=torch.float32, device=dev)
-    hi, lo = _f64_halves(keep_ratio)
-    tb = thresh_bits(thresh)
-    n_prog = max(_cdiv(p, RED_BLOCK), 1)
-    if p > 0:
-        sh, sw = _scales((h_in, w_in), (h, w))
-        _ohem_ce_up_fwd_kernel[(_cdiv(h * w, block_p * FWD_TILES), n)](
-            logits_lr, target, losses, state, c, h * w, w, h_in, w_in, sh, sw, *logits_lr.stride(),
-            *target.stride(), ignore_index, BLOCK_P=block_p, BLOCK_C=block_c, TILES=FWD_TILES,
-            RADIX_BITS=RADIX_BITS, SLOT_N_VALID=SLOT_N_VALID, FLAT_HW=_flat_hw(target),
-            num_warps=2 * warps)            # four gathered tiles live at once: twice the threads
-    _select_and_reduce(losses, state, result, p, n_prog, hi, lo, tb)
-    return result, losses, state
+    """Forward on ``interpolate(logits_lr, target's size, bilinear)`` without materialising it:
+    (loss, losses (N, H, W), state, bad_labels) as ``ohem_ce_fwd``."""
+    key = (logits_lr.shape, logits_lr.stride(), target.shape, target.stride())
+    meta = _UP_FWD_META.get(key)
+    if meta is None:
+        n, c, h_in, w_in = logits_lr.shape
+        h, w = target.shape[-2:]
+        p = n * h * w
+        if p >= 2 ** 31:
+            raise ValueError(f"ohem_ce kernels count pixels in int32; got {p} pixels")
+        block_p, block_c, warps = block_sizes(c)
+        _check_offsets(logits_lr, target)
+        grid = (_cdiv(h * w, block_p * FWD_TILES), n)
+        n_prog = grid[0] * grid[1]
+        meta = _UP_FWD_META[key] = (
+            p, _ohem_ce_up_fwd_kernel[grid], max(_cdiv(p, RED_BLOCK), 1),
+            (c, h * w, w, h_in, w_in) + _scales((h_in, w_in), (h, w)) + tuple(logits_lr.stride())
+            + tuple(target.stride()),
+            (n_prog, zero_steps(SLOTS - FINE2, max(n_prog, 1))),
+            # four gathered tiles live at once: twice the threads
+            dict(BLOCK_P=block_p, BLOCK_C=block_c, TILES=FWD_TILES, FLAT_HW=_flat_hw(target), num_warps=2 * warps))
+    p, launch, n_sel, args, tail, consts = meta
+    hi, lo, tb = _scalars(keep_ratio, thresh)
+    losses = torch.empty(target.shape, dtype=torch.float32, device=logits_lr.device)
+    work = scratch(logits_lr.device)
+    try:
+        if p:
+            launch(logits_lr, target, losses, work, *args, ignore_index, hi, lo, *tail, **consts)
+        out = select_launch(losses, work, p, n_sel, hi, lo, tb)
+    except BaseException:
+        work.zero_()
+        raise
+    return (out[0], losses) + out[1:]
+
+
+def backward_launch(size_in: tuple, size_out: tuple, num_classes: int) -> dict:
+    """Constexprs and warps of the backward launch for one resize (also used by the AOT test)."""
+    oh, wh = backward_tiling(size_in[0], size_out[0])
+    ow, ww = backward_tiling(size_in[1], size_out[1])
+    lb_h, lb_w = max(triton.next_power_of_2(oh), 4), max(triton.next_power_of_2(ow), 4)
+    return dict(OT_H=oh, OT_W=ow, LB_H=lb_h, LB_W=lb_w, WIN_H=wh, WIN_W=ww, CH=max(UP_PIXELS // ww, 1),
+                BLOCK_C=max(triton.next_power_of_2(num_classes), 16), num_warps=4)
 
 
 def ohem_ce_up_bwd(grad_out: torch.Tensor, logits_lr: torch.Tensor, target: torch.Tensor, losses: torch.Tensor,
                    state: torch.Tensor) -> torch.Tensor:
-    """Gradient wrt the low-resolution logits (their dtype, laid out like ``empty_like``)."""
-    n, c, h_in, w_in = logits_lr.shape
-    h, w = target.shape[-2:]
+    """Gradient wrt the low-resolution logits (their dtype, laid out like ``empty_like``), one launch."""
     out = torch.empty_like(logits_lr)
-    if out.numel() == 0 or h * w == 0:
-        return out.zero_()
-    glr = torch.zeros((n, c, h_in, w_in), dtype=torch.float32, device=logits_lr.device)
-    th, tw = UP_TILE
-    lh, lw = upsample_footprint((h_in, w_in), (h, w))
-    sh, sw = _scales((h_in, w_in), (h, w))
-    _ohem_ce_up_bwd_kernel[(_cdiv(w, tw), _cdiv(h, th), n)](
-        grad_out, logits_lr, target, losses, state, glr, c, h, w, h_in, w_in, sh, sw,
-        *logits_lr.stride(), *target.stride(), SLOT_N_VALID=SLOT_N_VALID, TH=th, TW=tw, LH=lh, LW=lw,
-        BLOCK_C=max(triton.next_power_of_2(c), 16), num_warps=up_bwd_warps(lh, lw))
-    return out.copy_(glr)
+    key = (logits_lr.shape, logits_lr.stride(), target.shape, target.stride(), out.stride())
+    meta = _UP_BWD_META.get(key)
+    if meta is None:
+        n, c, h_in, w_in = logits_lr.shape
+        h, w = target.shape[-2:]
+        _check_offsets(logits_lr, target, out)
+        consts = backward_launch((h_in, w_in), (h, w), c)
+        grid = (_cdiv(w_in, consts["OT_W"]), _cdiv(h_in, consts["OT_H"]), n)
+        meta = _UP_BWD_META[key] = (
+            _ohem_ce_up_bwd_kernel[grid], out.numel() > 0 and h * w > 0,
+            (c, h, w, h_in, w_in) + _scales((h_in, w_in), (h, w)) + (_f32(h / h_in), _f32(w / w_in))
+            + tuple(logits_lr.stride()) + tuple(target.stride()) + tuple(out.stride()), consts)
+    launch, run, args, consts = meta
+    if not run:
+        return out.zero_() if out.numel() else out
+    launch(grad_out, logits_lr, target, losses, state, out, *args, **consts)
+    return out
 
 
-# --- what the launchers compile, for the ahead-of-time compile test -----------------------------
+# --- the bytes model (issue 14.1) ----------------------------------------------------------------
 
-def upsample_kernel_specs(num_classes: int, logits_dtype: torch.dtype, size_in: tuple = (219, 219),
-                          size_out: tuple = (876, 876), channels_last: bool = False) -> list:
-    """``KernelSpec``s of the fused-upsampling forward and backward launches (default: the network's x4)."""
-    from ifbf_fast.utils.triton_aot import KernelSpec
+def bytes_model(lowres_shape, size_out, logits_dtype: torch.dtype, target_dtype: torch.dtype = torch.int64) -> dict:
+    """DRAM bytes of each launch of one fused fwd+bwd (see ``ohem_ce.bytes_model``), at low-resolution
+    logits ``lowres_shape`` = (N, C, h, w) upsampled to ``size_out`` = (H, W).
 
-    block_p, block_c, warps = block_sizes(num_classes)
-    lh, lw = upsample_footprint(size_in, size_out)
-    lt = _TL_TYPES[logits_dtype]
-    unit = "stride_lc" if channels_last else "stride_lw"
-    common = {"lr_ptr": f"*{lt}", "target_ptr": "*i64", "loss_ptr": "*fp32", "state_ptr": "*i32", "C": "i32",
-              "W": "i32", "h_in": "i32", "w_in": "i32", "scale_h": "fp32", "scale_w": "fp32", "stride_ln": "i32",
-              "stride_lc": "i32", "stride_lh": "i32", "stride_lw": "i32", "stride_tn": "i32", "stride_th": "i32",
-              "stride_tw": "constexpr", unit: "constexpr", "SLOT_N_VALID": "constexpr", "BLOCK_C": "constexpr"}
-    consts = {"stride_tw": 1, unit: 1, "SLOT_N_VALID": SLOT_N_VALID}
-    div = ("lr_ptr", "target_ptr", "loss_ptr", "state_ptr", "stride_ln", "stride_tn")
-    fwd = KernelSpec(__name__, "_ohem_ce_up_fwd_kernel",
-                     dict(common, HW="i32", ignore_index="i32", BLOCK_P="constexpr", TILES="constexpr",
-                          RADIX_BITS="constexpr", FLAT_HW="constexpr"),
-                     dict(consts, BLOCK_P=block_p, BLOCK_C=block_c, TILES=FWD_TILES, RADIX_BITS=RADIX_BITS,
-                          FLAT_HW=True),
-                     divisible_by_16=div + ("HW",), num_warps=2 * warps)
-    th, tw = UP_TILE
-    bwd = KernelSpec(__name__, "_ohem_ce_up_bwd_kernel",
-                     dict(common, grad_out_ptr="*fp32", glr_ptr="*fp32", H="i32", TH="constexpr", TW="constexpr",
-                          LH="constexpr", LW="constexpr"),
-                     dict(consts, TH=th, TW=tw, LH=lh, LW=lw, BLOCK_C=max(triton.next_power_of_2(num_classes), 16)),
-                     divisible_by_16=div + ("grad_out_ptr", "glr_ptr"), num_warps=up_bwd_warps(lh, lw))
-    return [fwd, bwd]
+    Each byte is counted once per launch: the forward's four bilinear gathers and the backward's
+    overlapping windows re-read low-resolution logits, labels and losses that neighbouring programs
+    (running at the same time) have just brought into L2; those re-reads are listed under ``l2``
+    (at x4 with 7 x 7 owned pixels a window is 32 x 32 output pixels per 28 x 28 owned: 1.31x the
+    labels and losses, 81 / 49 of the low-resolution logits).
+    """
+    from .ohem_ce import SMALL_BYTES, _sizes, op_minimum
+
+    n, c, h_in, w_in = lowres_shape
+    pixels = n * size_out[0] * size_out[1]
+    esz, tsz = _sizes(logits_dtype, target_dtype)
+    logits, labels = n * c * h_in * w_in * esz, pixels * tsz
+    consts = backward_launch((h_in, w_in), tuple(size_out), c)
+    ot_h, ot_w, win_h, win_w = consts["OT_H"], consts["OT_W"], consts["WIN_H"], consts["WIN_W"]
+    grid = _cdiv(h_in, ot_h) * _cdiv(w_in, ot_w) * n
+    window_pixels = grid * win_h * win_w
+    launches = {
+        "_ohem_ce_up_fwd_kernel": logits + labels + 4 * pixels,
+        "_ohem_ce_select_kernel": 4 * pixels,
+        "_ohem_ce_up_bwd_kernel": logits + labels + 4 * pixels + logits,
+    }
+    halo = (ot_h + 2) * (ot_w + 2) / (ot_h * ot_w)
+    return {"launches": launches, "total": sum(launches.values()), "minimum": op_minimum(pixels, logits, labels),
+            "l2": {"histogram_atomics": 4 * pixels, "scratch_and_state": SMALL_BYTES,
+                   "bwd_window_overlap": max(window_pixels - pixels, 0) * (tsz + 4),
+                   "bwd_logits_halo": int(logits * (halo - 1))}}

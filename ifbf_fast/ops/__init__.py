@@ -8,8 +8,8 @@ path or the reference according to :func:`set_impl`, :func:`use_impl` or ``IFBF_
 from ._impl import FastPathUnavailable, IMPLS, get_impl, set_impl, use_impl
 from .fbf import fbf, fbf_ref
 from .inplace_abn import inplace_abn, inplace_abn_ref
-from .ohem_ce import (ohem_cross_entropy, ohem_cross_entropy_ref, ohem_cross_entropy_upsampled,
-                      ohem_cross_entropy_upsampled_ref)
+from .ohem_ce import ohem_cross_entropy, ohem_cross_entropy_ref
+from .ohem_ce_upsampled import ohem_cross_entropy_upsampled, ohem_cross_entropy_upsampled_ref
 
 __all__ = [
     "IMPLS", "FastPathUnavailable", "get_impl", "set_impl", "use_impl",

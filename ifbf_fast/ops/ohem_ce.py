@@ -11,15 +11,23 @@ k-th largest loss are broken: any k of the tied pixels have the same sum. With `
 the hard set when it holds at least k pixels (it then contains the k largest), else the k largest.
 
 Fast path (``ohem_cross_entropy_fast``, kernels in ``ifbf_fast.kernels.ohem_ce``): Triton, no host
-synchronisation, exact on-device k-th value by radix select, one fp32 per pixel saved for backward.
+synchronisation, exact on-device k-th value by radix select, one fp32 per pixel saved for backward,
+three device launches for forward and backward. Eager calls go through a ``torch.autograd.Function``
+(the lightest Python path); under ``torch.compile`` and on fake tensors the same launchers run as
+custom ops (``ifbf_fast::ohem_ce_fwd`` / ``ohem_ce_bwd``, with fake kernels and autograd), so the
+compiled graph keeps the loss in one piece.
 Its gradient equals the reference's wherever no tie sits at the k-th largest loss; with a tie, the
 tied pixels share the remaining weight equally. A label outside ``[0, C)`` that is not
 ``ignore_index`` turns the loss and the whole gradient into NaN (``set_label_check(True)`` or
 ``IFBF_OHEM_CHECK_LABELS=1`` raises the reference's ValueError instead, at the cost of a host sync).
 
-Optional: ``ohem_cross_entropy_upsampled`` takes the head's 1/4-resolution logits and applies the loss
-to their bilinear upsampling to the labels' size; its fast path (kernels in
+``ohem_cross_entropy_upsampled`` (``ohem_ce_upsampled.py``) takes the head's 1/4-resolution logits and
+applies the loss to their bilinear upsampling to the labels' size; its fast path (kernels in
 ``ifbf_fast.kernels.ohem_ce_upsampled``) interpolates on the fly and never stores the full-size logits.
+
+``ohem_cross_entropy_with_bad_labels`` returns, besides the loss, the number of labels outside
+``[0, C)`` that are not ``ignore_index`` as a 0-d fp32 tensor on the device (the fast path counts them
+in its kernels, no host read; the reference raises its ValueError instead, so there it is 0).
 """
 
 from __future__ import annotations
@@ -96,21 +104,25 @@ def ohem_cross_entropy_ref(logits: torch.Tensor, target: torch.Tensor, keep_rati
     return total / kept.sum().clamp_min(1).to(total.dtype)
 
 
-# --- the fast path: Triton kernels (kernels/ohem_ce.py) as custom ops ----------------------------
+
+# --- the fast path: Triton kernels (kernels/ohem_ce.py) ------------------------------------------
 #
-# torch.library.custom_op (not triton_op: it does not trace under TRITON_INTERPRET, ../shared/GPU.md
-# section 5), with fake kernels and an autograd registration, so that torch.compile(fullgraph=True)
-# keeps a loss call in one graph. The forward op returns, besides the loss, the per-pixel fp32 losses
-# (the one value per pixel the backward may keep) and a small int32 state (histograms, counters, the
-# cut and weights); the backward op recomputes the softmax from the logits.
+# Eager: a torch.autograd.Function calls the launchers directly (custom_op's Python dispatch costs
+# more host time than the kernels' launches). Compiled (torch.compiler.is_compiling()) and on fake
+# tensors (FakeTensorMode, the memory account): torch.library.custom_op (not triton_op: it does not
+# trace under TRITON_INTERPRET, ../shared/GPU.md section 5) with fake kernels and an autograd
+# registration, so that torch.compile(fullgraph=True) keeps a loss call in one graph. Both return,
+# besides the loss, the per-pixel fp32 losses (the one value per pixel the backward may keep), the
+# small int32 state (counts, the cut and weights) and the bad-label count; only the loss is
+# differentiable (no zero gradients are materialised for the others).
 
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_CLASSES = 256
 
 # Opt-in eager label check for the fast path: the kernels never read out of bounds for a label
-# outside [0, C) (they poison the result and the gradient with NaN instead), but raising the
-# reference's ValueError needs a host synchronisation, so it is off by default. Turn it on with
-# IFBF_OHEM_CHECK_LABELS=1 or set_label_check(True) while debugging a data pipeline (under
+# outside [0, C) (they poison the result and the gradient with NaN and count the bad labels), but
+# raising the reference's ValueError needs a host synchronisation, so it is off by default. Turn it
+# on with IFBF_OHEM_CHECK_LABELS=1 or set_label_check(True) while debugging a data pipeline (under
 # torch.compile it costs a graph break).
 _check_labels: Optional[bool] = None
 
@@ -136,28 +148,41 @@ def _raise_on_bad_labels(target: torch.Tensor, num_classes: int, ignore_index: i
                          f"and not ignore_index={ignore_index}")
 
 
+_KERNELS = None
+
+
+def _kernels():
+    global _KERNELS
+    if _KERNELS is None:
+        from ifbf_fast.kernels import ohem_ce
+        _KERNELS = ohem_ce
+    return _KERNELS
+
+
 @torch.library.custom_op("ifbf_fast::ohem_ce_fwd", mutates_args=())
 def _ohem_ce_fwd_op(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float, thresh: float,
-                    ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, per-pixel losses, state); ``thresh < 0`` means no threshold."""
-    from ifbf_fast.kernels.ohem_ce import ohem_ce_fwd
-    return ohem_ce_fwd(logits, target, keep_ratio, thresh, ignore_index)
+                    ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, per-pixel losses, state, bad-label count); ``thresh < 0`` means no threshold."""
+    return _kernels().ohem_ce_fwd(logits, target, keep_ratio, thresh, ignore_index)
+
+
+def _fwd_fake_outputs(logits: torch.Tensor, pixel_shape) -> tuple:
+    from ifbf_fast.kernels.ohem_ce import STATE_SIZE
+    return (logits.new_empty((), dtype=torch.float32), logits.new_empty(pixel_shape, dtype=torch.float32),
+            logits.new_empty((STATE_SIZE,), dtype=torch.int32), logits.new_empty((), dtype=torch.float32))
 
 
 @_ohem_ce_fwd_op.register_fake
 def _ohem_ce_fwd_fake(logits, target, keep_ratio, thresh, ignore_index):
-    from ifbf_fast.kernels.ohem_ce import STATE_SIZE
     n, _, h, w = logits.shape
-    return (logits.new_empty((), dtype=torch.float32), logits.new_empty((n, h, w), dtype=torch.float32),
-            logits.new_empty((STATE_SIZE,), dtype=torch.int32))
+    return _fwd_fake_outputs(logits, (n, h, w))
 
 
 @torch.library.custom_op("ifbf_fast::ohem_ce_bwd", mutates_args=())
 def _ohem_ce_bwd_op(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, losses: torch.Tensor,
                     state: torch.Tensor) -> torch.Tensor:
     """grad_logits (the logits' dtype, laid out like ``torch.empty_like(logits)``)."""
-    from ifbf_fast.kernels.ohem_ce import ohem_ce_bwd
-    return ohem_ce_bwd(grad, logits, target, losses, state)
+    return _kernels().ohem_ce_bwd(grad, logits, target, losses, state)
 
 
 @_ohem_ce_bwd_op.register_fake
@@ -167,12 +192,12 @@ def _ohem_ce_bwd_fake(grad, logits, target, losses, state):
 
 def _ohem_ce_setup_context(ctx, inputs, output):
     logits, target = inputs[0], inputs[1]
-    _, losses, state = output
+    _, losses, state, _ = output
     ctx.save_for_backward(logits, target, losses, state)
 
 
-def _ohem_ce_backward(ctx, grad_loss, grad_losses, grad_state):
-    # Only the loss is differentiable; the per-pixel losses and the state are internal outputs.
+def _ohem_ce_backward(ctx, grad_loss, grad_losses, grad_state, grad_bad):
+    # Only the loss is differentiable; the per-pixel losses, the state and the count are internal outputs.
     logits, target, losses, state = ctx.saved_tensors
     grad_logits = None
     if ctx.needs_input_grad[0]:
@@ -183,6 +208,61 @@ def _ohem_ce_backward(ctx, grad_loss, grad_losses, grad_state):
 _ohem_ce_fwd_op.register_autograd(_ohem_ce_backward, setup_context=_ohem_ce_setup_context)
 
 
+class _OhemCEFunction(torch.autograd.Function):
+    """The eager fast path: the same launchers as the custom ops, without their Python dispatch."""
+
+    @staticmethod
+    def forward(ctx, logits, target, keep_ratio, thresh, ignore_index, fwd, bwd):
+        loss, losses, state, bad = fwd(logits, target, keep_ratio, thresh, ignore_index)
+        ctx.save_for_backward(logits, target, losses, state)
+        ctx.bwd = bwd
+        ctx.mark_non_differentiable(bad)
+        ctx.set_materialize_grads(False)
+        return loss, bad
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_bad):
+        if grad_loss is None or not ctx.needs_input_grad[0]:
+            return (None,) * 7
+        logits, target, losses, state = ctx.saved_tensors
+        return (ctx.bwd(grad_loss, logits, target, losses, state),) + (None,) * 6
+
+
+def _eager(logits: torch.Tensor) -> bool:
+    """True where the autograd.Function path runs: eager calls on real tensors."""
+    return type(logits) is torch.Tensor and not torch.compiler.is_compiling()
+
+
+# Argument checks already passed for these (shapes, dtypes, devices, keep_ratio, thresh): a call in a
+# training loop repeats the same key, and the checks cost more host time than the launches.
+_CHECKED: set = set()
+
+
+def _check_cached(logits, target, keep_ratio, thresh, ignore_index) -> None:
+    key = (logits.shape, target.shape, logits.dtype, target.dtype, logits.device, target.device, keep_ratio, thresh)
+    if key not in _CHECKED:
+        check_ohem_args(logits, target, keep_ratio, thresh, ignore_index)
+        if len(_CHECKED) > 1024:
+            _CHECKED.clear()
+        _CHECKED.add(key)
+
+
+def _ohem_fast_with_bad_labels(logits, target, keep_ratio, thresh, ignore_index):
+    if _eager(logits):
+        _check_cached(logits, target, keep_ratio, thresh, ignore_index)
+    else:
+        check_ohem_args(logits, target, keep_ratio, thresh, ignore_index)
+    if _label_check_enabled():
+        _raise_on_bad_labels(target, logits.shape[1], ignore_index)
+    thresh_arg = -1.0 if thresh is None else float(thresh)
+    if _eager(logits):
+        k = _kernels()
+        return _OhemCEFunction.apply(logits, target, float(keep_ratio), thresh_arg, int(ignore_index),
+                                     k.ohem_ce_fwd, k.ohem_ce_bwd)
+    out = _ohem_ce_fwd_op(logits, target, float(keep_ratio), thresh_arg, int(ignore_index))
+    return out[0], out[3]
+
+
 def ohem_cross_entropy_fast(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float = 0.75,
                             thresh: Optional[float] = None, ignore_index: int = 255) -> torch.Tensor:
     """The fused Triton OHEM cross-entropy (no host synchronisation; see kernels/ohem_ce.py).
@@ -191,136 +271,63 @@ def ohem_cross_entropy_fast(logits: torch.Tensor, target: torch.Tensor, keep_rat
     reference's wherever no tie sits at the k-th largest loss; with ties, each tied pixel gets the
     fraction ``(k - n_greater) / n_tied`` of a kept pixel's weight. A label outside ``[0, C)`` that
     is not ``ignore_index`` makes the loss and every gradient element NaN (never an out-of-bounds
-    read); :func:`set_label_check` turns on the reference's ValueError instead (a host sync).
+    read; :func:`ohem_cross_entropy_with_bad_labels` counts them on the device);
+    :func:`set_label_check` turns on the reference's ValueError instead (a host sync).
+    Targets may be uint8, int32 or int64 (read as they are, no conversion copy).
     """
-    check_ohem_args(logits, target, keep_ratio, thresh, ignore_index)
-    if _label_check_enabled():
-        _raise_on_bad_labels(target, logits.shape[1], ignore_index)
-    thresh_arg = -1.0 if thresh is None else float(thresh)
-    return _ohem_ce_fwd_op(logits, target, float(keep_ratio), thresh_arg, int(ignore_index))[0]
+    return _ohem_fast_with_bad_labels(logits, target, keep_ratio, thresh, ignore_index)[0]
+
+
+# Fast-path availability by what it depends on (dtype, device type, classes, the interpreter flag for
+# CPU tensors): computing the reason string on every call cost more than the launches.
+_AVAILABLE: dict = {}
 
 
 def _fast_unavailable(logits: torch.Tensor) -> str | None:
+    if logits.is_cuda:
+        key = (logits.dtype, logits.dim() == 4 and logits.shape[1] > _MAX_CLASSES)
+    else:
+        key = (logits.dtype, logits.dim() == 4 and logits.shape[1] > _MAX_CLASSES, logits.device.type,
+               os.environ.get("TRITON_INTERPRET"))
     try:
-        from ifbf_fast.kernels import ohem_ce as _k  # noqa: F401
+        return _AVAILABLE[key]
+    except KeyError:
+        pass
+    try:
+        _kernels()
     except ImportError as exc:
         return f"the Triton OHEM kernel is not available ({exc})"
     if logits.dtype not in _FAST_DTYPES:
-        return f"the Triton OHEM kernel takes fp32/fp16/bf16 logits; got {logits.dtype}"
-    if logits.dim() == 4 and logits.shape[1] > _MAX_CLASSES:
-        return f"the Triton OHEM kernel holds at most {_MAX_CLASSES} classes; got {logits.shape[1]}"
-    return triton_unavailable_reason(logits)
+        reason = f"the Triton OHEM kernel takes fp32/fp16/bf16 logits; got {logits.dtype}"
+    elif key[1]:
+        reason = f"the Triton OHEM kernel holds at most {_MAX_CLASSES} classes; got {logits.shape[1]}"
+    else:
+        reason = triton_unavailable_reason(logits)
+    _AVAILABLE[key] = reason
+    return reason
+
+
+def _use_fast(op: str, reason_fn, *args) -> bool:
+    """The switch, with the availability reason computed only where it is needed."""
+    if get_impl() == "reference":
+        return False
+    return choose(op, reason_fn(*args))
 
 
 def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float = 0.75,
                        thresh: Optional[float] = None, ignore_index: int = 255) -> torch.Tensor:
     """OHEM cross-entropy through the implementation switch (fast Triton path or the reference)."""
-    if choose("ohem_cross_entropy", _fast_unavailable(logits)):
-        return ohem_cross_entropy_fast(logits, target, keep_ratio, thresh, ignore_index)
+    if _use_fast("ohem_cross_entropy", _fast_unavailable, logits):
+        return _ohem_fast_with_bad_labels(logits, target, keep_ratio, thresh, ignore_index)[0]
     return ohem_cross_entropy_ref(logits, target, keep_ratio, thresh, ignore_index)
 
 
-# --- optional: the bilinear upsampling fused into the loss (kernels/ohem_ce_upsampled.py) -------
-
-def ohem_cross_entropy_upsampled_ref(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float = 0.75,
-                                     thresh: Optional[float] = None, ignore_index: int = 255) -> torch.Tensor:
-    """Reference: ``F.interpolate(logits, target's (H, W), bilinear, align_corners=False)`` then
-    :func:`ohem_cross_entropy_ref` (the head's upsampling followed by the loss)."""
-    _check_upsampled_args(logits, target)
-    up = torch.nn.functional.interpolate(logits, size=tuple(target.shape[-2:]), mode="bilinear",
-                                         align_corners=False)
-    return ohem_cross_entropy_ref(up, target, keep_ratio, thresh, ignore_index)
-
-
-def _check_upsampled_args(logits: torch.Tensor, target: torch.Tensor) -> None:
-    if logits.dim() != 4 or target.dim() != 3 or logits.shape[0] != target.shape[0]:
-        raise ValueError(f"ohem_cross_entropy_upsampled: logits (N, C, h, w) and target (N, H, W) expected; "
-                         f"got {tuple(logits.shape)} and {tuple(target.shape)}")
-
-
-@torch.library.custom_op("ifbf_fast::ohem_ce_up_fwd", mutates_args=())
-def _ohem_ce_up_fwd_op(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float, thresh: float,
-                       ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, per-pixel losses at the target's size, state) of the upsampled logits."""
-    from ifbf_fast.kernels.ohem_ce_upsampled import ohem_ce_up_fwd
-    return ohem_ce_up_fwd(logits, target, keep_ratio, thresh, ignore_index)
-
-
-@_ohem_ce_up_fwd_op.register_fake
-def _ohem_ce_up_fwd_fake(logits, target, keep_ratio, thresh, ignore_index):
-    from ifbf_fast.kernels.ohem_ce import STATE_SIZE
-    return (logits.new_empty((), dtype=torch.float32), target.new_empty(target.shape, dtype=torch.float32),
-            logits.new_empty((STATE_SIZE,), dtype=torch.int32))
-
-
-@torch.library.custom_op("ifbf_fast::ohem_ce_up_bwd", mutates_args=())
-def _ohem_ce_up_bwd_op(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, losses: torch.Tensor,
-                       state: torch.Tensor) -> torch.Tensor:
-    """Gradient wrt the low-resolution logits."""
-    from ifbf_fast.kernels.ohem_ce_upsampled import ohem_ce_up_bwd
-    return ohem_ce_up_bwd(grad, logits, target, losses, state)
-
-
-@_ohem_ce_up_bwd_op.register_fake
-def _ohem_ce_up_bwd_fake(grad, logits, target, losses, state):
-    return torch.empty_like(logits)
-
-
-def _ohem_ce_up_backward(ctx, grad_loss, grad_losses, grad_state):
-    logits, target, losses, state = ctx.saved_tensors
-    grad_logits = None
-    if ctx.needs_input_grad[0]:
-        grad_logits = _ohem_ce_up_bwd_op(grad_loss, logits, target, losses, state)
-    return grad_logits, None, None, None, None
-
-
-_ohem_ce_up_fwd_op.register_autograd(_ohem_ce_up_backward, setup_context=_ohem_ce_setup_context)
-
-
-def ohem_cross_entropy_upsampled_fast(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float = 0.75,
-                                      thresh: Optional[float] = None, ignore_index: int = 255) -> torch.Tensor:
-    """OHEM cross-entropy of the bilinearly upsampled logits, the full-size logits never stored.
-
-    The interpolation is computed in fp32 (the unfused path rounds the upsampled logits to their
-    dtype first); ties, gradients and bad labels as in :func:`ohem_cross_entropy_fast`.
-    """
-    _check_upsampled_args(logits, target)
-    from ifbf_fast.kernels.ohem_ce_upsampled import upsample_unsupported_reason
-    reason = upsample_unsupported_reason(tuple(logits.shape[-2:]), tuple(target.shape[-2:]))
-    if reason is not None:
-        raise ValueError(f"ohem_cross_entropy_upsampled: {reason}")
-    h_in, w_in = logits.shape[-2:]
-    c = logits.shape[1]
-    # The shared checks (dtypes, device, keep_ratio, thresh) on a view of the target at the logits' size.
-    check_ohem_args(logits, target[:, :h_in, :w_in], keep_ratio, thresh, ignore_index)
-    if _label_check_enabled():
-        _raise_on_bad_labels(target, c, ignore_index)
-    thresh_arg = -1.0 if thresh is None else float(thresh)
-    return _ohem_ce_up_fwd_op(logits, target, float(keep_ratio), thresh_arg, int(ignore_index))[0]
-
-
-def _fast_upsampled_unavailable(logits: torch.Tensor, target: torch.Tensor) -> str | None:
-    reason = _fast_unavailable(logits)
-    if reason is None and logits.dim() == 4 and target.dim() == 3:
-        from ifbf_fast.kernels.ohem_ce_upsampled import upsample_unsupported_reason
-        reason = upsample_unsupported_reason(tuple(logits.shape[-2:]), tuple(target.shape[-2:]))
-    return reason
-
-
-def ohem_cross_entropy_upsampled(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float = 0.75,
-                                 thresh: Optional[float] = None, ignore_index: int = 255) -> torch.Tensor:
-    """``ohem_cross_entropy(interpolate(logits, target's size, bilinear), target, ...)`` through the switch.
-
-    "fast"/"auto": the fused kernels where they apply (Triton, an upsampling factor of about 3.5 or more,
-    the network's x4). Where they do not, "auto" upsamples with ``F.interpolate`` and calls
-    :func:`ohem_cross_entropy`, which still takes the unfused fast OHEM where that can run; "fast" raises
-    ``FastPathUnavailable``. "reference": :func:`ohem_cross_entropy_upsampled_ref`.
-    """
-    if choose("ohem_cross_entropy_upsampled", _fast_upsampled_unavailable(logits, target)):
-        return ohem_cross_entropy_upsampled_fast(logits, target, keep_ratio, thresh, ignore_index)
-    if get_impl() == "reference":
-        return ohem_cross_entropy_upsampled_ref(logits, target, keep_ratio, thresh, ignore_index)
-    _check_upsampled_args(logits, target)
-    up = torch.nn.functional.interpolate(logits, size=tuple(target.shape[-2:]), mode="bilinear",
-                                         align_corners=False)
-    return ohem_cross_entropy(up, target, keep_ratio, thresh, ignore_index)
+def ohem_cross_entropy_with_bad_labels(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float = 0.75,
+                                       thresh: Optional[float] = None, ignore_index: int = 255) -> tuple:
+    """``(ohem_cross_entropy(...), bad_labels)`` through the switch; ``bad_labels`` is a 0-d fp32 tensor
+    on the logits' device: the labels outside ``[0, C)`` that are not ``ignore_index`` (counted by the
+    fast kernels without a host read; 0 on the reference path, which raises ValueError on them)."""
+    if _use_fast("ohem_cross_entropy", _fast_unavailable, logits):
+        return _ohem_fast_with_bad_labels(logits, target, keep_ratio, thresh, ignore_index)
+    loss = ohem_cross_entropy_ref(logits, target, keep_ratio, thresh, ignore_index)
+    return loss, torch.zeros((), dtype=torch.float32, device=logits.device)

@@ -92,7 +92,7 @@ def test_lower_resolution_logits_are_upsampled_inside_the_loss():
 
 
 def test_upsampled_loss_routes_through_the_switch(monkeypatch):
-    from ifbf_fast.ops import ohem_ce
+    from ifbf_fast.ops import ohem_ce, ohem_ce_upsampled
 
     low, target = torch.randn(1, 3, 4, 4), torch.randint(0, 3, (1, 16, 16))
     calls = []
@@ -102,10 +102,55 @@ def test_upsampled_loss_routes_through_the_switch(monkeypatch):
     monkeypatch.undo()
     # "auto" where the fused kernels cannot run: upsample, then the dispatching OHEM (fast where it can)
     seen = []
-    monkeypatch.setattr(ohem_ce, "_fast_upsampled_unavailable", lambda *a: "no fused kernels here")
+    monkeypatch.setattr(ohem_ce_upsampled, "_fast_upsampled_unavailable", lambda *a: "no fused kernels here")
     monkeypatch.setattr(ohem_ce, "ohem_cross_entropy", lambda x, *a: seen.append(tuple(x.shape)) or x.sum())
     with ops.use_impl("auto"):
         ops.ohem_cross_entropy_upsampled(low, target)
     assert seen == [(1, 3, 16, 16)]
     with ops.use_impl("fast"), pytest.raises(ops.FastPathUnavailable, match="no fused kernels here"):
         ops.ohem_cross_entropy_upsampled(low, target)
+
+
+def test_ifbf_loss_terms_only_loss_is_differentiable_and_bad_labels_is_zero_on_reference():
+    logits, target = _batch()
+    logits.requires_grad_()
+    aux = torch.randn_like(logits, requires_grad=True)
+    with ops.use_impl("reference"):
+        terms = IFBFLoss()({"out": logits, "aux": aux}, target)
+    assert set(terms) == {"loss", "out", "aux", "bad_labels"}
+    assert terms["loss"].requires_grad
+    for key in ("out", "aux", "bad_labels"):
+        assert not terms[key].requires_grad, key
+        assert terms[key].dtype == torch.float32 and terms[key].shape == () and terms[key].device == logits.device
+    assert float(terms["bad_labels"]) == 0.0
+    bad = target.clone()
+    bad[1, 2, 3] = 5                       # C = 5: outside [0, C)
+    with ops.use_impl("reference"), pytest.raises(ValueError, match="label 5"):
+        IFBFLoss()({"out": logits, "aux": aux}, bad)
+
+
+@pytest.mark.parametrize("low_res", [False, True])
+def test_ifbf_loss_counts_bad_labels_on_the_fast_path_without_a_host_read(low_res):
+    from ifbf_fast.utils.launches import forbid_host_reads
+
+    if low_res:                            # the fused-upsampling path (x4)
+        logits = torch.randn(2, 5, 3, 4) * 3
+        target = torch.randint(0, 5, (2, 12, 16))
+    else:
+        logits, target = _batch()
+    logits.requires_grad_()
+    aux = torch.randn_like(logits, requires_grad=True)
+    target[0, 0, :3] = torch.tensor([5, -1, 99])        # three bad labels (255 stays ignored)
+    target[1, 1, 1] = 255
+    with ops.use_impl("fast"), forbid_host_reads():
+        terms = IFBFLoss()({"out": logits, "aux": aux}, target)
+        terms["loss"].backward()
+    assert terms["bad_labels"].dtype == torch.float32 and terms["bad_labels"].shape == ()
+    assert not terms["bad_labels"].requires_grad and not terms["out"].requires_grad
+    assert float(terms["bad_labels"]) == 3.0
+    assert torch.isnan(terms["loss"])      # the NaN the count explains
+    good = target.clone()
+    good[0, 0, :3] = 0
+    with ops.use_impl("fast"):
+        terms = IFBFLoss()({"out": logits.detach(), "aux": aux.detach()}, good.to(torch.uint8))
+    assert float(terms["bad_labels"]) == 0.0 and torch.isfinite(terms["loss"])

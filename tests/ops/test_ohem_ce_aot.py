@@ -1,38 +1,113 @@
 """Ahead-of-time compile of every OHEM kernel configuration the launchers use, for sm_80 and sm_90: those
-of ``kernels/ohem_ce.py`` and of the fused-upsampling variant in ``kernels/ohem_ce_upsampled.py``.
+of ``kernels/ohem_ce.py`` (forward, select pass, backward) and of the fused-upsampling variant in
+``kernels/ohem_ce_upsampled.py``.
 
-Fails on a compile error, a shared-memory overflow or a register spill (../shared/GPU.md section 2);
-prints registers, spills and whether the global loads were vectorised (pytest -s shows the table).
+Fails on a compile error, a shared-memory overflow or a register spill (../shared/GPU.md section 2), and
+on a hot loop that lost its vectorised global loads (issue 14.3); prints registers, spills and whether
+the global loads were vectorised (pytest -s shows the table). The tables of what the launchers compile
+live here, not in ``kernels/`` (which imports nothing from ``ifbf_fast``).
 """
 import dataclasses
 
 import torch
 
 from ifbf_fast.kernels import ohem_ce as K
+from ifbf_fast.kernels import ohem_ce_select as S
 from ifbf_fast.kernels import ohem_ce_upsampled as KU
-from ifbf_fast.utils.triton_aot import assert_compiles_cleanly, compile_kernels
+from ifbf_fast.utils.triton_aot import KernelSpec, assert_compiles_cleanly, compile_kernels
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (classes, channels_last): the project's 19 classes in both layouts, and the smallest and largest
-# class blocks the launcher uses (BLOCK_C = 2 with 2048-pixel tiles, BLOCK_C = 256 with 16).
+# class blocks the launcher uses (BLOCK_C = 2 with 1024-pixel tiles, BLOCK_C = 256 with 16).
 CLASS_CONFIGS = ((19, False), (19, True), (1, False), (K.MAX_BLOCK_C, False))
+TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
+            torch.int32: "i32", torch.uint8: "u8", torch.int16: "i16", torch.int8: "i8"}
+
+
+def kernel_specs(num_classes, logits_dtype, target_dtype=torch.int64, channels_last=False, aligned=True):
+    """The forward and backward launches for one input kind: dense NCHW or channels_last (the unit stride
+    specialised to 1 as a real launch does); ``aligned`` marks what a real launch at 876 x 876 marks
+    divisible by 16 (pointers, H*W, the batch strides and the class stride of NCHW)."""
+    block_p, block_c, warps = K.block_sizes(num_classes)
+    lt, tt = TL_TYPES[logits_dtype], TL_TYPES[target_dtype]
+    unit = "stride_lc" if channels_last else "stride_lw"
+    common = {"C": "i32", "HW": "i32", "W": "i32", "stride_ln": "i32", "stride_lc": "i32", "stride_lh": "i32",
+              "stride_lw": "i32", "stride_tn": "i32", "stride_th": "i32", "stride_tw": "constexpr",
+              unit: "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr", "FLAT_HW": "constexpr"}
+    consts = {"stride_tw": 1, unit: 1, "BLOCK_P": block_p, "BLOCK_C": block_c, "FLAT_HW": True}
+    div = ["logits_ptr", "target_ptr", "HW", "stride_ln", "stride_tn"] + ([] if channels_last else ["stride_lc"])
+    fwd_sig = dict(common, logits_ptr=f"*{lt}", target_ptr=f"*{tt}", loss_ptr="*fp32", scratch_ptr="*i32",
+                   ignore_index="i32", keep_hi="i32", keep_lo="i32", n_programs="i32", zero_steps="i32",
+                   TILES="constexpr")
+    gunit = "stride_gc" if channels_last else "stride_gw"
+    bwd_sig = dict(common, grad_out_ptr="*fp32", logits_ptr=f"*{lt}", target_ptr=f"*{tt}", loss_ptr="*fp32",
+                   state_ptr="*i32", grad_ptr=f"*{lt}", stride_gn="i32", stride_gc="i32", stride_gh="i32",
+                   stride_gw="i32")
+    bwd_sig[gunit] = "constexpr"
+    mod = K.__name__
+    return [
+        KernelSpec(mod, "_ohem_ce_fwd_kernel", fwd_sig, dict(consts, TILES=K.FWD_TILES),
+                   divisible_by_16=tuple(div + ["loss_ptr", "scratch_ptr"]) if aligned else (), num_warps=warps),
+        KernelSpec(mod, "_ohem_ce_bwd_kernel", bwd_sig, dict(consts, **{gunit: 1}),
+                   divisible_by_16=tuple(div + ["loss_ptr", "state_ptr", "grad_ptr", "grad_out_ptr", "stride_gn"]
+                                         + ([] if channels_last else ["stride_gc"])) if aligned else (),
+                   num_warps=warps),
+    ]
+
+
+def select_kernel_specs():
+    sig = {"loss_ptr": "*fp32", "scratch_ptr": "*i32", "partial_ptr": "*fp64", "state_ptr": "*i32",
+           "result_ptr": "*fp32", "bad_ptr": "*fp32", "P": "i32", "keep_hi": "i32", "keep_lo": "i32",
+           "thresh_bits": "i32", "zero_steps": "i32", "BLOCK": "constexpr"}
+    return [KernelSpec(S.__name__, "_ohem_ce_select_kernel", sig, {"BLOCK": S.RED_BLOCK},
+                       divisible_by_16=("loss_ptr", "scratch_ptr", "partial_ptr", "state_ptr", "result_ptr",
+                                        "bad_ptr", "P"), num_warps=8)]
+
+
+def upsample_kernel_specs(num_classes, logits_dtype, size_in=(219, 219), size_out=(876, 876), channels_last=False,
+                          target_dtype=torch.uint8):
+    block_p, block_c, warps = K.block_sizes(num_classes)
+    lt, tt = TL_TYPES[logits_dtype], TL_TYPES[target_dtype]
+    unit = "stride_lc" if channels_last else "stride_lw"
+    common = {"lr_ptr": f"*{lt}", "target_ptr": f"*{tt}", "loss_ptr": "*fp32", "C": "i32", "W": "i32",
+              "h_in": "i32", "w_in": "i32", "scale_h": "fp32", "scale_w": "fp32", "stride_ln": "i32",
+              "stride_lc": "i32", "stride_lh": "i32", "stride_lw": "i32", "stride_tn": "i32", "stride_th": "i32",
+              "stride_tw": "constexpr", unit: "constexpr", "BLOCK_C": "constexpr"}
+    consts = {"stride_tw": 1, unit: 1}
+    div = ("lr_ptr", "target_ptr", "loss_ptr", "stride_ln", "stride_tn")
+    fwd = KernelSpec(KU.__name__, "_ohem_ce_up_fwd_kernel",
+                     dict(common, scratch_ptr="*i32", HW="i32", ignore_index="i32", keep_hi="i32", keep_lo="i32",
+                          n_programs="i32", zero_steps="i32", BLOCK_P="constexpr", TILES="constexpr",
+                          FLAT_HW="constexpr"),
+                     dict(consts, BLOCK_P=block_p, BLOCK_C=block_c, TILES=K.FWD_TILES, FLAT_HW=True),
+                     divisible_by_16=div + ("scratch_ptr", "HW"), num_warps=2 * warps)
+    launch = KU.backward_launch(size_in, size_out, num_classes)
+    warps_b = launch.pop("num_warps")
+    gunit = "stride_gc" if channels_last else "stride_gw"
+    bwd_sig = dict(common, grad_out_ptr="*fp32", state_ptr="*i32", glr_ptr=f"*{lt}", H="i32", inv_scale_h="fp32",
+                   inv_scale_w="fp32", stride_gn="i32", stride_gc="i32", stride_gh="i32", stride_gw="i32",
+                   **{k: "constexpr" for k in launch})
+    bwd_sig[gunit] = "constexpr"
+    bwd = KernelSpec(KU.__name__, "_ohem_ce_up_bwd_kernel", bwd_sig, dict(consts, **launch, **{gunit: 1}),
+                     divisible_by_16=div + ("grad_out_ptr", "state_ptr", "glr_ptr", "stride_gn"), num_warps=warps_b)
+    return [fwd, bwd]
 
 
 def _all_specs():
     specs = []
     for dtype in DTYPES:
         for classes, channels_last in CLASS_CONFIGS:
-            specs += K.kernel_specs(classes, dtype, channels_last=channels_last)
-    for target_dtype in (torch.int32, torch.uint8):         # labels as other loaders hand them over
-        specs += K.kernel_specs(19, torch.bfloat16, target_dtype)
-    specs += K.kernel_specs(19, torch.float32, aligned=False)
-    for dtype in DTYPES:                                      # the optional fused x4 upsampling
-        specs += KU.upsample_kernel_specs(19, dtype)
-    specs += KU.upsample_kernel_specs(19, torch.bfloat16, channels_last=True)
-    specs += KU.upsample_kernel_specs(19, torch.bfloat16, (256, 512), (1024, 2048))
-    specs += KU.upsample_kernel_specs(19, torch.bfloat16, (4, 4), (13, 17))[1:]   # footprint 8 x 4
-    specs += KU.upsample_kernel_specs(19, torch.bfloat16, (4, 4), (17, 13))[1:]   # footprint 4 x 8
-    return specs + K.select_kernel_specs()
+            specs += kernel_specs(classes, dtype, channels_last=channels_last)
+    for target_dtype in (torch.int32, torch.uint8):         # labels as the loader hands them over
+        specs += kernel_specs(19, torch.bfloat16, target_dtype)
+    specs += kernel_specs(19, torch.float32, aligned=False)
+    for dtype in DTYPES:                                      # the fused x4 upsampling
+        specs += upsample_kernel_specs(19, dtype)
+    specs += upsample_kernel_specs(19, torch.bfloat16, channels_last=True, target_dtype=torch.int64)
+    specs += upsample_kernel_specs(19, torch.bfloat16, (256, 512), (1024, 2048))
+    specs += upsample_kernel_specs(19, torch.bfloat16, (4, 4), (13, 17))[1:]
+    specs += upsample_kernel_specs(19, torch.bfloat16, (3, 5), (100, 170))[1:]   # large factor: 64-wide windows
+    return specs + select_kernel_specs()
 
 
 def test_every_launched_configuration_compiles_cleanly_for_sm80_and_sm90():
@@ -49,17 +124,20 @@ def test_every_launched_configuration_compiles_cleanly_for_sm80_and_sm90():
                         f"regs={r.registers:3d} spills={r.spills} smem={r.shared} vec={r.vector_loads}")
         assert_compiles_cleanly(per_arch)
     print("\n" + "\n".join(rows))
-    # NCHW bf16 at 19 classes, aligned as at 876 x 876: the forward's logits loads must vectorise.
-    fwd_19 = results[0]
-    assert all(r.vector_loads for r in fwd_19), "NCHW forward lost its vectorised loads"
+    # NCHW at 19 classes, aligned as at 876 x 876: the forward's and the backward's logits loads (the
+    # backward's are no longer masked by the kept flag) and the select pass's loss loads must vectorise.
+    for spec, per_arch in zip(specs, results):
+        hot = (spec.attr in ("_ohem_ce_fwd_kernel", "_ohem_ce_bwd_kernel") and spec.constexprs.get("BLOCK_C") == 32
+               and spec.constexprs.get("stride_lw") == 1 and spec.divisible_by_16)
+        if hot or spec.attr == "_ohem_ce_select_kernel":
+            assert all(r.vector_loads for r in per_arch), f"{spec.attr} {spec.signature.get('logits_ptr')}: scalar loads"
 
 
 def test_integer_arguments_of_one_compile():
     """On a GPU, Triton turns an integer argument equal to 1 (a batch of one, one row, a unit stride) into a
     compile-time constant, a plain Python int inside the kernel; a tensor method on it would not compile
     (seen in the FBF kernels on an H200). Compile each kernel with each integer argument set to 1."""
-    base = (K.kernel_specs(19, torch.float32) + KU.upsample_kernel_specs(19, torch.float32)
-            + K.select_kernel_specs())
+    base = kernel_specs(19, torch.float32) + upsample_kernel_specs(19, torch.float32) + select_kernel_specs()
     specs, names = [], []
     seen = set()
     for spec in base:

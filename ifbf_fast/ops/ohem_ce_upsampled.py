@@ -1,0 +1,173 @@
+"""OHEM cross-entropy of bilinearly upsampled logits (the heads' x4 upsampling fused into the loss).
+
+``ohem_cross_entropy_upsampled(logits (N, C, h, w), target (N, H, W))`` is
+``ohem_cross_entropy(interpolate(logits, (H, W), bilinear, align_corners=False), target)``. Its fast path
+(kernels in ``ifbf_fast.kernels.ohem_ce_upsampled``) interpolates on the fly and never stores the
+full-size logits or their gradient: three device launches for forward and backward, the same select
+pass as the plain op. Eager calls run through a ``torch.autograd.Function``; compiled calls and fake
+tensors through the custom ops ``ifbf_fast::ohem_ce_up_fwd`` / ``ohem_ce_up_bwd`` (see ``ohem_ce.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import ohem_ce as _oc
+from ._impl import get_impl
+
+
+def ohem_cross_entropy_upsampled_ref(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float = 0.75,
+                                     thresh: Optional[float] = None, ignore_index: int = 255) -> torch.Tensor:
+    """Reference: ``F.interpolate(logits, target's (H, W), bilinear, align_corners=False)`` then
+    :func:`ohem_cross_entropy_ref` (the head's upsampling followed by the loss)."""
+    _check_upsampled_args(logits, target)
+    up = torch.nn.functional.interpolate(logits, size=tuple(target.shape[-2:]), mode="bilinear",
+                                         align_corners=False)
+    return _oc.ohem_cross_entropy_ref(up, target, keep_ratio, thresh, ignore_index)
+
+
+def _check_upsampled_args(logits: torch.Tensor, target: torch.Tensor) -> None:
+    if logits.dim() != 4 or target.dim() != 3 or logits.shape[0] != target.shape[0]:
+        raise ValueError(f"ohem_cross_entropy_upsampled: logits (N, C, h, w) and target (N, H, W) expected; "
+                         f"got {tuple(logits.shape)} and {tuple(target.shape)}")
+
+
+_KERNELS = None
+
+
+def _kernels():
+    global _KERNELS
+    if _KERNELS is None:
+        from ifbf_fast.kernels import ohem_ce_upsampled
+        _KERNELS = ohem_ce_upsampled
+    return _KERNELS
+
+
+@torch.library.custom_op("ifbf_fast::ohem_ce_up_fwd", mutates_args=())
+def _ohem_ce_up_fwd_op(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float, thresh: float,
+                       ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, per-pixel losses at the target's size, state, bad-label count) of the upsampled logits."""
+    return _kernels().ohem_ce_up_fwd(logits, target, keep_ratio, thresh, ignore_index)
+
+
+@_ohem_ce_up_fwd_op.register_fake
+def _ohem_ce_up_fwd_fake(logits, target, keep_ratio, thresh, ignore_index):
+    return _oc._fwd_fake_outputs(logits, target.shape)
+
+
+@torch.library.custom_op("ifbf_fast::ohem_ce_up_bwd", mutates_args=())
+def _ohem_ce_up_bwd_op(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, losses: torch.Tensor,
+                       state: torch.Tensor) -> torch.Tensor:
+    """Gradient wrt the low-resolution logits."""
+    return _kernels().ohem_ce_up_bwd(grad, logits, target, losses, state)
+
+
+@_ohem_ce_up_bwd_op.register_fake
+def _ohem_ce_up_bwd_fake(grad, logits, target, losses, state):
+    return torch.empty_like(logits)
+
+
+def _ohem_ce_up_backward(ctx, grad_loss, grad_losses, grad_state, grad_bad):
+    logits, target, losses, state = ctx.saved_tensors
+    grad_logits = None
+    if ctx.needs_input_grad[0]:
+        grad_logits = _ohem_ce_up_bwd_op(grad_loss, logits, target, losses, state)
+    return grad_logits, None, None, None, None
+
+
+_ohem_ce_up_fwd_op.register_autograd(_ohem_ce_up_backward, setup_context=_oc._ohem_ce_setup_context)
+
+_CHECKED: set = set()
+
+
+def _check_fused(logits: torch.Tensor, target: torch.Tensor, keep_ratio, thresh, ignore_index) -> None:
+    _check_upsampled_args(logits, target)
+    reason = _kernels().upsample_unsupported_reason(tuple(logits.shape[-2:]), tuple(target.shape[-2:]))
+    if reason is not None:
+        raise ValueError(f"ohem_cross_entropy_upsampled: {reason}")
+    h_in, w_in = logits.shape[-2:]
+    # The shared checks (dtypes, device, keep_ratio, thresh) on a view of the target at the logits' size.
+    _oc.check_ohem_args(logits, target[:, :h_in, :w_in], keep_ratio, thresh, ignore_index)
+
+
+def _up_fast_with_bad_labels(logits, target, keep_ratio, thresh, ignore_index):
+    eager = _oc._eager(logits)
+    key = (logits.shape, target.shape, logits.dtype, target.dtype, logits.device, target.device, keep_ratio, thresh)
+    if not (eager and key in _CHECKED):
+        _check_fused(logits, target, keep_ratio, thresh, ignore_index)
+        if eager:
+            if len(_CHECKED) > 1024:
+                _CHECKED.clear()
+            _CHECKED.add(key)
+    if _oc._label_check_enabled():
+        _oc._raise_on_bad_labels(target, logits.shape[1], ignore_index)
+    thresh_arg = -1.0 if thresh is None else float(thresh)
+    if eager:
+        k = _kernels()
+        return _oc._OhemCEFunction.apply(logits, target, float(keep_ratio), thresh_arg, int(ignore_index),
+                                         k.ohem_ce_up_fwd, k.ohem_ce_up_bwd)
+    out = _ohem_ce_up_fwd_op(logits, target, float(keep_ratio), thresh_arg, int(ignore_index))
+    return out[0], out[3]
+
+
+def ohem_cross_entropy_upsampled_fast(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float = 0.75,
+                                      thresh: Optional[float] = None, ignore_index: int = 255) -> torch.Tensor:
+    """OHEM cross-entropy of the bilinearly upsampled logits, the full-size logits never stored.
+
+    The interpolation is computed in fp32 (the unfused path rounds the upsampled logits to their
+    dtype first); ties, gradients and bad labels as in :func:`ohem_cross_entropy_fast`. The gradient
+    is bitwise deterministic (each low-resolution element written once, no atomics).
+    """
+    return _up_fast_with_bad_labels(logits, target, keep_ratio, thresh, ignore_index)[0]
+
+
+_AVAILABLE: dict = {}
+
+
+def _fast_upsampled_unavailable(logits: torch.Tensor, target: torch.Tensor) -> str | None:
+    reason = _oc._fast_unavailable(logits)
+    if reason is None and logits.dim() == 4 and target.dim() == 3:
+        key = (tuple(logits.shape[-2:]), tuple(target.shape[-2:]))
+        if key not in _AVAILABLE:
+            _AVAILABLE[key] = _kernels().upsample_unsupported_reason(*key)
+        reason = _AVAILABLE[key]
+    return reason
+
+
+def _unfused(logits, target, keep_ratio, thresh, ignore_index, with_bad):
+    _check_upsampled_args(logits, target)
+    up = torch.nn.functional.interpolate(logits, size=tuple(target.shape[-2:]), mode="bilinear",
+                                         align_corners=False)
+    if with_bad:
+        return _oc.ohem_cross_entropy_with_bad_labels(up, target, keep_ratio, thresh, ignore_index)
+    return _oc.ohem_cross_entropy(up, target, keep_ratio, thresh, ignore_index)
+
+
+def ohem_cross_entropy_upsampled(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float = 0.75,
+                                 thresh: Optional[float] = None, ignore_index: int = 255) -> torch.Tensor:
+    """``ohem_cross_entropy(interpolate(logits, target's size, bilinear), target, ...)`` through the switch.
+
+    "fast"/"auto": the fused kernels where they apply (Triton, an upsampling factor of about 3.5 or more,
+    the network's x4). Where they do not, "auto" upsamples with ``F.interpolate`` and calls
+    :func:`ohem_cross_entropy`, which still takes the unfused fast OHEM where that can run; "fast" raises
+    ``FastPathUnavailable``. "reference": :func:`ohem_cross_entropy_upsampled_ref`.
+    """
+    if _oc._use_fast("ohem_cross_entropy_upsampled", _fast_upsampled_unavailable, logits, target):
+        return _up_fast_with_bad_labels(logits, target, keep_ratio, thresh, ignore_index)[0]
+    if get_impl() == "reference":
+        return ohem_cross_entropy_upsampled_ref(logits, target, keep_ratio, thresh, ignore_index)
+    return _unfused(logits, target, keep_ratio, thresh, ignore_index, False)
+
+
+def ohem_cross_entropy_upsampled_with_bad_labels(logits: torch.Tensor, target: torch.Tensor,
+                                                 keep_ratio: float = 0.75, thresh: Optional[float] = None,
+                                                 ignore_index: int = 255) -> tuple:
+    """``(ohem_cross_entropy_upsampled(...), bad_labels)``, see ``ohem_ce.ohem_cross_entropy_with_bad_labels``."""
+    if _oc._use_fast("ohem_cross_entropy_upsampled", _fast_upsampled_unavailable, logits, target):
+        return _up_fast_with_bad_labels(logits, target, keep_ratio, thresh, ignore_index)
+    if get_impl() == "reference":
+        loss = ohem_cross_entropy_upsampled_ref(logits, target, keep_ratio, thresh, ignore_index)
+        return loss, torch.zeros((), dtype=torch.float32, device=logits.device)
+    return _unfused(logits, target, keep_ratio, thresh, ignore_index, True)

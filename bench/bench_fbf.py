@@ -10,20 +10,51 @@ achieved GB/s at the median time and the peak memory the call allocates beyond i
 ``test_copy_bandwidth`` measures the card's copy bandwidth in the same run, the yardstick for GB/s.
 
 For the GPU report script: ``bytes_moved(shape, dtype, backward)`` and ``make_case(...)`` (the callable
-that each benchmark times) are importable; nothing here runs at import.
+that each benchmark times) are importable; nothing here runs at import but the kernels' import below.
+
+``test_fbf_host`` (runs on the CPU): host microseconds per fwd+bwd call with every Triton launch stubbed
+(``ifbf_fast.utils.launches``), fast beside the eager reference in the same run, launch counts in
+``extra_info``. Without CUDA the fast path needs the Triton interpreter for CPU tensors, and the kernels
+decide at import whether they are interpreted: this module imports them with TRITON_INTERPRET=1 set for
+the import only, and only when there is no CUDA device (so no GPU bench can ever time the interpreter;
+bench/conftest.py still refuses TRITON_INTERPRET in the environment). With CUDA the host case uses CUDA
+tensors, the Triton launches stubbed the same way.
+
+    python -m pytest bench/bench_fbf.py --benchmark-only -k host
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Callable, Sequence
 
 import pytest
 import torch
 
 from ifbf_fast import ops
+from ifbf_fast.utils.launches import count_launches, stub_triton
 
 OPS = importlib.import_module("ifbf_fast.ops.fbf")   # the module (ifbf_fast.ops.fbf is the function)
+
+
+def _import_kernels_for_the_host_case():
+    """Without CUDA, import the FBF kernels interpreted (CPU tensors), the environment restored after."""
+    if torch.cuda.is_available() or "ifbf_fast.kernels.fbf" in sys.modules:
+        return
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        importlib.import_module("ifbf_fast.kernels.fbf")
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+_import_kernels_for_the_host_case()
 
 BATCH = 4
 FBFS = {"fbf1": (256, 64), "fbf2": (256, 128)}
@@ -71,6 +102,8 @@ def _provider_fn(provider: str) -> Callable:
             with ops.use_impl("fast"):
                 return ops.fbf(*args)
         return fast
+    if provider == "fast_set":            # the switch set by the caller (host bench: no context per call)
+        return ops.fbf
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
 
@@ -160,3 +193,30 @@ def test_copy_bandwidth(benchmark, dtype):
     nbytes = 2 * src.numel() * src.element_size()
     benchmark.extra_info.update(bytes_moved=nbytes, gb_per_s=nbytes / benchmark.stats["median"] / 1e9,
                                 device=torch.cuda.get_device_name())
+
+
+# --- host time per call (CPU; Triton launches stubbed) -------------------------------------------------
+
+HOST_SHAPE = (2, 16, 8, 48, 48)       # N, Ch, Cl, H, W: small, the host cost does not depend on it
+
+
+@pytest.mark.benchmark(group="fbf host", warmup=True)
+@pytest.mark.parametrize("provider", ("reference", "fast"))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fbf_host(benchmark, layout, provider):
+    """Host microseconds of one fwd+bwd (``torch.autograd.grad`` of all four inputs) with the Triton
+    launches stubbed: the part of the call a GPU cannot hide when the host is the slower side."""
+    n, ch, cl, h, w = HOST_SHAPE
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    run = make_case("reference" if provider == "reference" else "fast_set", "fwd_bwd", n, ch, cl, h, w,
+                    torch.float32, layout, device)
+    with ops.use_impl("fast" if provider == "fast" else "reference"):
+        with count_launches(stub_triton=True) as count:
+            run()
+        with stub_triton():
+            benchmark.pedantic(run, rounds=200, iterations=1, warmup_rounds=20)
+    stats = benchmark.stats.stats
+    benchmark.extra_info.update(provider=provider, device=device, host_us_min=stats.min * 1e6,
+                                host_us_median=stats.median * 1e6, launches=count.total,
+                                triton_launches=count.triton, launches_by_name=dict(count.by_name))

@@ -1,35 +1,31 @@
-"""Triton kernels for FBF (DESIGN section 2) and their host launchers.
+"""Host launchers of the FBF Triton kernels (``fbf_jit.py``): launch plans, the bytes model, ``fbf_fwd``/``fbf_bwd``.
 
-    x   = cat(high, low, dim=1)            # never materialised: every kernel takes the two parts
-    w   = sigmoid(weight @ mean_hw(x) + bias)
-    out = x * (1 + w[:, :, None, None])
+Per call the host does only this: one dict lookup of a cached plan (grid, block configuration and the
+scalar arguments, keyed by shapes, strides, dtype and device), the output allocations and two launches.
+The plan is computed once per key (``_plan_fwd`` / ``_plan_bwd``), which is also what the tests and the
+bytes model read, so that the launch configuration at the network's shapes can be checked on the CPU
+without running anything (``plan_fwd``/``plan_bwd`` accept meta tensors).
 
-Passes (x-sized tensors moved; the (N, C) work in between is negligible):
-  forward   _fbf_fwd_reduce_kernel   reads x            -> partial sums (SPLITS, N, C) fp32
-            torch (N,C)x(C,C) + sigmoid
-            _fbf_scale_kernel        reads x, writes out                  total 3 x-sizes
-  backward  _fbf_bwd_reduce_kernel   reads grad_out, x  -> partial sum_hw(grad_out * x)
-            torch: chain through the sigmoid and the matvec
-            _fbf_scale_kernel        reads grad_out, writes grad_high / grad_low   total 4 x-sizes
+Launches per direction (see ``fbf_jit.py``): forward reduce + scale, backward reduce + scale, no torch
+op in between; the gate, the chain rule and the parameter gradients are kernel epilogues. The counter the
+reduce epilogues use is one zeroed int32 buffer per device and stream (``_counter``), left zeroed by
+every launch.
 
-Layouts: every tensor is addressed through its own (n, c, h, w) strides, so contiguous NCHW,
-channels_last and sliced views all run without a copy. When h and w collapse into one stride for every
-tensor of a launch (FLAT_HW) the kernel uses that stride; a stride equal to 1 is specialised by Triton
-to a constant, which is what lets the compiler vectorise along the contiguous dimension (hw for NCHW,
-c for channels_last). The block shape follows the contiguous dimension (see ``_pick_blocks``).
-NCHW-dense tensors (the usual case) take the ROWS path: 1-D blocks over each sample's part, started at
-a multiple of 16 elements, so accesses vectorise even when H*W is odd and rows start unaligned.
-Offsets are computed in int64: N*C*H*W passes 2^31 at realistic sizes.
+Block configurations (2048 elements per block): the reduce keeps 4 independent 16-byte loads in flight
+per thread in its hot loop (4 warps for fp32, 2 for fp16/bf16); the scale runs 4 warps and many waves.
+See ``work_in_flight``.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Tuple
+import threading
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-import triton
-import triton.language as tl
+
+from .fbf_jit import (_fbf_reduce_kernel, _fbf_scale_kernel, _chain_epilogue, _gate_epilogue,  # noqa: F401
+                      _param_grads, _reduce_part, _reduce_row, _scale_part, _scale_rows)
 
 # Recorded at import because @triton.jit decides at decoration time whether it builds interpreter
 # objects (CPU tensors) or compiled kernels (CUDA tensors).
@@ -37,289 +33,32 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# (BLOCK_C, BLOCK_HW, num_warps).
+# (BLOCK_C, BLOCK_HW): 2048 elements per block; num_warps from the dtype (``_num_warps``).
 # ROWS: every tensor of the launch is NCHW-dense per sample (strides (*, H*W, W, 1)) and H*W >= 2048:
 #   1-D blocks over each sample's (C_part * H * W) run, aligned to 16 elements whatever H*W is, so that
 #   loads and stores vectorise even when rows do not start 16-byte aligned (219 x 219 = 47961 is odd).
 # HW_MAJOR: hw contiguous and long, but channels not dense (e.g. every other channel).
-# C_MAJOR: c contiguous (channels_last), or hw short, or a generic view. (64, 32) at 4 warps spilled
-#   on sm_80 for bf16 (ptxas), hence 8 warps.
-ROWS = (1, 2048, 4)
-HW_MAJOR = (4, 512, 4)
-C_MAJOR = (64, 32, 8)
+# C_MAJOR: c contiguous (channels_last), or hw short, or a generic view.
+ROWS = (1, 2048)
+HW_MAJOR = (4, 512)
+C_MAJOR = (64, 32)
 BLOCK_CONFIGS = {"rows": ROWS, "hw_major": HW_MAJOR, "c_major": C_MAJOR}
+LOADS_IN_FLIGHT = 4              # 16-byte loads per thread per hot-loop iteration and tensor
+EPILOGUE_TILE = (16, 64)         # (BLOCK_O, BLOCK_K) of the (C, C) epilogues
+BLOCK_GW = 256                   # grad_weight columns per step in the backward scale
+REDUCE_PROGRAMS_PER_SM = 16      # the reduce splits hw until it has this many programs per SM
+SM_COUNT_H200 = 132
+SCALE_WARPS = 4
+
+
+def _num_warps(elt: int) -> int:
+    """Warps for 2048-element blocks so that each thread holds LOADS_IN_FLIGHT 16-byte vectors: 4 for
+    fp32, 2 for fp16/bf16."""
+    return max(1, 2048 * elt // (16 * LOADS_IN_FLIGHT * 32))
 
 
 # ------------------------------------------------------------------------------------------------
-# Kernels
-# ------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _hw_offsets(offs_hw, W, stride_h, stride_w, FLAT_HW: tl.constexpr):
-    """int64 element offsets of flat spatial indices ``offs_hw`` (h * W + w)."""
-    if FLAT_HW:
-        off = offs_hw.to(tl.int64) * stride_w            # stride_w is the collapsed hw stride
-    else:
-        off = (offs_hw // W).to(tl.int64) * stride_h + (offs_hw % W).to(tl.int64) * stride_w
-    return off
-
-
-@triton.jit
-def _reduce_part(x_ptr, g_ptr, n, c0, C_PART, HW, W, hw_start, hw_stop,
-                 stride_xn, stride_xc, stride_xh, stride_xw,
-                 stride_gn, stride_gc, stride_gh, stride_gw,
-                 HAS_G: tl.constexpr, FLAT_HW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """sum over hw in [hw_start, hw_stop) of x (or g * x) for channels c0..c0+BLOCK_C of one part."""
-    offs_c = c0 + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C_PART
-    x_rows = x_ptr + n.to(tl.int64) * stride_xn + offs_c.to(tl.int64)[:, None] * stride_xc
-    g_rows = g_ptr + n.to(tl.int64) * stride_gn + offs_c.to(tl.int64)[:, None] * stride_gc
-    acc = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
-    for hw0 in range(hw_start, hw_stop, BLOCK_HW):
-        offs_hw = hw0 + tl.arange(0, BLOCK_HW)
-        # Masked against HW, not hw_stop: splits are whole blocks, and HW's divisibility (known to
-        # Triton) keeps the mask uniform over a vector, so masked loads still vectorise.
-        mask = mask_c[:, None] & (offs_hw < HW)[None, :]
-        x = tl.load(x_rows + _hw_offsets(offs_hw, W, stride_xh, stride_xw, FLAT_HW)[None, :],
-                    mask=mask, other=0.0).to(tl.float32)
-        if HAS_G:
-            g = tl.load(g_rows + _hw_offsets(offs_hw, W, stride_gh, stride_gw, FLAT_HW)[None, :],
-                        mask=mask, other=0.0).to(tl.float32)
-            x = x * g
-        acc += x
-    return tl.sum(acc, axis=1), offs_c, mask_c
-
-
-@triton.jit
-def _reduce_row(x_ptr, g_ptr, n, c, C_PART, HW, hw_start, hw_stop, stride_xn, stride_gn,
-                HAS_G: tl.constexpr, BLOCK: tl.constexpr):
-    """sum over hw in [hw_start, hw_stop) of x[n, c] (or g * x) for NCHW-dense parts.
-
-    Element (n, c, hw) of a part sits at n * stride_n + c * HW + hw. The loop starts at the row start
-    rounded down to 16 elements: both tensors' sample bases are 16-aligned (pointer and stride_n
-    specialisations) so every vector is aligned; elements outside the row are dropped in registers.
-    """
-    # tl.cast, not .to(): an argument equal to 1 reaches the kernel as a Python int (Triton specialises 1)
-    numel = tl.cast(C_PART, tl.int64) * HW
-    lo = c.to(tl.int64) * HW + hw_start
-    hi = c.to(tl.int64) * HW + hw_stop
-    start = tl.multiple_of((lo // 16) * 16, 16)
-    x_base = x_ptr + n.to(tl.int64) * stride_xn
-    g_base = g_ptr + n.to(tl.int64) * stride_gn
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(start, hi, BLOCK):
-        idx = i + tl.arange(0, BLOCK)
-        mask = idx < numel                 # uniform over a vector when numel % 16 == 0
-        x = tl.load(x_base + idx, mask=mask, other=0.0).to(tl.float32)
-        if HAS_G:
-            x = x * tl.load(g_base + idx, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.where((idx >= lo) & (idx < hi), x, 0.0)
-    return tl.sum(acc, axis=0)
-
-
-@triton.jit
-def _scale_rows(src_ptr, dst_ptr, gate_ptr, shift_ptr, n, start, c_base, C_PART, C, HW, stride_sn, stride_dn,
-                HAS_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
-    """dst = src * (1 + gate) (+ shift) on elements [start, start + BLOCK) of sample n's NCHW-dense part.
-
-    BLOCK <= HW, so the block meets at most two channels: c0 and c0 + 1 from index (c0 + 1) * HW on.
-    """
-    numel = tl.cast(C_PART, tl.int64) * HW
-    idx = start + tl.arange(0, BLOCK)
-    mask = idx < numel
-    c0 = start // HW
-    upper = idx >= (c0 + 1) * HW
-    has_next = c0 + 1 < C_PART
-    row = n.to(tl.int64) * C + c_base + c0
-    g0 = tl.load(gate_ptr + row)
-    g1 = tl.load(gate_ptr + row + 1, mask=has_next, other=0.0)
-    x = tl.load(src_ptr + n.to(tl.int64) * stride_sn + idx, mask=mask, other=0.0).to(tl.float32)
-    y = x * (1.0 + tl.where(upper, g1, g0))
-    if HAS_SHIFT:
-        s0 = tl.load(shift_ptr + row)
-        s1 = tl.load(shift_ptr + row + 1, mask=has_next, other=0.0)
-        y += tl.where(upper, s1, s0)
-    tl.store(dst_ptr + n.to(tl.int64) * stride_dn + idx, y.to(dst_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _fbf_fwd_reduce_kernel(
-    x0_ptr, x1_ptr,              # high (N, C0, H, W) and low (N, C1, H, W), any strides
-    partial_ptr,                 # (SPLITS, N, C0 + C1) fp32 out: partial sums of x over hw
-    N, C0, C1, HW, W,            # sizes; HW = H * W
-    BLOCKS_PER_SPLIT,            # hw blocks of BLOCK_HW per split (grid axis 1)
-    stride_x0n, stride_x0c, stride_x0h, stride_x0w,
-    stride_x1n, stride_x1c, stride_x1h, stride_x1w,
-    FLAT_HW: tl.constexpr,       # h, w collapse into one stride (passed as stride_*w)
-    ROWS: tl.constexpr,          # NCHW-dense parts: one (n, c) row per program, 1-D aligned blocks
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):
-    """Grid (N * (cdiv(C0, BLOCK_C) + cdiv(C1, BLOCK_C)), SPLITS): partial per-(n, c) sums of x.
-
-    With ROWS, BLOCK_C is 1 and the grid (N * (C0 + C1), SPLITS).
-    """
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    hw_start = split * BLOCKS_PER_SPLIT * BLOCK_HW
-    hw_stop = tl.minimum(hw_start + BLOCKS_PER_SPLIT * BLOCK_HW, HW)
-    if ROWS:
-        n = pid // (C0 + C1)
-        c = pid % (C0 + C1)
-        out = partial_ptr + (split * N + n).to(tl.int64) * (C0 + C1) + c
-        if c < C0:
-            tl.store(out, _reduce_row(x0_ptr, x0_ptr, n, c, C0, HW, hw_start, hw_stop, stride_x0n, stride_x0n,
-                                      False, BLOCK_HW))
-        else:
-            tl.store(out, _reduce_row(x1_ptr, x1_ptr, n, c - C0, C1, HW, hw_start, hw_stop, stride_x1n,
-                                      stride_x1n, False, BLOCK_HW))
-    else:
-        nb0 = tl.cdiv(C0, BLOCK_C)
-        nb = nb0 + tl.cdiv(C1, BLOCK_C)
-        n = pid // nb
-        cb = pid % nb
-        row = partial_ptr + (split * N + n).to(tl.int64) * (C0 + C1)
-        # The two parts take separate branches (not a select of pointers and strides) so that each keeps
-        # its own stride-1 specialisation, hence its own vectorisation.
-        if cb < nb0:
-            s, offs_c, mask_c = _reduce_part(x0_ptr, x0_ptr, n, cb * BLOCK_C, C0, HW, W, hw_start, hw_stop,
-                                             stride_x0n, stride_x0c, stride_x0h, stride_x0w,
-                                             stride_x0n, stride_x0c, stride_x0h, stride_x0w,
-                                             False, FLAT_HW, BLOCK_C, BLOCK_HW)
-            tl.store(row + offs_c, s, mask=mask_c)
-        else:
-            s, offs_c, mask_c = _reduce_part(x1_ptr, x1_ptr, n, (cb - nb0) * BLOCK_C, C1, HW, W, hw_start, hw_stop,
-                                             stride_x1n, stride_x1c, stride_x1h, stride_x1w,
-                                             stride_x1n, stride_x1c, stride_x1h, stride_x1w,
-                                             False, FLAT_HW, BLOCK_C, BLOCK_HW)
-            tl.store(row + C0 + offs_c, s, mask=mask_c)
-
-
-@triton.jit
-def _fbf_bwd_reduce_kernel(
-    g0_ptr, g1_ptr,              # grad_out's channels [0, C0) and [C0, C0+C1): views of one tensor
-    x0_ptr, x1_ptr,              # high (N, C0, H, W) and low (N, C1, H, W), any strides
-    partial_ptr,                 # (SPLITS, N, C0 + C1) fp32 out: partial sums of grad_out * x over hw
-    N, C0, C1, HW, W,
-    BLOCKS_PER_SPLIT,
-    stride_gn, stride_gc, stride_gh, stride_gw,
-    stride_x0n, stride_x0c, stride_x0h, stride_x0w,
-    stride_x1n, stride_x1c, stride_x1h, stride_x1w,
-    FLAT_HW: tl.constexpr,
-    ROWS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):
-    """Grid as ``_fbf_fwd_reduce_kernel``: partial per-(n, c) sums of grad_out * x."""
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    hw_start = split * BLOCKS_PER_SPLIT * BLOCK_HW
-    hw_stop = tl.minimum(hw_start + BLOCKS_PER_SPLIT * BLOCK_HW, HW)
-    if ROWS:
-        n = pid // (C0 + C1)
-        c = pid % (C0 + C1)
-        out = partial_ptr + (split * N + n).to(tl.int64) * (C0 + C1) + c
-        if c < C0:
-            tl.store(out, _reduce_row(x0_ptr, g0_ptr, n, c, C0, HW, hw_start, hw_stop, stride_x0n, stride_gn,
-                                      True, BLOCK_HW))
-        else:
-            tl.store(out, _reduce_row(x1_ptr, g1_ptr, n, c - C0, C1, HW, hw_start, hw_stop, stride_x1n,
-                                      stride_gn, True, BLOCK_HW))
-    else:
-        nb0 = tl.cdiv(C0, BLOCK_C)
-        nb = nb0 + tl.cdiv(C1, BLOCK_C)
-        n = pid // nb
-        cb = pid % nb
-        row = partial_ptr + (split * N + n).to(tl.int64) * (C0 + C1)
-        if cb < nb0:
-            s, offs_c, mask_c = _reduce_part(x0_ptr, g0_ptr, n, cb * BLOCK_C, C0, HW, W, hw_start, hw_stop,
-                                             stride_x0n, stride_x0c, stride_x0h, stride_x0w,
-                                             stride_gn, stride_gc, stride_gh, stride_gw,
-                                             True, FLAT_HW, BLOCK_C, BLOCK_HW)
-            tl.store(row + offs_c, s, mask=mask_c)
-        else:
-            s, offs_c, mask_c = _reduce_part(x1_ptr, g1_ptr, n, (cb - nb0) * BLOCK_C, C1, HW, W, hw_start, hw_stop,
-                                             stride_x1n, stride_x1c, stride_x1h, stride_x1w,
-                                             stride_gn, stride_gc, stride_gh, stride_gw,
-                                             True, FLAT_HW, BLOCK_C, BLOCK_HW)
-            tl.store(row + C0 + offs_c, s, mask=mask_c)
-
-
-@triton.jit
-def _scale_part(src_ptr, dst_ptr, gate_ptr, shift_ptr, n, c0, c_base, C_PART, C, HW, W, hw0,
-                stride_sn, stride_sc, stride_sh, stride_sw,
-                stride_dn, stride_dc, stride_dh, stride_dw,
-                HAS_SHIFT: tl.constexpr, FLAT_HW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """dst = src * (1 + gate[n, c]) (+ shift[n, c]) on one [BLOCK_C, BLOCK_HW] tile of one part."""
-    offs_c = c0 + tl.arange(0, BLOCK_C)
-    offs_hw = hw0 + tl.arange(0, BLOCK_HW)
-    mask_c = offs_c < C_PART
-    mask = mask_c[:, None] & (offs_hw < HW)[None, :]
-    nc = n.to(tl.int64) * C + c_base + offs_c
-    scale = 1.0 + tl.load(gate_ptr + nc, mask=mask_c, other=0.0)
-    src = (src_ptr + n.to(tl.int64) * stride_sn + offs_c.to(tl.int64)[:, None] * stride_sc
-           + _hw_offsets(offs_hw, W, stride_sh, stride_sw, FLAT_HW)[None, :])
-    y = tl.load(src, mask=mask, other=0.0).to(tl.float32) * scale[:, None]
-    if HAS_SHIFT:
-        y += tl.load(shift_ptr + nc, mask=mask_c, other=0.0)[:, None]
-    dst = (dst_ptr + n.to(tl.int64) * stride_dn + offs_c.to(tl.int64)[:, None] * stride_dc
-           + _hw_offsets(offs_hw, W, stride_dh, stride_dw, FLAT_HW)[None, :])
-    tl.store(dst, y.to(dst_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _fbf_scale_kernel(
-    src0_ptr, src1_ptr,          # parts [0, C0) and [C0, C0+C1): forward high/low, backward grad_out views
-    dst0_ptr, dst1_ptr,          # parts written: forward out's views, backward grad_high/grad_low
-    gate_ptr,                    # (N, C0 + C1) fp32 contiguous: w = sigmoid(...)
-    shift_ptr,                   # (N, C0 + C1) fp32 contiguous, read only with HAS_SHIFT: g_pooled / HW
-    N, C0, C1, HW, W,
-    stride_s0n, stride_s0c, stride_s0h, stride_s0w,
-    stride_s1n, stride_s1c, stride_s1h, stride_s1w,
-    stride_d0n, stride_d0c, stride_d0h, stride_d0w,
-    stride_d1n, stride_d1c, stride_d1h, stride_d1w,
-    HAS_SHIFT: tl.constexpr,     # backward: add shift[n, c]
-    FLAT_HW: tl.constexpr,
-    ROWS: tl.constexpr,          # NCHW-dense parts, BLOCK_HW <= HW: 1-D blocks of each sample's part
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):
-    """1-D grid N * (cdiv(C0, BLOCK_C) + cdiv(C1, BLOCK_C)) * cdiv(HW, BLOCK_HW), one tile each;
-    with ROWS, N * (cdiv(C0 * HW, BLOCK_HW) + cdiv(C1 * HW, BLOCK_HW)) blocks of BLOCK_HW elements.
-
-    dst[n, c, hw] = src[n, c, hw] * (1 + gate[n, c]) (+ shift[n, c]), fp32 math, cast at the store.
-    """
-    pid = tl.program_id(0)
-    if ROWS:
-        rb0 = tl.cdiv(tl.cast(C0, tl.int64) * HW, BLOCK_HW)
-        rb = rb0 + tl.cdiv(tl.cast(C1, tl.int64) * HW, BLOCK_HW)
-        n = pid // rb
-        b = pid % rb
-        if b < rb0:
-            _scale_rows(src0_ptr, dst0_ptr, gate_ptr, shift_ptr, n, b * BLOCK_HW, 0, C0, C0 + C1, HW,
-                        stride_s0n, stride_d0n, HAS_SHIFT, BLOCK_HW)
-        else:
-            _scale_rows(src1_ptr, dst1_ptr, gate_ptr, shift_ptr, n, (b - rb0) * BLOCK_HW, C0, C1, C0 + C1, HW,
-                        stride_s1n, stride_d1n, HAS_SHIFT, BLOCK_HW)
-    else:
-        n_hw_blocks = tl.cdiv(HW, BLOCK_HW)
-        nb0 = tl.cdiv(C0, BLOCK_C)
-        nb = nb0 + tl.cdiv(C1, BLOCK_C)
-        rowblock = pid // n_hw_blocks
-        hw0 = (pid % n_hw_blocks) * BLOCK_HW
-        n = rowblock // nb
-        cb = rowblock % nb
-        if cb < nb0:
-            _scale_part(src0_ptr, dst0_ptr, gate_ptr, shift_ptr, n, cb * BLOCK_C, 0, C0, C0 + C1, HW, W, hw0,
-                        stride_s0n, stride_s0c, stride_s0h, stride_s0w,
-                        stride_d0n, stride_d0c, stride_d0h, stride_d0w,
-                        HAS_SHIFT, FLAT_HW, BLOCK_C, BLOCK_HW)
-        else:
-            _scale_part(src1_ptr, dst1_ptr, gate_ptr, shift_ptr, n, (cb - nb0) * BLOCK_C, C0, C1, C0 + C1, HW, W, hw0,
-                        stride_s1n, stride_s1c, stride_s1h, stride_s1w,
-                        stride_d1n, stride_d1c, stride_d1h, stride_d1w,
-                        HAS_SHIFT, FLAT_HW, BLOCK_C, BLOCK_HW)
-
-
-# ------------------------------------------------------------------------------------------------
-# Host launchers
+# Layout helpers
 # ------------------------------------------------------------------------------------------------
 
 def _cdiv(a: int, b: int) -> int:
@@ -329,8 +68,14 @@ def _cdiv(a: int, b: int) -> int:
 
 def _empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
            memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """Every buffer the launchers hand to a kernel comes from here (tests poison it with NaN)."""
-    return torch.empty(tuple(shape), dtype=dtype, device=device, memory_format=memory_format)
+    """Every buffer the launchers hand to a kernel comes from here or ``_empty_like`` (tests poison
+    them with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+
+
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    """``empty_like`` of a dense tensor: same strides, and half the host cost of ``torch.empty``."""
+    return torch.empty_like(t)
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
@@ -352,9 +97,7 @@ def unsupported_reason(*tensors: torch.Tensor) -> Optional[str]:
     without it the launchers raise rather than let Triton fail on a host pointer.
     """
     for t in tensors:
-        if t.device.type == "cuda":
-            continue
-        if t.device.type == "cpu" and INTERPRETER:
+        if t.is_cuda or (INTERPRETER and t.device.type == "cpu"):
             continue
         return (f"the Triton FBF kernels run on CUDA tensors, or on CPU tensors only when TRITON_INTERPRET=1 "
                 f"was set before ifbf_fast.kernels.fbf was imported; got a tensor on {t.device}")
@@ -385,81 +128,175 @@ def _dense_rows(t: torch.Tensor) -> bool:
     return t.stride(3) == 1 and t.stride(2) == w and t.stride(1) == h * w
 
 
-def _pick_blocks(tensors: Sequence[torch.Tensor], flat: bool, hw: int) -> Tuple[Tuple[int, int, int], bool]:
-    """(block config, rows): ROWS for NCHW-dense long rows, HW_MAJOR when hw is contiguous and long,
-    C_MAJOR otherwise (channels_last, short hw, generic views)."""
+def _pick_blocks(tensors: Sequence[torch.Tensor], flat: bool, hw: int) -> Tuple[str, Tuple[int, int]]:
+    """(path, (BLOCK_C, BLOCK_HW)): "rows" for NCHW-dense long rows, "hw_major" when hw is contiguous and
+    long, "c_major" otherwise (channels_last, short hw, generic views)."""
     if hw >= ROWS[1] and all(_dense_rows(t) for t in tensors):
-        return ROWS, True
+        return "rows", ROWS
     if flat and hw >= HW_MAJOR[1] and all(_strides(t, True)[3] == 1 for t in tensors):
-        return HW_MAJOR, False
-    return C_MAJOR, False
+        return "hw_major", HW_MAJOR
+    return "c_major", C_MAJOR
 
 
-_SM_COUNT: dict = {}
+_SM_COUNT: Dict[int, int] = {}
 
 
-def _target_programs(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8          # the interpreter runs programs one by one: few, but more than one split
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 8 * _SM_COUNT[idx]
+def _target_programs(device_index: int) -> int:
+    """Programs the reduce aims at: REDUCE_PROGRAMS_PER_SM per SM on a GPU, 8 under the interpreter
+    (it runs programs one by one: few, but more than one split)."""
+    if device_index < 0:
+        return 8
+    if device_index not in _SM_COUNT:
+        _SM_COUNT[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return REDUCE_PROGRAMS_PER_SM * _SM_COUNT[device_index]
 
 
-def _channel_sums(high: torch.Tensor, low: torch.Tensor, grad_out: Optional[torch.Tensor]) -> torch.Tensor:
-    """(N, C) fp32: sum_hw x, or sum_hw grad_out * x when ``grad_out`` is given (the concatenation's order)."""
-    n, c0, h, w = high.shape
-    c1 = low.shape[1]
+_WORKSPACES: Dict[tuple, list] = {}
+
+
+def _workspace(device: torch.device, device_index: int, counts: int, floats: int) -> list:
+    """``[counter, scratch]`` of the current device, stream and thread: a zeroed int32 counter of at
+    least ``counts`` for the reduce's last-program count, and an fp32 scratch of at least ``floats``
+    (the reduce's partial sums, the backward's dz and shift).
+
+    Both are allocated once and grown when needed. Every launch leaves the counter zeroed again (the
+    last program of each sample resets its entry), so it needs no fill per call. The scratch is only
+    read by the launch that writes it or by the next launch of the same call, on the same stream: one
+    per stream and thread, because two reduces running at once must not share counts or sums.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device_index >= 0 else 0
+    key = (device_index, device.type, stream, threading.get_ident())
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        ws = _WORKSPACES[key] = [torch.zeros(64, dtype=torch.int32, device=device),
+                                 _empty((1024,), torch.float32, device)]
+    if ws[0].numel() < counts:
+        ws[0] = torch.zeros(max(counts, 2 * ws[0].numel()), dtype=torch.int32, device=device)
+    if ws[1].numel() < floats:
+        ws[1] = _empty((max(floats, 2 * ws[1].numel()),), torch.float32, device)
+    return ws
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch plans
+# ------------------------------------------------------------------------------------------------
+
+class Launch(NamedTuple):
+    """One kernel launch as planned: ``fn`` is ``kernel[grid]``; ``args`` the scalar and constexpr
+    arguments after the pointers, in signature order (positional: binding keywords costs host time)."""
+
+    name: str            # "reduce" or "scale"
+    backward: bool
+    path: str            # "rows", "hw_major" or "c_major"
+    flat: bool
+    grid: int
+    num_warps: int
+    splits: int          # hw splits of the reduce (1 for the scale)
+    block: Tuple[int, int]
+    fn: object
+    args: tuple
+    args_alt: tuple      # the reduce with HAS_GRAD_STATS (the backward when stats were used)
+
+
+class Plan(NamedTuple):
+    n: int
+    c0: int
+    c1: int
+    h: int
+    w: int
+    elt: int
+    reduce: Optional[Launch]     # None when N * C * H * W == 0 (torch computes the degenerate case)
+    scale: Optional[Launch]
+    formats: tuple               # memory formats: forward (out,), backward (grad_high, grad_low)
+    like: tuple                  # backward: grad_high / grad_low may be empty_like(input) (dense inputs)
+    scratch: int                 # fp32 scratch floats the reduce needs
+
+
+def _reduce_launch(tensors, x0, x1, g, weight, n, c0, c1, h, w, elt, device_index, has_g) -> Launch:
     hw = h * w
-    tensors = [high, low] + ([grad_out] if grad_out is not None else [])
-    if n * (c0 + c1) * hw == 0:
-        return torch.zeros((n, c0 + c1), dtype=torch.float32, device=high.device)
     flat = all(_flat_hw(t) for t in tensors)
-    (block_c, block_hw, num_warps), dense = _pick_blocks(tensors, flat, hw)
-    rows = n * (c0 + c1) if dense else n * (_cdiv(c0, block_c) + _cdiv(c1, block_c))
-    # Split hw across programs so that a small N * C still fills the GPU; partial sums are added by
-    # torch afterwards (deterministic, unlike atomics).
+    path, (block_c, block_hw) = _pick_blocks(tensors, flat, hw)
+    rows = c0 + c1 if path == "rows" else _cdiv(c0, block_c) + _cdiv(c1, block_c)
+    # Split hw so that a small N * C still fills the GPU; the last program of each sample adds the splits.
     hw_blocks = _cdiv(hw, block_hw)
-    splits = max(1, min(hw_blocks, _cdiv(_target_programs(high.device), rows)))
+    splits = max(1, min(hw_blocks, _cdiv(_target_programs(device_index), n * rows)))
     blocks_per_split = _cdiv(hw_blocks, splits)
     splits = _cdiv(hw_blocks, blocks_per_split)
-    partial = _empty((splits, n, c0 + c1), torch.float32, high.device)
-    grid = (rows, splits)
-    if grad_out is None:
-        _fbf_fwd_reduce_kernel[grid](
-            high, low, partial, n, c0, c1, hw, w, blocks_per_split,
-            *_strides(high, flat), *_strides(low, flat),
-            FLAT_HW=flat, ROWS=dense, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps)
-    else:
-        _fbf_bwd_reduce_kernel[grid](
-            grad_out.narrow(1, 0, c0), grad_out.narrow(1, c0, c1), high, low, partial, n, c0, c1, hw, w,
-            blocks_per_split, *_strides(grad_out, flat), *_strides(high, flat), *_strides(low, flat),
-            FLAT_HW=flat, ROWS=dense, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps)
-    return partial.sum(0) if splits > 1 else partial[0]
+    grid = n * rows * splits
+    # 2 warps (4 vectors per thread) only where the loads vectorise; a scalar gather (short NCHW rows,
+    # generic views) keeps 4 warps, or each thread would hold 32 addresses (~250 registers on sm_90).
+    vectorised = path != "c_major" or all(t.stride(1) == 1 for t in tensors)
+    warps = _num_warps(elt) if vectorised else SCALE_WARPS
+    scalars = (n, c0, c1, hw, w, splits, blocks_per_split, *_strides(x0, flat), *_strides(x1, flat),
+               *_strides(g, flat), weight.stride(0), weight.stride(1))
+    tail = (flat, path == "rows", block_c, block_hw, *EPILOGUE_TILE)
+    return Launch("reduce", has_g, path, flat, grid, warps, splits, (block_c, block_hw), _fbf_reduce_kernel[(grid,)],
+                  scalars + (has_g, False) + tail, scalars + (has_g, True) + tail)
 
 
-def _scale(src0: torch.Tensor, src1: torch.Tensor, dst0: torch.Tensor, dst1: torch.Tensor,
-           gate: torch.Tensor, shift: Optional[torch.Tensor]) -> None:
-    """dst_i = src_i * (1 + gate) (+ shift) for the two channel parts, in one launch."""
-    n, c0, h, w = src0.shape
-    c1 = src1.shape[1]
+def _scale_launch(tensors, s0, s1, d0, d1, n, c0, c1, h, w, elt, backward, s1_at_c0, d1_at_c0) -> Launch:
     hw = h * w
-    if n * (c0 + c1) * hw == 0:
-        return
-    tensors = (src0, src1, dst0, dst1)
     flat = all(_flat_hw(t) for t in tensors)
-    (block_c, block_hw, num_warps), dense = _pick_blocks(tensors, flat, hw)
-    if dense:
-        grid = (n * (_cdiv(c0 * hw, block_hw) + _cdiv(c1 * hw, block_hw)),)
+    path, (block_c, block_hw) = _pick_blocks(tensors, flat, hw)
+    if path == "rows":
+        grid = n * (_cdiv(c0 * hw, block_hw) + _cdiv(c1 * hw, block_hw))
     else:
-        grid = (n * (_cdiv(c0, block_c) + _cdiv(c1, block_c)) * _cdiv(hw, block_hw),)
-    _fbf_scale_kernel[grid](
-        src0, src1, dst0, dst1, gate, gate if shift is None else shift, n, c0, c1, hw, w,
-        *_strides(src0, flat), *_strides(src1, flat), *_strides(dst0, flat), *_strides(dst1, flat),
-        HAS_SHIFT=shift is not None, FLAT_HW=flat, ROWS=dense, BLOCK_C=block_c, BLOCK_HW=block_hw,
-        num_warps=num_warps)
+        grid = n * (_cdiv(c0, block_c) + _cdiv(c1, block_c)) * _cdiv(hw, block_hw)
+    # The scale has grid >> 2 waves at any real shape; 2 warps (4 vectors per thread for 16-bit types)
+    # made ptxas spill on sm_90, so it keeps 4 warps.
+    warps = SCALE_WARPS
+    args = (n, c0, c1, hw, w, *_strides(s0, flat), *_strides(s1, flat), *_strides(d0, flat), *_strides(d1, flat),
+            backward, s1_at_c0, d1_at_c0, flat, path == "rows", block_c, block_hw, BLOCK_GW)
+    return Launch("scale", backward, path, flat, grid, warps, 1, (block_c, block_hw), _fbf_scale_kernel[(grid,)], args, args)
 
+
+_PLANS: Dict[tuple, Plan] = {}
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
+def plan_fwd(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor, device_index: Optional[int] = None) -> Plan:
+    """The forward's two launches for these inputs (any device, meta included; ``device_index`` -1 plans
+    for the interpreter, n >= 0 for CUDA device n; default: the inputs' device)."""
+    n, c0, h, w = high.shape
+    c1 = low.shape[1]
+    if device_index is None:
+        device_index = high.get_device()
+    elt = high.element_size()
+    fmt = memory_format_of(high)
+    if n * (c0 + c1) * h * w == 0:
+        return Plan(n, c0, c1, h, w, elt, None, None, (fmt,), (), 0)
+    out = torch.empty((n, c0 + c1, h, w), dtype=high.dtype, device="meta", memory_format=fmt)
+    red = _reduce_launch((high, low), high, low, high, weight, n, c0, c1, h, w, elt, device_index, False)
+    sc = _scale_launch((high, low, out), high, low, out, out, n, c0, c1, h, w, elt, False, False, True)
+    return Plan(n, c0, c1, h, w, elt, red, sc, (fmt,), (), red.splits * n * (c0 + c1))
+
+
+def plan_bwd(grad_out: torch.Tensor, high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
+             device_index: Optional[int] = None) -> Plan:
+    """The backward's two launches (see ``plan_fwd``)."""
+    n, c0, h, w = high.shape
+    c1 = low.shape[1]
+    if device_index is None:
+        device_index = high.get_device()
+    elt = high.element_size()
+    fmts = (memory_format_of(high), memory_format_of(low))
+    like = (_dense(high), _dense(low))
+    if n * (c0 + c1) * h * w == 0:
+        return Plan(n, c0, c1, h, w, elt, None, None, fmts, like, 0)
+    gh = torch.empty(high.shape, dtype=high.dtype, device="meta", memory_format=fmts[0])
+    gl = torch.empty(low.shape, dtype=low.dtype, device="meta", memory_format=fmts[1])
+    red = _reduce_launch((high, low, grad_out), high, low, grad_out, weight, n, c0, c1, h, w, elt,
+                         device_index, True)
+    sc = _scale_launch((grad_out, gh, gl), grad_out, grad_out, gh, gl, n, c0, c1, h, w, elt, True, True, False)
+    return Plan(n, c0, c1, h, w, elt, red, sc, fmts, like, (2 + red.splits) * n * (c0 + c1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
 
 def _check(*tensors: torch.Tensor) -> None:
     reason = unsupported_reason(*tensors)
@@ -467,37 +304,84 @@ def _check(*tensors: torch.Tensor) -> None:
         raise RuntimeError(f"ifbf_fast.kernels.fbf: {reason}")
 
 
-def fbf_forward(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FBF forward. Returns ``(out, gate, pooled)``: out (N, C, H, W) in high's dtype and memory format,
-    gate = sigmoid(weight @ pooled + bias) and pooled = mean_hw(x), both (N, C) fp32 (saved for backward).
+def fwd(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
+        bias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The forward without the device check (the op layer has made it): ``(out, stats)`` with stats
+    the (2, N, C) fp32 [pooled | gate] that the backward takes."""
+    dev_index = high.get_device()
+    key = (high.shape, high.stride(), low.shape, low.stride(), high.dtype, weight.stride(), dev_index)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = plan_fwd(high, low, weight)
+    if plan.reduce is None:
+        return _fwd_degenerate(high, low, weight, bias, plan)
+    n, c = plan.n, plan.c0 + plan.c1
+    device = high.device
+    red, sc = plan.reduce, plan.scale
+    counter, scratch = _workspace(device, dev_index, n, plan.scratch)
+    stats = _empty((2, n, c), torch.float32, device)
+    out = _empty((n, c, plan.h, plan.w), high.dtype, device, plan.formats[0])
+    red.fn(high, low, high, stats, scratch, stats, weight, bias, counter, *red.args, num_warps=red.num_warps)
+    sc.fn(high, low, out, out, stats, stats, stats, stats, *sc.args, num_warps=sc.num_warps)
+    return out, stats
+
+
+def bwd(grad_out: torch.Tensor, high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
+        stats: torch.Tensor, grad_stats: Optional[torch.Tensor] = None, bias_dtype: Optional[torch.dtype] = None
+        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward without the device check: ``stats`` the forward's (2, N, C) fp32 contiguous,
+    ``grad_stats`` None or its gradient, (2, N, C) fp32 contiguous."""
+    dev_index = high.get_device()
+    key = (grad_out.stride(), high.shape, high.stride(), low.shape, low.stride(), high.dtype, weight.stride(),
+           dev_index)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = plan_bwd(grad_out, high, low, weight)
+    bias_dtype = bias_dtype or weight.dtype
+    if plan.reduce is None:
+        return _bwd_degenerate(grad_out, high, low, weight, stats, grad_stats, bias_dtype)
+    n, c = plan.n, plan.c0 + plan.c1
+    device = high.device
+    red, sc = plan.reduce, plan.scale
+    counter, scratch = _workspace(device, dev_index, n, plan.scratch)
+    like_h, like_l = plan.like
+    grad_high = _empty_like(high) if like_h else _empty(high.shape, high.dtype, device, plan.formats[0])
+    grad_low = _empty_like(low) if like_l else _empty(low.shape, low.dtype, device, plan.formats[1])
+    grad_weight = _empty(weight.shape, weight.dtype, device)
+    grad_bias = _empty((c,), bias_dtype, device)
+    if grad_stats is None:
+        red.fn(high, low, grad_out, stats, scratch, stats, weight, weight, counter, *red.args,
+               num_warps=red.num_warps)
+    else:
+        red.fn(high, low, grad_out, stats, scratch, grad_stats, weight, weight, counter, *red.args_alt,
+               num_warps=red.num_warps)
+    sc.fn(grad_out, grad_out, grad_high, grad_low, stats, scratch, grad_weight, grad_bias, *sc.args,
+          num_warps=sc.num_warps)
+    return grad_high, grad_low, grad_weight, grad_bias
+
+
+def fbf_fwd(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
+            bias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """FBF forward. Returns ``(out, stats)``: out (N, C, H, W) in high's dtype and memory format, and
+    stats (2, N, C) fp32 = [pooled, gate] with pooled = mean_hw(x) and gate = sigmoid(weight @ pooled +
+    bias) (saved for backward).
 
     Arguments are assumed valid (``ifbf_fast.ops.fbf.check_fbf_args``); weight (C, C) or (C, C, 1, 1)
     in any float dtype (fp32 parameters with bf16 activations under autocast).
     """
     _check(high, low, weight, bias)
-    n, c0, h, w = high.shape
-    c = c0 + low.shape[1]
-    pooled = _channel_sums(high, low, None) / (h * w)
-    # The (N, C) x (C, C) product is ~N*C^2 = 0.6 MFLOP and (N, C) elementwise work: negligible next to
-    # the x-sized passes, and torch's fp32 GEMM is exact enough and needs no extra kernel. Autocast is
-    # off here so that it stays fp32 when the caller runs under autocast.
-    with torch.autocast(device_type=high.device.type, enabled=False):
-        gate = torch.sigmoid(pooled @ weight.reshape(c, c).float().t() + bias.float())
-    out = _empty((n, c, h, w), high.dtype, high.device, memory_format_of(high))
-    _scale(high, low, out.narrow(1, 0, c0), out.narrow(1, c0, c - c0), gate, None)
-    return out, gate, pooled
+    return fwd(high, low, weight, bias)
 
 
-def fbf_backward(grad_out: torch.Tensor, high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
-                 gate: torch.Tensor, pooled: torch.Tensor, grad_gate: Optional[torch.Tensor] = None,
-                 grad_pooled: Optional[torch.Tensor] = None
-                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FBF backward from ``fbf_forward``'s saved ``gate`` and ``pooled``.
+def fbf_bwd(grad_out: torch.Tensor, high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
+            stats: torch.Tensor, grad_stats: Optional[torch.Tensor] = None,
+            bias_dtype: Optional[torch.dtype] = None
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FBF backward from ``fbf_fwd``'s saved ``stats``.
 
     Returns ``(grad_high, grad_low, grad_weight, grad_bias)``: grad_high/grad_low in the inputs' dtypes
-    and memory formats, grad_weight (C, C) and grad_bias (C,) in fp32 (the caller reshapes and casts).
-    ``grad_gate`` / ``grad_pooled`` are the gradients of the forward's extra outputs, when used.
+    and memory formats, grad_weight in the weight's shape and dtype, grad_bias (C,) in ``bias_dtype``
+    (default: the weight's). ``grad_stats`` is the gradient of the forward's stats output, when used.
 
         s       = sum_hw(grad_out * x) (+ grad_gate)            # one pass over grad_out and x
         dz      = s * w * (1 - w)
@@ -505,21 +389,86 @@ def fbf_backward(grad_out: torch.Tensor, high: torch.Tensor, low: torch.Tensor, 
         grad_x  = grad_out * (1 + w) + g_pooled / HW            # one pass over grad_out
     """
     _check(high, low, grad_out)
+    stats = stats.to(torch.float32).contiguous()
+    grad_stats = None if grad_stats is None else grad_stats.to(torch.float32).contiguous()
+    return bwd(grad_out, high, low, weight, stats, grad_stats, bias_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bytes model and work in flight (checked by tests/ops/test_fbf_launches.py at the network's shapes)
+# ------------------------------------------------------------------------------------------------
+
+def min_bytes(n: int, c: int, h: int, w: int, elt: int) -> int:
+    """The fewest bytes FBF forward + backward can move: x read twice and out written (forward: the
+    means must be known before any output), grad_out and x read for sum_hw(grad_out * x), grad_out read
+    again and grad_x written (backward): 7 x-sizes."""
+    return 7 * n * c * h * w * elt
+
+
+def launch_bytes(plan: Plan, param_elt: int = 4, grad_stats: bool = False) -> Dict[str, Dict[str, tuple]]:
+    """Per launch of ``plan`` ("reduce", "scale"): {pointer argument: (bytes, mode)} with mode "r", "w"
+    or "rw" (read and written: counted twice in the traffic). The sizes are those of the tensors the
+    launcher passes (the persistent ``counter``/``scratch`` buffers: the part the launch uses).
+    Pointer arguments not listed are unused placeholders. Traffic: ``traffic_bytes``."""
+    n, c0, c1, h, w, elt = plan.n, plan.c0, plan.c1, plan.h, plan.w, plan.elt
+    c, hw = c0 + c1, h * w
+    nc4 = n * c * 4
+    x0, x1, x = n * c0 * hw * elt, n * c1 * hw * elt, n * c * hw * elt
+    splits = plan.reduce.splits
+    params = {"w_ptr": (c * c * param_elt, "r"), "counter_ptr": (n * 4, "rw")}
+    if plan.reduce.backward:
+        reduce = dict(params, x0_ptr=(x0, "r"), x1_ptr=(x1, "r"), g_ptr=(x, "r"), stats_ptr=(2 * nc4, "r"),
+                      scratch_ptr=((2 + splits) * nc4, "rw"))
+        if grad_stats:
+            reduce["gstats_ptr"] = (2 * nc4, "r")
+        scale = {"src0_ptr": (x, "r"), "dst0_ptr": (x0, "w"), "dst1_ptr": (x1, "w"), "stats_ptr": (2 * nc4, "r"),
+                 "scratch_ptr": (2 * nc4, "r"), "gw_ptr": (c * c * param_elt, "w"), "gb_ptr": (c * param_elt, "w")}
+    else:
+        reduce = dict(params, x0_ptr=(x0, "r"), x1_ptr=(x1, "r"), stats_ptr=(2 * nc4, "w"),
+                      scratch_ptr=(splits * nc4, "rw"), b_ptr=(c * param_elt, "r"))
+        scale = {"src0_ptr": (x0, "r"), "src1_ptr": (x1, "r"), "dst0_ptr": (x, "w"), "stats_ptr": (2 * nc4, "r")}
+    return {"reduce": reduce, "scale": scale}
+
+
+def traffic_bytes(per_launch: Dict[str, Dict[str, tuple]]) -> int:
+    """Total bytes moved by the launches of ``launch_bytes``."""
+    return sum(b * (2 if mode == "rw" else 1) for args in per_launch.values() for b, mode in args.values())
+
+
+def work_in_flight(launch: Launch, elt: int, sm_count: int = SM_COUNT_H200) -> Dict[str, float]:
+    """What one launch keeps the GPU busy with: programs, waves (programs over sm_count times the
+    blocks an SM can hold by warps: 64 warps, 32 blocks), and the independent 16-byte loads each thread
+    issues per hot-loop iteration (one per tensor read and vector)."""
+    threads = 32 * launch.num_warps
+    per_thread = launch.block[0] * launch.block[1] // threads
+    tensors = 2 if launch.name == "reduce" and launch.backward else 1     # grad_out and x
+    resident = min(32, 64 // launch.num_warps)
+    return {"programs": launch.grid, "waves": launch.grid / (sm_count * resident),
+            "loads_per_thread": tensors * per_thread * elt / 16, "threads": threads}
+
+
+# N * C * H * W == 0: nothing for a kernel to do; torch gives the reference's values (NaN means for
+# H * W == 0) with the same dtypes, shapes and layouts.
+
+def _fwd_degenerate(high, low, weight, bias, plan):
+    c = plan.c0 + plan.c1
+    x = torch.cat([high, low], 1).float()
+    pooled = x.mean((2, 3))
+    gate = torch.sigmoid(pooled @ weight.reshape(c, c).float().t() + bias.float())
+    out = (x * (1 + gate[:, :, None, None])).to(high.dtype).contiguous(memory_format=plan.formats[0])
+    return out, torch.stack([pooled, gate])
+
+
+def _bwd_degenerate(grad_out, high, low, weight, stats, grad_stats, bias_dtype):
     n, c0, h, w = high.shape
     c = c0 + low.shape[1]
-    gate = gate.float().contiguous()
-    s = _channel_sums(high, low, grad_out)
-    with torch.autocast(device_type=high.device.type, enabled=False):
-        if grad_gate is not None:
-            s = s + grad_gate.float()
-        dz = s * gate * (1.0 - gate)
-        grad_bias = dz.sum(0)
-        grad_weight = dz.t() @ pooled
-        g_pooled = dz @ weight.reshape(c, c).float()
-        if grad_pooled is not None:
-            g_pooled = g_pooled + grad_pooled.float()
-        shift = (g_pooled / (h * w)).contiguous()
-    grad_high = _empty(high.shape, high.dtype, high.device, memory_format_of(high))
-    grad_low = _empty(low.shape, low.dtype, low.device, memory_format_of(low))
-    _scale(grad_out.narrow(1, 0, c0), grad_out.narrow(1, c0, c - c0), grad_high, grad_low, gate, shift)
-    return grad_high, grad_low, grad_weight, grad_bias
+    pooled, gate = stats[0], stats[1]
+    x = torch.cat([high, low], 1).float()
+    g = grad_out.float()
+    s = (g * x).sum((2, 3)) + (0 if grad_stats is None else grad_stats[1])
+    dz = s * gate * (1 - gate)
+    g_pooled = dz @ weight.reshape(c, c).float() + (0 if grad_stats is None else grad_stats[0])
+    gx = g * (1 + gate[:, :, None, None]) + (g_pooled / (h * w))[:, :, None, None]
+    return (gx[:, :c0].to(high.dtype).contiguous(memory_format=memory_format_of(high)),
+            gx[:, c0:].to(low.dtype).contiguous(memory_format=memory_format_of(low)),
+            (dz.t() @ pooled).reshape(weight.shape).to(weight.dtype), dz.sum(0).to(bias_dtype))

@@ -14,30 +14,31 @@ from typing import Optional
 
 import torch
 
-from ._impl import choose
+from ._impl import choose, get_impl
 
 
 def check_fbf_args(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    """Readable errors for shapes, dtypes and devices, shared by the reference and the fast path."""
-    if high.dim() != 4 or low.dim() != 4:
-        raise ValueError(f"fbf: high and low must be 4-D (N, C, H, W); got high {tuple(high.shape)}, "
-                         f"low {tuple(low.shape)}")
-    if high.shape[0] != low.shape[0] or high.shape[2:] != low.shape[2:]:
-        raise ValueError(f"fbf: high {tuple(high.shape)} and low {tuple(low.shape)} must agree in N, H and W")
+    """Readable errors for shapes, dtypes and devices, shared by the reference and the fast path.
+
+    Written for host cost (it runs on every call): plain comparisons first, messages only on failure.
+    """
+    hs, ls = high.shape, low.shape
+    if len(hs) != 4 or len(ls) != 4:
+        raise ValueError(f"fbf: high and low must be 4-D (N, C, H, W); got high {tuple(hs)}, low {tuple(ls)}")
+    if hs[0] != ls[0] or hs[2] != ls[2] or hs[3] != ls[3]:
+        raise ValueError(f"fbf: high {tuple(hs)} and low {tuple(ls)} must agree in N, H and W")
     if high.dtype != low.dtype:
         raise ValueError(f"fbf: high ({high.dtype}) and low ({low.dtype}) must have the same dtype")
-    c = high.shape[1] + low.shape[1]
-    if weight.dim() == 4 and weight.shape[2:] == (1, 1):
-        wshape = tuple(weight.shape[:2])
-    else:
-        wshape = tuple(weight.shape)
-    if wshape != (c, c):
-        raise ValueError(f"fbf: weight must be ({c}, {c}) or ({c}, {c}, 1, 1) for C = {high.shape[1]} + "
-                         f"{low.shape[1]}; got {tuple(weight.shape)}")
-    if tuple(bias.shape) != (c,):
+    c = hs[1] + ls[1]
+    wshape = weight.shape
+    if not (wshape == (c, c) or wshape == (c, c, 1, 1)):
+        raise ValueError(f"fbf: weight must be ({c}, {c}) or ({c}, {c}, 1, 1) for C = {hs[1]} + "
+                         f"{ls[1]}; got {tuple(wshape)}")
+    if bias.shape != (c,):
         raise ValueError(f"fbf: bias must be ({c},); got {tuple(bias.shape)}")
-    devices = {t.device for t in (high, low, weight, bias)}
-    if len(devices) != 1:
+    device = high.device
+    if low.device != device or weight.device != device or bias.device != device:
+        devices = {t.device for t in (high, low, weight, bias)}
         raise ValueError(f"fbf: all tensors must be on one device; got {sorted(map(str, devices))}")
 
 
@@ -62,29 +63,47 @@ def fbf_ref(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor, bias: t
     return out.to(x.dtype)
 
 
-# --- the fast path: custom ops over the Triton launchers in ifbf_fast.kernels.fbf --------------------
+# --- the fast path -----------------------------------------------------------------------------------
 #
-# Layers (STYLE.md, flash-attention): Triton kernels + launchers (kernels/fbf.py) -> two custom ops
-# with fake kernels -> autograd registration -> the public ``fbf``. ``torch.library.custom_op`` rather
-# than ``triton_op`` so that torch.compile can also trace it under the Triton interpreter (GPU.md 5).
-# The kernels module is imported lazily, inside the op bodies: importing ``ifbf_fast.ops`` neither
-# imports Triton nor fixes the interpreter mode (decided when the kernels are first imported).
+# Layers (STYLE.md, flash-attention): Triton kernels (kernels/fbf_jit.py) + launchers (kernels/fbf.py)
+# -> two custom ops with fake kernels -> autograd registration -> the public ``fbf``. ``custom_op``
+# rather than ``triton_op`` so that torch.compile can also trace it under the Triton interpreter (GPU.md 5).
 #
-# CPU tensors: the ops run on them only under the Triton interpreter (TRITON_INTERPRET=1 before the
+# Two routes to the same launchers:
+# * eager, on plain tensors: ``_FBFFunction``, a torch.autograd.Function that calls the launchers
+#   directly. A custom op's Python dispatch (schema binding, the autograd wrapper, the fake-tensor
+#   machinery's checks) costs more host time than the whole fused op needs (tests/ops/test_fbf_launches.py).
+# * under torch.compile, and on tensor subclasses (FakeTensor in the memory account, functional
+#   tensors in AOTAutograd): the custom ops ``ifbf_fast::fbf_fwd`` / ``fbf_bwd`` with fake kernels, so
+#   the compiled graph holds them with zero graph breaks.
+# The kernels module is imported lazily: importing ``ifbf_fast.ops`` neither imports Triton nor fixes the
+# interpreter mode (decided when the kernels are first imported).
+#
+# CPU tensors: the kernels run on them only under the Triton interpreter (TRITON_INTERPRET=1 before the
 # kernels were imported). Otherwise ``fbf`` with impl="auto" takes ``fbf_ref``, impl="fast" raises
 # FastPathUnavailable, and a direct call of the ops raises RuntimeError naming the reason.
 
+_kernels_module = None
+
+
+def _kernels():
+    global _kernels_module
+    if _kernels_module is None:
+        import importlib
+        _kernels_module = importlib.import_module("ifbf_fast.kernels.fbf")
+    return _kernels_module
+
+
 def _memory_format_of(t: torch.Tensor) -> torch.memory_format:
-    from ifbf_fast.kernels.fbf import memory_format_of
-    return memory_format_of(t)
+    return _kernels().memory_format_of(t)
 
 
 @torch.library.custom_op("ifbf_fast::fbf_fwd", mutates_args=())
 def fbf_fwd(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
-            bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused FBF forward: ``(out, gate, pooled)``; gate and pooled are (N, C) fp32, saved for backward."""
-    from ifbf_fast.kernels.fbf import fbf_forward
-    return fbf_forward(high, low, weight, bias)
+            bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused FBF forward: ``(out, stats)``; stats (2, N, C) fp32 = [pooled, gate], saved for backward
+    (pooled = mean_hw(x), gate = sigmoid(weight @ pooled + bias))."""
+    return _kernels().fbf_fwd(high, low, weight, bias)
 
 
 @fbf_fwd.register_fake
@@ -92,67 +111,91 @@ def _fbf_fwd_fake(high, low, weight, bias):
     n, c0, h, w = high.shape
     c = c0 + low.shape[1]
     out = torch.empty((n, c, h, w), dtype=high.dtype, device=high.device, memory_format=_memory_format_of(high))
-    gate = high.new_empty((n, c), dtype=torch.float32)
-    return out, gate, torch.empty_like(gate)
+    return out, high.new_empty((2, n, c), dtype=torch.float32)
 
 
 @torch.library.custom_op("ifbf_fast::fbf_bwd", mutates_args=())
 def fbf_bwd(grad_out: torch.Tensor, high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
-            gate: torch.Tensor, pooled: torch.Tensor, grad_gate: Optional[torch.Tensor],
-            grad_pooled: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused FBF backward: ``(grad_high, grad_low, grad_weight (C, C) fp32, grad_bias (C,) fp32)``."""
-    from ifbf_fast.kernels.fbf import fbf_backward
-    return fbf_backward(grad_out, high, low, weight, gate, pooled, grad_gate, grad_pooled)
+            stats: torch.Tensor, grad_stats: Optional[torch.Tensor]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused FBF backward: ``(grad_high, grad_low, grad_weight, grad_bias)``; grad_weight in the weight's
+    shape and dtype, grad_bias (C,) in the weight's dtype."""
+    return _kernels().fbf_bwd(grad_out, high, low, weight, stats, grad_stats)
 
 
 @fbf_bwd.register_fake
-def _fbf_bwd_fake(grad_out, high, low, weight, gate, pooled, grad_gate, grad_pooled):
+def _fbf_bwd_fake(grad_out, high, low, weight, stats, grad_stats):
     c = high.shape[1] + low.shape[1]
     grad_high = torch.empty(high.shape, dtype=high.dtype, device=high.device,
                             memory_format=_memory_format_of(high))
     grad_low = torch.empty(low.shape, dtype=low.dtype, device=low.device, memory_format=_memory_format_of(low))
-    return grad_high, grad_low, gate.new_empty((c, c)), gate.new_empty((c,))
+    return grad_high, grad_low, weight.new_empty(weight.shape), weight.new_empty((c,))
 
 
 def _fbf_setup_context(ctx, inputs, output):
     high, low, weight, bias = inputs
-    _, gate, pooled = output
-    ctx.save_for_backward(high, low, weight, gate, pooled)
+    ctx.save_for_backward(high, low, weight, output[1])
     ctx.bias_dtype = bias.dtype
+    # stats is rarely used outside: its gradient stays None instead of a zero-filled tensor.
+    ctx.set_materialize_grads(False)
 
 
-def _fbf_backward(ctx, grad_out, grad_gate, grad_pooled):
-    high, low, weight, gate, pooled = ctx.saved_tensors
-    if grad_out is None:  # only gate / pooled were used
+def _fbf_backward(ctx, grad_out, grad_stats):
+    high, low, weight, stats = ctx.saved_tensors
+    if grad_out is None:  # only stats was used
         n, c0, h, w = high.shape
         grad_out = high.new_zeros((n, c0 + low.shape[1], h, w))
-    grad_high, grad_low, grad_weight, grad_bias = fbf_bwd(grad_out, high, low, weight, gate, pooled,
-                                                          grad_gate, grad_pooled)
-    # The weight may be a conv's (C, C, 1, 1) and fp32 under autocast while x is bf16: each gradient
-    # takes its input's shape and dtype.
-    return grad_high, grad_low, grad_weight.reshape(weight.shape).to(weight.dtype), grad_bias.to(ctx.bias_dtype)
+    grad_high, grad_low, grad_weight, grad_bias = fbf_bwd(grad_out, high, low, weight, stats, grad_stats)
+    return grad_high, grad_low, grad_weight, grad_bias.to(ctx.bias_dtype)
 
 
 fbf_fwd.register_autograd(_fbf_backward, setup_context=_fbf_setup_context)
 
 
+class _FBFFunction(torch.autograd.Function):
+    """The eager route: the same launchers as the custom ops, without the custom-op dispatch."""
+
+    @staticmethod
+    def forward(ctx, high, low, weight, bias):
+        out, stats = _kernels_module.fwd(high, low, weight, bias)
+        ctx.save_for_backward(high, low, weight, stats)
+        ctx.bias_dtype = bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # Grad mode is on here only under create_graph=True: the kernels' results would carry no graph
+        # (a silently wrong second derivative), so refuse, as once_differentiable would, but cheaper.
+        if torch.is_grad_enabled():
+            raise RuntimeError("ifbf_fast.ops.fbf: the fused kernels have no double backward "
+                               "(create_graph=True); use impl='reference' for higher-order gradients")
+        high, low, weight, stats = ctx.saved_tensors
+        return _kernels_module.bwd(grad_out, high, low, weight, stats, None, ctx.bias_dtype)
+
+
 def _fast_unavailable(high: torch.Tensor, low: torch.Tensor) -> str | None:
     try:
-        from ifbf_fast.kernels.fbf import unsupported_reason
+        kernels = _kernels()
     except ImportError as exc:
         return f"the Triton FBF kernels are not available ({exc})"
     # The kernels module's own test (not the environment now): whether it was imported under the
     # interpreter decides whether CPU tensors can run.
-    return unsupported_reason(high, low)
+    return kernels.unsupported_reason(high, low)
 
 
 def fbf(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """FBF through the implementation switch (the fused Triton custom op or ``fbf_ref``).
+    """FBF through the implementation switch (the fused Triton kernels or ``fbf_ref``).
 
     high (N, Ch, H, W), low (N, Cl, H, W) in fp32/fp16/bf16, any layout; weight (C, C) or (C, C, 1, 1);
     bias (C,). Returns (N, Ch + Cl, H, W) in high's dtype and memory format.
     """
     check_fbf_args(high, low, weight, bias)
-    if choose("fbf", _fast_unavailable(high, low)):
+    # The reference mode does no fast-path work at all (not even the availability probe).
+    if get_impl() == "reference" or not choose("fbf", _fast_unavailable(high, low)):
+        return fbf_ref(high, low, weight, bias)
+    if torch.compiler.is_compiling() or type(high) is not torch.Tensor or type(low) is not torch.Tensor:
         return fbf_fwd(high, low, weight, bias)[0]
-    return fbf_ref(high, low, weight, bias)
+    if torch.is_grad_enabled() and (high.requires_grad or low.requires_grad or weight.requires_grad
+                                    or bias.requires_grad):
+        return _FBFFunction.apply(high, low, weight, bias)
+    return _kernels_module.fwd(high, low, weight, bias)[0]

@@ -4,7 +4,6 @@ Runs the Triton kernels under the interpreter on CPU tensors (tests/conftest.py)
 with IFBF_TEST_GPU=1. Every buffer the launchers allocate is poisoned with NaN (``poison`` fixture), so
 an element a kernel fails to write shows up as a mismatch.
 """
-import dataclasses
 import importlib
 import os
 
@@ -13,7 +12,6 @@ import torch
 
 from ifbf_fast import ops
 from ifbf_fast.nn.fbf import FBF
-from ifbf_fast.utils.triton_aot import KernelSpec, assert_compiles_cleanly, compile_kernels
 
 K = importlib.import_module("ifbf_fast.kernels.fbf")
 OPS = importlib.import_module("ifbf_fast.ops.fbf")   # the module (ifbf_fast.ops.fbf is the function)
@@ -31,6 +29,10 @@ def poison(monkeypatch):
         return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device).contiguous(
             memory_format=memory_format)
     monkeypatch.setattr(K, "_empty", _nan_empty)
+    monkeypatch.setattr(K, "_empty_like", lambda t: torch.full_like(t, float("nan")))
+    # fresh (poisoned) scratch and fresh plans per test; the counters start zeroed as in a new process
+    monkeypatch.setattr(K, "_WORKSPACES", {})
+    monkeypatch.setattr(K, "_PLANS", {})
 
 
 def _run(fn, high, low, weight, bias, grad):
@@ -90,19 +92,19 @@ def _check_against_reference(args, fast_res, dtype):
                         f"ref {r[idx]:.6g}) > bound {bound:.3g}")
 
 
-# name: (n, ch, cl, h, w, layout, conv_weight, path): path is the (block config, FLAT_HW) of all four
+# name: (n, ch, cl, h, w, layout, conv_weight, path): path is the (block path, FLAT_HW) of all four
 # launches (forward reduce, forward scale, backward reduce, backward scale), or a list of the four.
 CASES = {
-    "odd_nchw": (2, 5, 3, 7, 13, "nchw", False, (K.C_MAJOR, True)),
-    "channels_last": (1, 17, 9, 4, 5, "channels_last", True, (K.C_MAJOR, True)),
-    "hw_1": (3, 5, 3, 1, 1, "nchw", True, (K.C_MAJOR, True)),
-    "hw_major_tail": (2, 6, 10, 24, 25, "sliced_c", False, (K.HW_MAJOR, True)),  # HW 600, every other channel
-    "rows_odd_hw": (1, 3, 2, 43, 49, "nchw", False, (K.ROWS, True)),     # HW 2107: unaligned rows, 2 splits
-    "rows_aligned": (2, 2, 1, 64, 64, "nchw", True, (K.ROWS, True)),     # HW 4096: 2 blocks per row
+    "odd_nchw": (2, 5, 3, 7, 13, "nchw", False, ("c_major", True)),
+    "channels_last": (1, 17, 9, 4, 5, "channels_last", True, ("c_major", True)),
+    "hw_1": (3, 5, 3, 1, 1, "nchw", True, ("c_major", True)),
+    "hw_major_tail": (2, 6, 10, 24, 25, "sliced_c", False, ("hw_major", True)),  # HW 600, every other channel
+    "rows_odd_hw": (1, 3, 2, 43, 49, "nchw", False, ("rows", True)),     # HW 2107: unaligned rows, 2 splits
+    "rows_aligned": (2, 2, 1, 64, 64, "nchw", True, ("rows", True)),     # HW 4096: 2 blocks per row
     # the backward's last pass reads grad_out and writes grad_high/grad_low, all dense: flat again
-    "sliced": (2, 5, 3, 5, 6, "sliced", False, [(K.C_MAJOR, False)] * 3 + [(K.C_MAJOR, True)]),
-    "sliced_channels_last": (3, 5, 4, 3, 7, "sliced_cl", True, [(K.C_MAJOR, False)] * 3 + [(K.C_MAJOR, True)]),
-    "mixed_layouts": (1, 3, 5, 6, 5, "mixed", False, (K.C_MAJOR, True)),
+    "sliced": (2, 5, 3, 5, 6, "sliced", False, [("c_major", False)] * 3 + [("c_major", True)]),
+    "sliced_channels_last": (3, 5, 4, 3, 7, "sliced_cl", True, [("c_major", False)] * 3 + [("c_major", True)]),
+    "mixed_layouts": (1, 3, 5, 6, 5, "mixed", False, ("c_major", True)),
 }
 
 
@@ -146,8 +148,9 @@ def test_launcher_into_poisoned_buffers_writes_everything(device):
     """The launchers' own outputs (the op layer aside): every element, both layouts, fp16."""
     for layout in ("nchw", "channels_last"):
         high, low, weight, bias, grad = _inputs(device, torch.float16, 2, 3, 2, 3, 11, layout)
-        out, gate, pooled = K.fbf_forward(high, low, weight, bias)
-        gh, gl, gw, gb = K.fbf_backward(grad, high, low, weight, gate, pooled)
+        out, stats = K.fbf_fwd(high, low, weight, bias)
+        gh, gl, gw, gb = K.fbf_bwd(grad, high, low, weight, stats)
+        pooled, gate = stats
         for t in (out, gate, pooled, gh, gl, gw, gb):
             assert torch.isfinite(t).all()
         x = torch.cat([high, low], 1).float()
@@ -156,10 +159,10 @@ def test_launcher_into_poisoned_buffers_writes_everything(device):
 
 
 def test_extra_outputs_gate_and_pooled_have_gradients(device):
-    """The forward op also returns gate and pooled; their gradients flow back too (opcheck's autograd)."""
+    """The forward op also returns stats = [pooled, gate]; their gradients flow back too (opcheck's autograd)."""
     high, low, weight, bias, _ = _inputs(device, torch.float32, 2, 3, 2, 4, 3)
     leaves = [t.detach().requires_grad_() for t in (high, low, weight, bias)]
-    out, gate, pooled = OPS.fbf_fwd(*leaves)
+    out, (pooled, gate) = OPS.fbf_fwd(*leaves)
     (out.sum() + (gate * 3).sum() + (pooled ** 2).sum()).backward()
     refs = [t.detach().requires_grad_() for t in (high, low, weight, bias)]
     x = torch.cat(refs[:2], 1)
@@ -174,9 +177,9 @@ def test_opcheck_custom_ops(device):
     for layout, conv in (("nchw", False), ("channels_last", True)):
         high, low, weight, bias, grad = _inputs(device, torch.float32, 2, 3, 2, 3, 5, layout, conv)
         torch.library.opcheck(OPS.fbf_fwd, (high, low, weight.requires_grad_(), bias.requires_grad_()))
-        out, gate, pooled = OPS.fbf_fwd(high, low, weight.detach(), bias.detach())
-        for extra in ((None, None), (torch.randn_like(gate), torch.randn_like(pooled))):
-            torch.library.opcheck(OPS.fbf_bwd, (grad, high, low, weight.detach(), gate, pooled) + extra)
+        out, stats = OPS.fbf_fwd(high, low, weight.detach(), bias.detach())
+        for extra in (None, torch.randn_like(stats)):
+            torch.library.opcheck(OPS.fbf_bwd, (grad, high, low, weight.detach(), stats, extra))
 
 
 def test_torch_compile_fullgraph_no_graph_breaks(device):
@@ -242,7 +245,7 @@ def test_torch_compile_default_backend_forward_and_backward(device):
 
 def test_switch_reaches_kernel_only_when_fast(device, monkeypatch):
     calls = {"fwd": 0, "bwd": 0}
-    real_fwd, real_bwd = K.fbf_forward, K.fbf_backward
+    real_fwd, real_bwd = K.fwd, K.bwd
 
     def spy_fwd(*a):
         calls["fwd"] += 1
@@ -252,8 +255,8 @@ def test_switch_reaches_kernel_only_when_fast(device, monkeypatch):
         calls["bwd"] += 1
         return real_bwd(*a)
 
-    monkeypatch.setattr(K, "fbf_forward", spy_fwd)
-    monkeypatch.setattr(K, "fbf_backward", spy_bwd)
+    monkeypatch.setattr(K, "fwd", spy_fwd)
+    monkeypatch.setattr(K, "bwd", spy_bwd)
     args = _inputs(device, torch.float32, 1, 2, 2, 3, 3)
     _run(_fast, *args)
     assert calls == {"fwd": 1, "bwd": 1}
@@ -278,7 +281,7 @@ def test_where_the_fast_path_cannot_run(device, monkeypatch):
     with ops.use_impl("fast"), pytest.raises(ops.FastPathUnavailable, match="TRITON_INTERPRET"):
         ops.fbf(*cpu)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        K.fbf_forward(*cpu)
+        K.fbf_fwd(*cpu)
 
 
 def test_bad_arguments_have_readable_errors(device):
@@ -302,98 +305,9 @@ def test_bad_arguments_have_readable_errors(device):
 def test_int64_offsets_past_2_31(device, layout):
     n, ch, cl, h, w = 1, 4, 4, 16384, 16400      # N*C*H*W = 2.15e9 > 2^31
     high, low, weight, bias, _ = _inputs(device, torch.bfloat16, n, ch, cl, h, w, layout)
-    out, gate, pooled = K.fbf_forward(high, low, weight, bias)
+    out, (pooled, gate) = K.fbf_fwd(high, low, weight, bias)
     torch.testing.assert_close(out[:, -1, -1, -8:], (low[:, -1, -1, -8:].float() * (1 + gate[:, -1:])).bfloat16())
     torch.testing.assert_close(pooled[:, -1], low[:, -1].float().mean((1, 2)), rtol=1e-4, atol=1e-4)
-
-
-# --- ahead-of-time compile of every launched configuration for sm_80 and sm_90 ----------------------
-
-_TT = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-_KERNELS = {"fwd_reduce": ("_fbf_fwd_reduce_kernel", {}), "bwd_reduce": ("_fbf_bwd_reduce_kernel", {}),
-            "fwd_scale": ("_fbf_scale_kernel", {"HAS_SHIFT": False}),
-            "bwd_scale": ("_fbf_scale_kernel", {"HAS_SHIFT": True})}
-# layout -> (block config, ROWS, FLAT_HW, the stride a launch specialises to the constant 1, divisible)
-# "divisible" names the size/stride arguments a real launch sees divisible by 16 (pointers always are).
-_TENSORS = ("x0", "x1", "g", "s0", "s1", "d0", "d1")
-_ALL = ("C0", "C1", "HW", "W", "BLOCKS_PER_SPLIT") + tuple(f"stride_{t}{d}" for t in _TENSORS for d in "nchw")
-_N_STRIDES = tuple(f"stride_{t}n" for t in _TENSORS)
-_LAYOUTS = {
-    "nchw": (K.ROWS, True, True, "w", _ALL),                          # 256 x 512
-    "nchw_odd_hw": (K.ROWS, True, True, "w", ("C0", "C1") + _N_STRIDES),  # 219 x 219: rows unaligned
-    "nchw_sliced_c": (K.HW_MAJOR, False, True, "w", _ALL),
-    "channels_last": (K.C_MAJOR, False, True, "c", _ALL),
-    "nchw_short_hw": (K.C_MAJOR, False, True, "w", _ALL),
-    "generic": (K.C_MAJOR, False, False, None, ()),
-}
-_VECTORISED = ("/nchw", "nchw_odd_hw", "channels_last")   # must give ld.global.v2/v4 and st.global.v*
-
-
-def aot_specs():
-    """(name, KernelSpec) for every kernel x dtype x block config / layout the launchers can launch.
-
-    Pointers are marked 16-byte aligned (allocator memory), the contiguous stride as the constant 1, and
-    the sizes and strides that are multiples of 16 at the network's shapes as divisible, as a real launch
-    specialises them (at 219 x 219 only the channel counts and the per-sample strides are).
-    """
-    specs = []
-    for kname, (attr, extra) in _KERNELS.items():
-        for dtype, tt in _TT.items():
-            for layout, ((block_c, block_hw, warps), rows, flat, unit, divisible) in _LAYOUTS.items():
-                const = dict(extra, FLAT_HW=flat, ROWS=rows, BLOCK_C=block_c, BLOCK_HW=block_hw)
-                sig, div = {}, []
-                for a in getattr(K, attr).arg_names:
-                    if a in const:
-                        sig[a] = "constexpr"
-                    elif unit and a.startswith("stride_") and a.endswith(unit):
-                        sig[a], const[a] = "constexpr", 1
-                    else:
-                        is_fp32 = a.split("_")[0] in ("partial", "gate", "shift")
-                        sig[a] = ("*fp32" if is_fp32 else tt) if a.endswith("_ptr") else "i32"
-                        if a in divisible or a.endswith("_ptr"):   # allocator memory: 16-B aligned
-                            div.append(a)
-                specs.append((f"{kname}/{str(dtype)[6:]}/{layout}",
-                              KernelSpec(K.__name__, attr, sig, const, tuple(div), num_warps=warps)))
-    return specs
-
-
-def test_size_arguments_of_one_compile():
-    """On a GPU, Triton turns an integer argument equal to 1 into a compile-time constant (a plain Python
-    int inside the kernel), so a method call on it such as ``C1.to(tl.int64)`` fails to compile for a
-    part with one channel. Compile every kernel and layout with each size argument set to the constant 1
-    (found on an H200 with triton 3.6; the interpreter never specialises)."""
-    base = [(name, s) for name, s in aot_specs() if "/float32/" in name]
-    specs = []
-    for name, spec in base:
-        for size in ("N", "C0", "C1", "HW"):
-            if spec.signature.get(size) != "i32":
-                continue
-            sig, const = dict(spec.signature), dict(spec.constexprs)
-            sig[size], const[size] = "constexpr", 1
-            div = tuple(a for a in spec.divisible_by_16 if a != size)
-            specs.append((f"{name} {size}=1", dataclasses.replace(spec, signature=sig, constexprs=const,
-                                                                   divisible_by_16=div)))
-    assert len(specs) >= 3 * len(base)
-    results = compile_kernels([s for _, s in specs], archs=(90,))
-    for (name, _), per_arch in zip(specs, results):
-        assert per_arch and f".entry" in per_arch[0].ptx, name
-
-
-def test_every_kernel_configuration_compiles_for_sm80_and_sm90():
-    specs = aot_specs()
-    assert {v for v in K.BLOCK_CONFIGS.values()} <= {_LAYOUTS[k][0] for k in _LAYOUTS}
-    results = compile_kernels([s for _, s in specs])
-    lines = []
-    for (name, _), per_arch in zip(specs, results):
-        assert [r.arch for r in per_arch] == [80, 90]
-        assert_compiles_cleanly(per_arch)
-        for r in per_arch:
-            lines.append(f"{name:40s} sm_{r.arch} regs {r.registers:3d} spills {r.spills} "
-                         f"vec_ld {r.vector_loads} smem {r.shared}")
-            if name.endswith(_VECTORISED):
-                assert r.vector_loads, f"{name} sm_{r.arch}: aligned launch without vectorised loads"
-                assert "st.global.v" in r.ptx or "reduce" in name, f"{name}: stores not vectorised"
-    print("\n".join(lines))
 
 
 def test_bench_helpers_count_bytes_and_run(device):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ifbf_fast import ops
-from ifbf_fast.utils.launches import count_launches
+from ifbf_fast.utils.launches import count_launches, stub_triton
 
 K = importlib.import_module("ifbf_fast.kernels.fbf")
 OPS = importlib.import_module("ifbf_fast.ops.fbf")
@@ -44,6 +44,8 @@ def test_fwd_bwd_launches_at_network_shapes(fbf, size, layout):
     inputs, grad = _big_inputs(*FBFS[fbf], *SIZES[size], layout)
     for route in ("eager", "custom_op"):
         fn = ops.fbf if route == "eager" else (lambda *a: OPS.fbf_fwd(*a)[0])
+        with ops.use_impl("fast"), stub_triton():    # first call: allocates (and zeroes, once) the counter
+            torch.autograd.grad(fn(*inputs), inputs, grad)
         with ops.use_impl("fast"), count_launches(stub_triton=True) as count:
             out = fn(*inputs)
             torch.autograd.grad(out, inputs, grad)
@@ -70,7 +72,8 @@ def test_four_launches_compute_the_reference(layout, device):
     ref = OPS.fbf_ref(*inputs)
     for a, b in zip((out,) + grads, (ref,) + torch.autograd.grad(ref, inputs, grad)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() or a.dim() < 4
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.dim() < 4 or a.is_contiguous(memory_format=fmt)    # the inputs' layout, dense
     # every reduce left its sample counters at zero for the next launch
     for counter, _ in K._WORKSPACES.values():
         assert int(counter.abs().sum()) == 0

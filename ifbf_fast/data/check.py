@@ -9,7 +9,8 @@ first bad file it meets, which may be hours into a run, whereas this finds them 
 Problems found: missing root / split folders (a split folder missing is reported and that split
 skipped), an image without its label and a label without its image, an empty split, a file that is
 unreadable, truncated or not decodable, a label that is not single-channel 8-bit, image/label size
-mismatch, label values that are not Cityscapes labelIds (the official table's ids, 0..33).
+mismatch, label values that are not Cityscapes labelIds (the official table's ids, 0..33: 250, say),
+a folder that cannot be listed (named as such, once, rather than as missing partners of its files).
 
 A split holding prepared arrays (``python -m ifbf_fast.data.prepare``: ``*_leftImg8bit.npy`` /
 ``*_gtFine_labelIds.npy``) instead of PNGs is checked the same way (unreadable array, wrong dtype or
@@ -23,8 +24,6 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from glob import escape as glob_escape
-from glob import glob
 
 import numpy as np
 
@@ -85,6 +84,26 @@ def _check_pair(sample: Sample) -> list[str]:
     return problems
 
 
+def _list_split(split_dir: str, unreadable: dict) -> list[str]:
+    """Every file ``split_dir/CITY/NAME`` (hidden names skipped, as glob does), sorted. A folder that
+    cannot be listed goes into ``unreadable`` (path -> reason) instead of looking empty."""
+    try:
+        with os.scandir(split_dir) as it:
+            cities = sorted(e.path for e in it if not e.name.startswith(".") and e.is_dir())
+    except OSError as exc:
+        unreadable[split_dir] = exc.strerror or str(exc)
+        return []
+    files = []
+    for city in cities:
+        try:
+            names = os.listdir(city)
+        except OSError as exc:
+            unreadable[city] = exc.strerror or str(exc)
+            continue
+        files += [os.path.join(city, n) for n in names if not n.startswith(".")]
+    return sorted(files)
+
+
 def _scan_split(root: str, split: str, report: DatasetReport) -> list[Sample]:
     """Pair the files of one split, recording layout problems; return the complete pairs."""
     image_dir = os.path.join(root, IMAGE_DIR, split)
@@ -95,14 +114,18 @@ def _scan_split(root: str, split: str, report: DatasetReport) -> list[Sample]:
             report.problems.append(f"split {split!r}: expected the folder {d!r} (not a Cityscapes "
                                    f"layout: ROOT/{IMAGE_DIR}/{split}/CITY/*{IMAGE_SUFFIX})")
         return []
+    unreadable: dict = {}
+    image_files, label_files = _list_split(image_dir, unreadable), _list_split(label_dir, unreadable)
+    for folder, why in unreadable.items():
+        report.problems.append(f"cannot read the folder {folder!r} ({why}): its files are not checked")
     image_suffix, label_suffix = IMAGE_SUFFIX, LABEL_SUFFIX
-    images = sorted(glob(os.path.join(glob_escape(image_dir), "*", "*" + IMAGE_SUFFIX)))
+    images = [f for f in image_files if f.endswith(IMAGE_SUFFIX)]
     if not images:  # a prepared (.npy) split?
-        prep = sorted(glob(os.path.join(glob_escape(image_dir), "*", "*" + PREP_IMAGE_SUFFIX)))
+        prep = [f for f in image_files if f.endswith(PREP_IMAGE_SUFFIX)]
         if prep:
             images, image_suffix, label_suffix = prep, PREP_IMAGE_SUFFIX, PREP_LABEL_SUFFIX
-    labels = sorted(glob(os.path.join(glob_escape(label_dir), "*", "*" + label_suffix)))
-    if not images:
+    labels = [f for f in label_files if f.endswith(label_suffix)]
+    if not images and not unreadable:
         report.problems.append(f"split {split!r}: no images matching "
                                f"{os.path.join(image_dir, 'CITY', '*' + IMAGE_SUFFIX)!r}")
     expected_labels = set()
@@ -114,6 +137,8 @@ def _scan_split(root: str, split: str, report: DatasetReport) -> list[Sample]:
         expected_labels.add(os.path.normpath(label_path))
         if os.path.isfile(label_path):
             pairs.append(Sample(stem, image_path, label_path))
+        elif os.path.dirname(label_path) in unreadable or label_dir in unreadable:
+            continue      # reported as an unreadable folder
         else:
             report.problems.append(f"image {image_path!r} has no label: expected {label_path!r}")
     for label_path in labels:
@@ -121,6 +146,8 @@ def _scan_split(root: str, split: str, report: DatasetReport) -> list[Sample]:
             city = os.path.basename(os.path.dirname(label_path))
             stem = os.path.basename(label_path)[: -len(label_suffix)]
             image_path = os.path.join(image_dir, city, stem + image_suffix)
+            if os.path.dirname(image_path) in unreadable or image_dir in unreadable:
+                continue
             report.problems.append(f"label {label_path!r} has no image: expected {image_path!r}")
     return pairs
 

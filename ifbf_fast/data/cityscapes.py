@@ -97,6 +97,9 @@ def find_pairs(root: str, split: str) -> list[Sample]:
     for image_path in images:
         label_path = label_path_for(root, split, image_path)
         if not os.path.isfile(label_path):
+            folder = os.path.dirname(label_path)
+            if os.path.isdir(folder) and not os.access(folder, os.R_OK | os.X_OK):
+                raise DataReadError(f"cannot read the folder {folder!r} (permission denied)")
             raise DatasetLayoutError(
                 f"image {image_path!r} has no label: expected {label_path!r}")
         samples.append(Sample(stem_of(image_path), image_path, label_path))

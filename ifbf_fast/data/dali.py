@@ -165,10 +165,24 @@ def build_pipeline(train: bool, batch_size: int, crop_size=DEFAULT_CROP, form: s
 
 
 def _png_hw(data: np.ndarray, path: str) -> tuple[int, int]:
-    if data.size < 24 or data[12:16].tobytes() != b"IHDR":
+    if data.size < 26 or data[12:16].tobytes() != b"IHDR":
         raise DataReadError(f"cannot read the size of {path!r}: not a PNG file")
     head = data[16:24].tobytes()
     return int.from_bytes(head[4:8], "big"), int.from_bytes(head[0:4], "big")
+
+
+_PNG_COLOR_TYPES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale + alpha", 6: "RGBA"}
+
+
+def _check_label_png(data: np.ndarray, path: str) -> None:
+    """A labelIds PNG must be 8-bit grayscale (IHDR bit depth 8, colour type 0), as the reference
+    reader requires of the decoded array. Checked on the header in Python: DALI would decode a colour
+    label to 3 channels, which fails in training on an ``IsDenseTensor`` assert naming no file and in
+    evaluation maps the first channel to mostly ignore, silently."""
+    depth, color = int(data[24]), int(data[25])
+    if depth != 8 or color != 0:
+        raise DataReadError(f"label {path!r} must be a single-channel 8-bit labelIds PNG, got {depth}-bit "
+                            f"{_PNG_COLOR_TYPES.get(color, f'colour type {color}')}")
 
 
 @functools.lru_cache(maxsize=256)
@@ -238,6 +252,7 @@ class DaliLoader:
         self.pipe = build_pipeline(self.train, self.batch_size, self.crop_size, self.form,
                                    threads, self.device_id, mean, std, dtype, seed)
         self._in_flight = 0
+        self._scheduled = deque()       # the dataset indices of each run in flight, oldest first
 
     @property
     def names(self) -> list[str]:
@@ -256,6 +271,7 @@ class DaliLoader:
         if self.form == "png":
             image, label = _read_bytes(s.image_path), _read_bytes(s.label_path)
             hw, label_hw = _png_hw(image, s.image_path), _png_hw(label, s.label_path)
+            _check_label_png(label, s.label_path)
         else:
             image, label = load_array(s.image_path, 3), load_array(s.label_path, 2)
             hw, label_hw = image.shape[:2], label.shape
@@ -286,12 +302,40 @@ class DaliLoader:
             self.pipe.feed_input(name, data)
         self.pipe.schedule_run()
         self._in_flight += 1
+        self._scheduled.append(list(indices))
         return [self.samples[i].name for i in indices]
 
     def _outputs(self):
-        outs = self.pipe.outputs()
+        indices = self._scheduled.popleft()
+        try:
+            outs = self.pipe.outputs()
+        except RuntimeError as exc:
+            raise self._name_the_file(indices, exc) from exc
         self._in_flight -= 1
         return outs
+
+    def _name_the_file(self, indices: list[int], exc: Exception) -> DataReadError:
+        """DALI's errors name an operator, not a file ("nvImageCodec failure '#17'"): decode the batch's
+        files with the reference reader to find the one at fault (the pipeline is dead either way)."""
+        from .cityscapes import read_image, read_label_ids
+
+        for i in indices:
+            s = self.samples[i]
+            try:
+                if self.form == "png":
+                    read_image(s.image_path)
+                    read_label_ids(s.label_path)
+                else:
+                    load_array(s.image_path, 3)
+                    load_array(s.label_path, 2)
+            except DataReadError as bad:
+                return DataReadError(f"{bad} (the DALI loader stopped on it; run python -m "
+                                     f"ifbf_fast.data.check {self.root} to list every bad file)")
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = next((ln for ln in reversed(lines) if "no longer valid" not in ln), type(exc).__name__)
+        names = ", ".join(self.samples[i].name for i in indices)
+        return DataReadError(f"the DALI loader failed on a batch of {self.root} split {self.split!r} "
+                             f"({names}): {reason}")
 
     def _to_torch(self, outs, names: list[str]) -> dict:
         from nvidia.dali.plugin.pytorch import feed_ndarray

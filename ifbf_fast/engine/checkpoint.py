@@ -105,6 +105,23 @@ def save_atomic(obj: dict, path: str) -> None:
         pass
 
 
+def load_error_reason(exc: BaseException) -> str:
+    """A short reason for a failed ``torch.load(..., weights_only=True)``: torch's message opens with
+    paragraphs of advice (to load with weights_only=False, which runs whatever the file holds); the
+    reason is the refused global, or the unpickler's complaint, further down."""
+    text = str(exc)
+    found = re.search(r"GLOBAL (\S+)", text)
+    if found:
+        return (f"it pickles Python objects such as {found.group(1)}; weights_only loading refused it, "
+                f"nothing in it was run")
+    if "Weights only load failed" in text:
+        tail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else ""
+        lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+        return f"not a torch.save file, or a damaged one ({lines[0] if lines else 'unpickling failed'})"
+    first = (text.strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first.split('. ')[0]}"
+
+
 def load(path: str, map_location="cpu") -> dict:
     """Load a checkpoint with ``weights_only=True``; a clear error names the file on failure."""
     if not os.path.isfile(path):
@@ -112,8 +129,7 @@ def load(path: str, map_location="cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]          # torch.load's messages run long
-        raise CheckpointError(f"checkpoint {path} could not be read ({type(exc).__name__}: {first})") from exc
+        raise CheckpointError(f"checkpoint {path} could not be read ({load_error_reason(exc)})") from exc
     if not isinstance(obj, dict) or "model" not in obj:
         raise CheckpointError(f"checkpoint {path} is not an ifbf_fast checkpoint (no 'model' entry)")
     return obj

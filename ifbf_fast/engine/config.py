@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("spatial", "the spatial stream"), ("aux", "the auxiliary head and its loss")):
         g.add_argument(f"--no-{name}", dest=name, action="store_false",
                        help=f"ablation: build the network without {what}; default: with it")
-    g.add_argument("--pretrained", metavar="PATH", help="local torchvision ImageNet ResNet state_dict file "
-                   "(default: none, the backbone starts from random weights)")
+    g.add_argument("--pretrained", metavar="PATH", help="local torchvision ImageNet ResNet state_dict file; "
+                   "default: none, the backbone starts from random weights")
 
     g = p.add_argument_group("optimisation (paper section 4.1)")
     g.add_argument("--lr", type=finite_float, default=0.01, help="base learning rate of SGD (> 0)")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 from typing import Callable, Optional, Tuple
 
@@ -73,12 +72,9 @@ def check_pretrained(args: argparse.Namespace) -> None:
         load_pretrained(backbone, args.pretrained)
     except (OSError, ValueError, TypeError) as exc:
         msg = str(exc).removeprefix("load_pretrained: ")
-        cause = str(exc.__cause__ or "")
-        if "Weights only load failed" in cause:   # torch's first line is advice; the reason is further down
-            found = re.search(r"GLOBAL (\S+)", cause)
-            why = f" such as {found.group(1)}" if found else ""
-            msg = (f"not a plain state_dict file: weights_only loading refused it, nothing in it was run "
-                   f"(it pickles Python objects{why}); save model.state_dict() with torch.save")
+        if exc.__cause__ is not None and "not a loadable" in msg:    # torch.load's message runs long
+            msg = (f"is not a loadable torch state_dict: {ck.load_error_reason(exc.__cause__)} (expected "
+                   f"torch.save(model.state_dict(), PATH))")
         raise UsageError(f"--pretrained {args.pretrained}: {msg}") from exc
 
 

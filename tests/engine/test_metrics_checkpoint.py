@@ -73,3 +73,50 @@ def test_rng_state_round_trip(tmp_path):
     ck.set_rng_state(ck.load(str(tmp_path / "r.pt"))["rng"])
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]
+
+
+def test_load_newest_skips_what_does_not_load(tmp_path):
+    for it in (1, 2, 3):
+        ck.save_atomic({"model": {}, "iteration": it}, str(tmp_path / ck.CKPT_PATTERN.format(it)))
+    (tmp_path / ck.CKPT_PATTERN.format(3)).write_bytes(b"PK\x03\x04cut")          # cut short
+    (tmp_path / ck.CKPT_PATTERN.format(4)).write_bytes(b"")                       # empty
+    path, state, skipped = ck.load_newest(str(tmp_path))
+    assert path.endswith("iter_00000002.pt") and state["iteration"] == 2
+    assert [s.split(" could not")[0] for s in skipped] == [f"checkpoint {tmp_path / ck.CKPT_PATTERN.format(i)}"
+                                                           for i in (4, 3)]
+    assert ck.load_newest(str(tmp_path / "none")) == (None, None, [])
+
+
+def test_stale_temporaries_only_ours_and_only_dead_writers(tmp_path):
+    import subprocess
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    names = {f".iter_00000010.pt.tmp.{dead.pid}": False, f".best.pt.tmp.{dead.pid}": False,
+             f".iter_00000010.pt.tmp.{os.getpid()}": False,            # this process is not writing yet
+             f".iter_00000011.pt.tmp.{os.getppid()}": True,            # a live writer
+             "iter_00000010.pt.tmp.1": True, ".iter_00000010.pt.tmp.abc": True, ".other.pt.tmp.1": True}
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    removed = ck.remove_stale_temporaries(str(tmp_path))
+    assert sorted(os.path.basename(p) for p in removed) == sorted(n for n, kept in names.items() if not kept)
+    assert sorted(os.listdir(tmp_path)) == sorted(n for n, kept in names.items() if kept)
+    # save_atomic writes through exactly the name that is cleaned up
+    assert ck.TMP_RE.match(os.path.basename(ck.tmp_path(str(tmp_path / "iter_00000012.pt"))))
+
+
+def test_refused_pickle_reason_is_short(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+    torch.save({"model": Evil()}, str(tmp_path / "e.pt"))
+    with pytest.raises(ck.CheckpointError) as exc:
+        ck.load(str(tmp_path / "e.pt"))
+    msg = str(exc.value)
+    assert "pickles Python objects such as" in msg and "nothing in it was run" in msg and "\n" not in msg
+    assert "Re-running" not in msg                # torch's advice to load with weights_only=False is dropped
+
+
+def test_mismatch_is_a_usage_error():
+    with pytest.raises(ck.CheckpointMismatch) as exc:
+        ck.check_meta({"aux": True}, {"aux": False}, "x.pt")
+    assert isinstance(exc.value, ck.CheckpointError) and exc.value.exit_code == 2

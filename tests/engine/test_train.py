@@ -61,7 +61,7 @@ def test_bad_config_file(tmp_path, capsys):
     cfg.write_text("backbone: vgg16\n")
     with pytest.raises(SystemExit):
         parse_args(["--config", str(cfg)])
-    assert "backbone='vgg16' is not one of" in capsys.readouterr().err
+    assert "backbone: 'vgg16' is not one of" in capsys.readouterr().err
 
 
 def test_not_a_cityscapes_folder_is_refused_before_work(tmp_path, capsys):

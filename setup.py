@@ -114,6 +114,7 @@ setup(
         "cityscapesscripts",
         "pyyaml",
         "tqdm",
+        "tensorboard",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark", "pytest-timeout", "torchvision", "expecttest"]},
     ext_modules=_extensions(),

@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Callable, Dict, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -221,7 +222,8 @@ def _train(args: argparse.Namespace, local_rank: int) -> Dict[str, object]:
     # One device buffer for the loss history: no host sync per step, no allocation per step.
     history = torch.zeros(max(0, args.iters - start_iter), device=device)
     meter = _Throughput(args.batch_size * world, start_iter)
-    log.start(total=args.iters, initial=start_iter)
+    skipped_since_log = 0
+    log.start(total=args.iters, initial=start_iter, images_per_step=args.batch_size * world)
     while it < args.iters:
         train_loader.set_epoch(epoch)
         if consumed:
@@ -237,14 +239,19 @@ def _train(args: argparse.Namespace, local_rank: int) -> Dict[str, object]:
             rate = None
             if it % args.log_every == 0 or saving:
                 # The host's one read of the interval (it waits for the device: the rate is then exact).
-                check_counters(step.read_counters(), it, args, log)
+                counters = step.read_counters()
+                check_counters(counters, it, args, log)
+                skipped_since_log += counters["skipped"]
                 rate = meter.rate(it)
-            log.step(it, terms, optimizer.param_groups[0]["lr"], rate, device)
+            log.step(it, terms, optimizer.param_groups[0]["lr"], rate, device, skipped_since_log)
+            if it % args.log_every == 0:
+                skipped_since_log = 0
             miou = None
             if evaluated:
                 result = run_eval()
                 miou = result["miou"]
-                log.eval(it, result, CLASS_NAMES if args.num_classes == len(CLASS_NAMES) else None)
+                log.eval(it, result, CLASS_NAMES if args.num_classes == len(CLASS_NAMES) else None,
+                         preview(model, args, device, root) if log.tb is not None else None)
             if saving:
                 save(it, epoch, consumed, miou)
                 meter.restart(it)              # images/s counts the steps and their data, not evaluation
@@ -254,6 +261,33 @@ def _train(args: argparse.Namespace, local_rank: int) -> Dict[str, object]:
             epoch, consumed = epoch + 1, 0
     log.close()
     return {"eval": result, "losses": history[: it - start_iter].tolist(), "iteration": it}
+
+
+def preview(model: torch.nn.Module, args: argparse.Namespace, device: torch.device, root: str,
+            n: int = 2, width: int = 512) -> list:
+    """(H, W, 3) uint8 panels (image | prediction in the Cityscapes palette) of the first ``n``
+    validation images, for TensorBoard; the model is left in training mode."""
+    import cv2
+
+    from ifbf_fast.data.cityscapes import list_images
+    from ifbf_fast.inference import Segmenter
+
+    paths = list_images(root, "val")[:n]
+    if not paths:
+        return []
+    try:
+        segmenter = Segmenter(model, args, device)
+        preds = segmenter.predict(paths)
+        panels = []
+        for path, pred in zip(paths, preds):
+            image = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+            panel = np.concatenate([image, segmenter.colorize(np.asarray(pred))], axis=1)
+            scale = width * 2 / panel.shape[1]
+            panels.append(cv2.resize(panel, (width * 2, max(1, round(panel.shape[0] * scale))),
+                                     interpolation=cv2.INTER_AREA) if scale < 1 else panel)
+        return panels
+    finally:
+        model.train()
 
 
 def check_counters(counters: Dict[str, int], it: int, args: argparse.Namespace, log: Logger) -> None:

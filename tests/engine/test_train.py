@@ -194,3 +194,28 @@ def test_two_ranks_under_torchrun(city, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = ck.load(str(tmp_path / "iter_00000002.pt"))
     assert state["iteration"] == 2 and "rng" in state
+
+
+@pytest.mark.slow
+def test_a_run_leaves_a_text_log_metrics_and_tensorboard(city, tmp_path, capsys):
+    """Without a TTY: periodic plain lines with step, loss, lr, img/s and ETA; the same in train.log;
+    metrics.jsonl with one object per log interval and per evaluation; TensorBoard event files with
+    per-class IoU and preview images."""
+    import json
+    train(tiny(city, tmp_path, iters=4, log_every=2, eval_every=4, ckpt_every=4))
+    printed = capsys.readouterr().out
+    step_lines = [ln for ln in printed.splitlines() if ln.startswith("step ")]
+    assert len(step_lines) == 2 and all(k in step_lines[-1] for k in ("loss", "lr", "img/s", "eta"))
+    log = (tmp_path / "train.log").read_text()
+    assert "step 4/4:" in log and "evaluation at step 4" in log and "mIoU" in log
+    records = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "eval" not in r]
+    evals = [r for r in records if "eval" in r]
+    assert [r["step"] for r in steps] == [2, 4] and {"loss", "lr", "images_per_s", "skipped"} <= set(steps[0])
+    assert len(evals) == 1 and evals[0]["step"] == 4 and "road" in evals[0]["eval"]["iou"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = acc.Tags()
+    assert "train/loss" in tags["scalars"] and "val/mIoU" in tags["scalars"] and "val_iou/road" in tags["scalars"]
+    assert "val_prediction/0" in tags["images"]

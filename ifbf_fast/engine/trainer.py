@@ -59,20 +59,9 @@ def poly_warmup(max_iters: int, warmup_iters: int, power: float) -> Callable[[in
 # --- building ----------------------------------------------------------------------------------
 
 def build_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
-    from ifbf_fast.models import build_model as _build
-    from ifbf_fast.nn import norm_act
-
-    kind = {"bn": "bn_leaky_relu"}.get(args.norm, args.norm)
-    model = _build({"backbone": args.backbone, "num_classes": args.num_classes,
-                    "output_stride": args.output_stride, "spatial_channels": args.spatial_channels,
-                    "aspp": args.aspp, "skip": args.skip, "fbf": args.fbf, "spatial": args.spatial,
-                    "aux": args.aux, "norm_act": norm_act(kind), "pretrained": args.pretrained,
-                    # the loss upsamples the heads' 1/4-resolution logits (fused into OHEM on the fast path)
-                    "upsample_logits": False})
-    model.to(device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
+    """The run's IFBFNet (one construction for training and inference: ``ifbf_fast.inference``)."""
+    from ifbf_fast.inference import model_from_args
+    return model_from_args(args, device)
 
 
 def build_optimizer(model: torch.nn.Module, args: argparse.Namespace):

@@ -82,16 +82,24 @@ def remove_stale_temporaries(folder: str) -> List[str]:
 
 def save_atomic(obj: dict, path: str) -> None:
     """Write ``obj`` to ``path`` so that a crash at any moment leaves either the old file or the new
-    one, never a truncated file: write to a temporary file in the same folder, fsync, rename."""
+    one, never a truncated file: write to a temporary file in the same folder, fsync, rename.
+
+    A failed write (the disk filled up since the run's output check, the folder went away) raises
+    ``CheckpointError`` naming the file and the reason; the temporary file is removed and the older
+    checkpoints are untouched."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = tmp_path(path)
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:   # torch.save reports a failed write as a RuntimeError
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().split("\n")[0]
+        raise CheckpointError(f"cannot write checkpoint {path} ({reason}); the older checkpoints are "
+                              f"untouched") from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

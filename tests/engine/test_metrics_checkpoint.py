@@ -120,3 +120,20 @@ def test_mismatch_is_a_usage_error():
     with pytest.raises(ck.CheckpointMismatch) as exc:
         ck.check_meta({"aux": True}, {"aux": False}, "x.pt")
     assert isinstance(exc.value, ck.CheckpointError) and exc.value.exit_code == 2
+
+
+def test_failed_write_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = str(tmp_path / "iter_00000002.pt")
+    ck.save_atomic({"model": {}, "iteration": 1}, path)
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed\nmore lines")
+    monkeypatch.setattr(ck.torch, "save", full_disk)
+    with pytest.raises(ck.CheckpointError, match=r"cannot write checkpoint .*iter_00000002.pt \(.*file write failed\)"):
+        ck.save_atomic({"model": {}, "iteration": 2}, path)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["iter_00000002.pt"] and ck.load(path)["iteration"] == 1
+    with pytest.raises(ck.CheckpointError, match="cannot write checkpoint"):
+        ck.save_atomic({"model": {}}, str(tmp_path / "iter_00000002.pt" / "x.pt"))   # a file where a folder belongs

@@ -55,7 +55,7 @@ def _reference(x, w, b, rm, rv):
 
 
 def _fast(x, w, b, rm, rv):
-    from ifbf_fast.ops._abn_fast import inplace_abn_fast
+    from ifbf_fast.ops.inplace_abn import inplace_abn_fast
     return inplace_abn_fast(x, w, b, rm, rv, True, MOMENTUM, EPS, "leaky_relu", SLOPE)
 
 
@@ -160,3 +160,41 @@ def test_cpu_fwd_bwd(benchmark, layer, layout, provider):
     benchmark.group = f"abn-cpu-{layer}-fp32-{layout}"
     c, h, w = CPU_LAYERS[layer]
     _run(benchmark, provider, layer, c, h, w, torch.float32, layout, "cpu", rounds=5, warmup=1)
+
+
+# --- host cost: the modules at a shape where compute is negligible ------------------------------------
+
+HOST_SHAPE = (2, 16, 8, 8)
+HOST_PROVIDERS = ("bn_act_module", "inplace_abn_module")
+
+
+def _module_step(provider: str):
+    """forward+backward of one norm-act module (BatchNormAct2d or InPlaceABN, fast path) at HOST_SHAPE."""
+    from ifbf_fast.nn import BatchNormAct2d, InPlaceABN
+    from ifbf_fast.ops import use_impl
+    m = (BatchNormAct2d if provider == "bn_act_module" else InPlaceABN)(HOST_SHAPE[1])
+    x = torch.randn(HOST_SHAPE, requires_grad=True)
+    dy = torch.randn(HOST_SHAPE)
+    params = [x] + list(m.parameters())
+
+    def step():
+        with use_impl("fast" if provider == "inplace_abn_module" else None):
+            y = m(x)
+        return torch.autograd.grad(y, params, dy)
+    return step
+
+
+@pytest.mark.parametrize("provider", HOST_PROVIDERS)
+def test_cpu_module_host_time(benchmark, provider):
+    """Host time per module fwd+bwd (issue 13.2: InPlaceABN no more than BatchNorm2d + LeakyReLU). Both
+    modules' ``host_us`` (utils.launches.host_time_us, minimum of 200) are measured in this same run and
+    recorded, with the launch counts."""
+    from ifbf_fast.utils.launches import count_launches, host_time_us
+    benchmark.group = "abn-cpu-host-module"
+    step = _module_step(provider)
+    benchmark.pedantic(step, rounds=200, warmup_rounds=20, iterations=1)
+    host = {p: host_time_us(_module_step(p), repeat=200, warmup=20) for p in HOST_PROVIDERS}
+    with count_launches() as count:
+        step()
+    benchmark.extra_info.update({"provider": provider, "shape": list(HOST_SHAPE), "launches": count.total,
+                                 "host_us": host[provider], "host_us_same_run": host})

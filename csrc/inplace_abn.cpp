@@ -1,24 +1,42 @@
-// Schemas of the ifbf_fast ops, their argument checks, and the CPU / CUDA registrations.
+// Schemas of the InPlace-ABN ops, their argument checks, the CPU / CUDA registrations and the C++
+// autograd of the fused single-process op.
 //
 // Every check happens here, before any kernel runs, with a message naming the op and the argument;
 // the *_cpu / *_cuda implementations receive checked arguments in a layout they can walk
-// (ifbf_ops.h, canonical()).
+// (inplace_abn.h, canonical()).
+//
+// Host cost is part of the design: on one process a training step of InPlace-ABN is two dispatcher
+// calls, `inplace_abn` forward and `inplace_abn_backward` from its autograd node, with no Python in
+// between (the Autograd-key kernel below is a torch::autograd::Function). The primitives serve the
+// synchronised path, whose collectives run in Python between them; they get an Autograd-key kernel
+// too, which marks their outputs non-differentiable (the Python autograd.Function of the synced path
+// supplies the gradient), so that torch never falls back to its "no autograd kernel" warning.
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <sstream>
 
-#include "ifbf_ops.h"
+#include "inplace_abn.h"
 
 // The ops are reached through torch.ops.ifbf_fast.*; the module exists so that `import ifbf_fast._C`
 // loads the library and runs the registrations below.
 static struct PyModuleDef ifbf_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&ifbf_module); }
 
+#ifdef IFBF_WITH_CUDA
+#define IFBF_ON_DEVICE(CUDA, NAME, ...) ((CUDA) ? abn_cuda::NAME##_cuda(__VA_ARGS__) : abn_cpu::NAME##_cpu(__VA_ARGS__))
+#else
+#define IFBF_ON_DEVICE(CUDA, NAME, ...) abn_cpu::NAME##_cpu(__VA_ARGS__)
+#endif
+
 namespace ifbf {
 namespace {
 
-Act parse_act(const char* op, const std::string& name, double slope) {
+using at::Tensor;
+
+Act parse_act(const char* op, c10::string_view name, double slope) {
   Act act;
   if (name == "leaky_relu") {
     act = Act::LeakyRelu;
@@ -28,18 +46,18 @@ Act parse_act(const char* op, const std::string& name, double slope) {
     act = Act::Identity;
   } else {
     TORCH_CHECK_VALUE(false, op, ": activation must be 'leaky_relu', 'elu' or 'identity' (invertible); got '",
-                      name, "'");
+                      std::string(name), "'");
   }
   TORCH_CHECK_VALUE(act != Act::LeakyRelu || slope > 0, op,
                     ": leaky_relu slope must be > 0 to be invertible; got ", slope);
   return act;
 }
 
-at::ScalarType param_dtype(const at::Tensor& x) {
+at::ScalarType param_dtype(const Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_x(const char* op, const char* name, const at::Tensor& x) {
+void check_x(const char* op, const char* name, const Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() >= 2, op, ": ", name, " must be (N, C, ...) with at least 2 dimensions; got ",
                     x.sizes());
   const auto t = x.scalar_type();
@@ -49,99 +67,98 @@ void check_x(const char* op, const char* name, const at::Tensor& x) {
                    t, " on ", x.device());
 }
 
-void check_channel(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  const bool ok = t.dim() == 1 && t.size(0) == x.size(1) && t.scalar_type() == param_dtype(x) &&
-                  t.device() == x.device();
+// A (C,) tensor of dtype `want` on x's device.
+void check_channel(const char* op, const char* name, const Tensor& t, const Tensor& x, at::ScalarType want) {
+  const bool ok = t.dim() == 1 && t.size(0) == x.size(1) && t.scalar_type() == want && t.device() == x.device();
   if (ok) return;
-  std::ostringstream want;
-  want << "shape (" << x.size(1) << ",) " << param_dtype(x) << " on " << x.device();
+  std::ostringstream expected;
+  expected << "shape (" << x.size(1) << ",) " << want << " on " << x.device();
   TORCH_CHECK_VALUE(false, op, ": ", name, " is not compatible with x (wrong size, scalar type or device): expected ",
-                    want.str(), ", got shape ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
+                    expected.str(), ", got shape ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
 }
 
-void check_opt(const char* op, const char* name, const c10::optional<at::Tensor>& t, const at::Tensor& x) {
-  if (t.has_value()) check_channel(op, name, *t, x);
+void check_param(const char* op, const char* name, const Tensor& t, const Tensor& x) {
+  check_channel(op, name, t, x, param_dtype(x));
 }
 
-void check_eps(const char* op, double eps) {
-  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0; got ", eps);
+void check_opt(const char* op, const char* name, const Opt& t, const Tensor& x) {
+  if (t.has_value()) check_param(op, name, *t, x);
 }
 
-void check_like(const char* op, const at::Tensor& dy, const at::Tensor& y) {
+void check_stat(const char* op, const char* name, const Tensor& t, const Tensor& x) {
+  check_channel(op, name, t, x, at::kDouble);
+}
+
+void check_eps(const char* op, double eps) { TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0; got ", eps); }
+
+void check_like(const char* op, const Tensor& dy, const Tensor& y) {
   TORCH_CHECK_VALUE(dy.sizes() == y.sizes() && dy.scalar_type() == y.scalar_type() && dy.device() == y.device(),
                     op, ": dy is not compatible with y (expected shape ", y.sizes(), " ", y.scalar_type(), " on ",
                     y.device(), ", got ", dy.sizes(), " ", dy.scalar_type(), " on ", dy.device(), ")");
 }
 
 // dy with exactly y's strides, so that one index walks both.
-at::Tensor like_strides(const at::Tensor& dy, const at::Tensor& y) {
+Tensor like_strides(const Tensor& dy, const Tensor& y) {
   if (dy.strides() == y.strides()) return dy;
   return at::empty_like(y).copy_(dy);
 }
 
+Tensor stat_like(const Tensor& x) { return at::empty({x.size(1)}, x.options().dtype(at::kDouble)); }
+Tensor param_like(const Tensor& x) { return at::empty({x.size(1)}, x.options().dtype(param_dtype(x))); }
+
+// --- primitives (the synchronised path) -------------------------------------------------------------
+
 template <bool kCuda>
-Stats statistics(const at::Tensor& x) {
-  check_x("abn_statistics", "x", x);
+Stats statistics(const Tensor& x) {
+  check_x("inplace_abn_statistics", "x", x);
   const auto xc = canonical(x);
-#ifdef IFBF_WITH_CUDA
-  if (kCuda) return abn_statistics_cuda(xc);
-#endif
-  return abn_statistics_cpu(xc);
+  if (xc.numel() == 0) {  // a rank without samples: count 0, and mean/var that weigh nothing
+    const auto z = at::zeros({x.size(1)}, x.options().dtype(at::kDouble));
+    return {z, z.clone(), at::zeros({1}, x.options().dtype(at::kLong))};
+  }
+  return IFBF_ON_DEVICE(kCuda, statistics, xc);
 }
 
 template <bool kCuda>
-at::Tensor forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
-                   const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                   double eps, c10::string_view activation, double slope) {
-  const char* op = "abn_forward";
+Tensor forward(const Tensor& x, const Tensor& mean, const Tensor& invstd, const Opt& weight, const Opt& bias,
+               double eps, c10::string_view activation, double slope) {
+  const char* op = "inplace_abn_forward";
   check_x(op, "x", x);
-  check_channel(op, "mean", mean, x);
-  check_channel(op, "var", var, x);
+  check_stat(op, "mean", mean, x);
+  check_stat(op, "invstd", invstd, x);
   check_opt(op, "weight", weight, x);
   check_opt(op, "bias", bias, x);
   check_eps(op, eps);
-  const Act act = parse_act(op, std::string(activation), slope);
+  const Act act = parse_act(op, activation, slope);
   const auto xc = canonical(x);
   auto y = at::empty_like(xc);  // xc is dense: y gets its strides (NCHW or channels last)
-  if (y.numel() == 0) return y;
-#ifdef IFBF_WITH_CUDA
-  if (kCuda) {
-    abn_forward_cuda(xc, mean.contiguous(), var.contiguous(), weight, bias, eps, act, slope, y);
-    return y;
-  }
-#endif
-  abn_forward_cpu(xc, mean.contiguous(), var.contiguous(), weight, bias, eps, act, slope, y);
+  if (y.numel() != 0) IFBF_ON_DEVICE(kCuda, forward, xc, mean.contiguous(), invstd.contiguous(), weight, bias, eps, act, slope, y);
   return y;
 }
 
 template <bool kCuda>
-Sums backward_reduce(const at::Tensor& y, const at::Tensor& dy, const c10::optional<at::Tensor>& weight,
-                     const c10::optional<at::Tensor>& bias, double eps, c10::string_view activation,
-                     double slope) {
-  const char* op = "abn_backward_reduce";
+Sums backward_reduce(const Tensor& y, const Tensor& dy, const Opt& weight, const Opt& bias, double eps,
+                     c10::string_view activation, double slope) {
+  const char* op = "inplace_abn_backward_reduce";
   check_x(op, "y", y);
   check_like(op, dy, y);
   check_opt(op, "weight", weight, y);
   check_opt(op, "bias", bias, y);
   check_eps(op, eps);
-  const Act act = parse_act(op, std::string(activation), slope);
+  const Act act = parse_act(op, activation, slope);
   const auto yc = canonical(y);
-  const auto dyc = like_strides(dy, yc);
-#ifdef IFBF_WITH_CUDA
-  if (kCuda) return abn_backward_reduce_cuda(yc, dyc, weight, bias, eps, act, slope);
-#endif
-  return abn_backward_reduce_cpu(yc, dyc, weight, bias, eps, act, slope);
+  if (yc.numel() == 0) return {at::zeros({y.size(1)}, y.options().dtype(param_dtype(y))),
+                               at::zeros({y.size(1)}, y.options().dtype(param_dtype(y)))};
+  return IFBF_ON_DEVICE(kCuda, backward_reduce, yc, like_strides(dy, yc), weight, bias, eps, act, slope);
 }
 
 template <bool kCuda>
-at::Tensor backward(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& var,
-                    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                    const c10::optional<at::Tensor>& mean_dz, const c10::optional<at::Tensor>& mean_dz_xhat,
-                    double eps, c10::string_view activation, double slope) {
-  const char* op = "abn_backward";
+Tensor backward_dx(const Tensor& y, const Tensor& dy, const Tensor& invstd, const Opt& weight, const Opt& bias,
+                   const Opt& mean_dz, const Opt& mean_dz_xhat, double eps, c10::string_view activation, double slope) {
+  const char* op = "inplace_abn_backward_dx";
   check_x(op, "y", y);
   check_like(op, dy, y);
-  check_channel(op, "var", var, y);
+  check_param(op, "invstd", invstd, y);
   check_opt(op, "weight", weight, y);
   check_opt(op, "bias", bias, y);
   check_opt(op, "mean_dz", mean_dz, y);
@@ -149,48 +166,229 @@ at::Tensor backward(const at::Tensor& y, const at::Tensor& dy, const at::Tensor&
   TORCH_CHECK_VALUE(mean_dz.has_value() == mean_dz_xhat.has_value(), op,
                     ": mean_dz and mean_dz_xhat must be given together (training) or both be None (evaluation)");
   check_eps(op, eps);
-  const Act act = parse_act(op, std::string(activation), slope);
+  const Act act = parse_act(op, activation, slope);
   const auto yc = canonical(y);
-  const auto dyc = like_strides(dy, yc);
   auto dx = at::empty_like(yc);
-  if (dx.numel() == 0) return dx;
-#ifdef IFBF_WITH_CUDA
-  if (kCuda) {
-    abn_backward_cuda(yc, dyc, var.contiguous(), weight, bias, mean_dz, mean_dz_xhat, eps, act, slope, dx);
-    return dx;
-  }
-#endif
-  abn_backward_cpu(yc, dyc, var.contiguous(), weight, bias, mean_dz, mean_dz_xhat, eps, act, slope, dx);
+  if (dx.numel() != 0)
+    IFBF_ON_DEVICE(kCuda, backward_dx, yc, like_strides(dy, yc), invstd.contiguous(), weight, bias, mean_dz,
+                   mean_dz_xhat, eps, act, slope, dx);
   return dx;
 }
+
+// --- the fused single-process op ------------------------------------------------------------------
+
+template <bool kCuda>
+std::tuple<Tensor, Tensor> fused_forward(const Tensor& x, const Opt& weight, const Opt& bias,
+                                         const Tensor& running_mean, const Tensor& running_var, bool training,
+                                         double momentum, double eps, c10::string_view activation, double slope) {
+  const char* op = "inplace_abn";
+  check_x(op, "x", x);
+  check_opt(op, "weight", weight, x);
+  check_opt(op, "bias", bias, x);
+  check_param(op, "running_mean", running_mean, x);
+  check_param(op, "running_var", running_var, x);
+  TORCH_CHECK_VALUE(running_mean.is_contiguous() && running_var.is_contiguous(), op,
+                    ": running_mean and running_var must be contiguous (they are updated in place)");
+  check_eps(op, eps);
+  TORCH_CHECK_VALUE(momentum >= 0 && momentum <= 1, op, ": momentum must be in [0, 1]; got ", momentum);
+  const Act act = parse_act(op, activation, slope);
+  const auto xc = canonical(x);
+  auto mean = stat_like(x), invstd = stat_like(x), invstd_saved = param_like(x);
+  if (training) {
+    const int64_t n = x.size(1) ? xc.numel() / x.size(1) : 0;
+    TORCH_CHECK_VALUE(n >= 2, "inplace_abn: training needs more than 1 value per channel over the batch; got ", n,
+                      " (x ", x.sizes(), ")");
+    TrainStats st{mean, invstd, invstd_saved, running_mean, running_var, momentum, eps};
+    IFBF_ON_DEVICE(kCuda, train_statistics, xc, st);
+  } else {
+    IFBF_ON_DEVICE(kCuda, eval_statistics, running_mean, running_var, eps, mean, invstd, invstd_saved);
+  }
+  auto y = at::empty_like(xc);
+  if (y.numel() != 0) IFBF_ON_DEVICE(kCuda, forward, xc, mean, invstd, weight, bias, eps, act, slope, y);
+  return {y, invstd_saved};
+}
+
+template <bool kCuda>
+std::tuple<Tensor, Tensor, Tensor> fused_backward(const Tensor& y, const Tensor& dy, const Tensor& invstd,
+                                                  const Opt& weight, const Opt& bias, bool training, bool param_grads,
+                                                  double eps, c10::string_view activation, double slope) {
+  const char* op = "inplace_abn_backward";
+  check_x(op, "y", y);
+  check_like(op, dy, y);
+  check_param(op, "invstd", invstd, y);
+  check_opt(op, "weight", weight, y);
+  check_opt(op, "bias", bias, y);
+  check_eps(op, eps);
+  const Act act = parse_act(op, activation, slope);
+  const auto yc = canonical(y);
+  const auto dyc = like_strides(dy, yc);
+  auto dweight = param_like(y), dbias = param_like(y), dx = at::empty_like(yc);
+  Opt mean_dz, mean_dz_xhat;
+  if ((training || param_grads) && yc.numel() != 0) {
+    auto mdz = param_like(y), mdzx = param_like(y);
+    IFBF_ON_DEVICE(kCuda, backward_reduce_params, yc, dyc, weight, bias, eps, act, slope, training, dweight, dbias,
+                   mdz, mdzx);
+    if (training) {
+      mean_dz = mdz;
+      mean_dz_xhat = mdzx;
+    }
+  } else {  // evaluation without parameter gradients (or an empty batch): nothing to reduce
+    dweight.zero_();
+    dbias.zero_();
+  }
+  if (dx.numel() != 0)
+    IFBF_ON_DEVICE(kCuda, backward_dx, yc, dyc, invstd.contiguous(), weight, bias, mean_dz, mean_dz_xhat, eps, act,
+                   slope, dx);
+  return {dx, dweight, dbias};
+}
+
+// --- autograd -------------------------------------------------------------------------------------
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+const c10::TypedOperatorHandle<std::tuple<Tensor, Tensor>(const Tensor&, const Opt&, const Opt&, const Tensor&,
+                                                          const Tensor&, bool, double, double, c10::string_view,
+                                                          double)>&
+fused_forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ifbf_fast::inplace_abn", "")
+                             .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Opt&, const Opt&, const Tensor&,
+                                                               const Tensor&, bool, double, double, c10::string_view,
+                                                               double)>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                  const Opt&, const Opt&, bool, bool, double,
+                                                                  c10::string_view, double)>&
+fused_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ifbf_fast::inplace_abn_backward", "")
+                             .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                       const Opt&, const Opt&, bool, bool, double,
+                                                                       c10::string_view, double)>();
+  return op;
+}
+
+// y and the float64 invstd are saved (never x): backward rebuilds x-hat from y by inverting the
+// activation and the affine, the memory saving of InPlace-ABN. invstd is an output for the node to
+// save; it is marked non-differentiable.
+struct InplaceABNFunction : public torch::autograd::Function<InplaceABNFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Opt& weight, const Opt& bias,
+                               const Tensor& running_mean, const Tensor& running_var, bool training, double momentum,
+                               double eps, c10::string_view activation, double slope) {
+    Tensor y, invstd;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(y, invstd) = fused_forward_op().call(x, weight, bias, running_mean, running_var, training, momentum,
+                                                    eps, activation, slope);
+    }
+    ctx->save_for_backward({y, invstd, weight.value_or(Tensor()), bias.value_or(Tensor())});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["slope"] = slope;
+    ctx->mark_non_differentiable({invstd});
+    ctx->set_materialize_grads(false);  // no zero-filled gradient for invstd (nobody differentiates it)
+    return {y, invstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    if (!grads[0].defined()) return variable_list(10);  // y unused by the loss: no gradient at all
+    const Tensor& y = saved[0];
+    const Opt weight = saved[2].defined() ? Opt(saved[2]) : Opt();
+    const Opt bias = saved[3].defined() ? Opt(saved[3]) : Opt();
+    // needs_input_grad counts the tensor inputs that were given: x, then weight and bias if present.
+    const bool need_w = weight.has_value() && ctx->needs_input_grad(1);
+    const bool need_b = bias.has_value() && ctx->needs_input_grad(weight.has_value() ? 2 : 1);
+    const std::string act = ctx->saved_data["activation"].toStringRef();
+    auto [dx, dw, db] = fused_backward_op().call(y, grads[0], saved[1], weight, bias, ctx->saved_data["training"].toBool(),
+                                                 need_w || need_b, ctx->saved_data["eps"].toDouble(), act,
+                                                 ctx->saved_data["slope"].toDouble());
+    return {ctx->needs_input_grad(0) ? dx : Tensor(), need_w ? dw : Tensor(), need_b ? db : Tensor(),
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> fused_autograd(const Tensor& x, const Opt& weight, const Opt& bias,
+                                          const Tensor& running_mean, const Tensor& running_var, bool training,
+                                          double momentum, double eps, c10::string_view activation, double slope) {
+  auto out = InplaceABNFunction::apply(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                                       activation, slope);
+  return {out[0], out[1]};
+}
+
+// Autograd-key kernel of a primitive: run it below autograd; its outputs carry no gradient.
+template <typename Sig>
+struct NonDifferentiable;
+
+template <typename Ret, typename... Args>
+struct NonDifferentiable<Ret(Args...)> {
+  template <const char* kName>
+  static Ret call(Args... args) {
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(kName, "").typed<Ret(Args...)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(args...);
+  }
+};
+
+constexpr char kStatistics[] = "ifbf_fast::inplace_abn_statistics";
+constexpr char kForward[] = "ifbf_fast::inplace_abn_forward";
+constexpr char kBackwardReduce[] = "ifbf_fast::inplace_abn_backward_reduce";
+constexpr char kBackwardDx[] = "ifbf_fast::inplace_abn_backward_dx";
+constexpr char kBackward[] = "ifbf_fast::inplace_abn_backward";
+
+using StatisticsSig = Stats(const Tensor&);
+using ForwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Opt&, const Opt&, double,
+                          c10::string_view, double);
+using BackwardReduceSig = Sums(const Tensor&, const Tensor&, const Opt&, const Opt&, double, c10::string_view, double);
+using BackwardDxSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Opt&, const Opt&, const Opt&,
+                             const Opt&, double, c10::string_view, double);
+using BackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Opt&,
+                                                       const Opt&, bool, bool, double, c10::string_view, double);
 
 }  // namespace
 }  // namespace ifbf
 
 TORCH_LIBRARY(ifbf_fast, m) {
   // The fake (meta) kernels live in Python: importing this module registers them.
-  m.set_python_module("ifbf_fast.ops._abn_fast");
-  m.def("abn_statistics(Tensor x) -> (Tensor mean, Tensor var, Tensor count)");
-  m.def("abn_forward(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, "
+  m.set_python_module("ifbf_fast.ops.inplace_abn");
+  m.def("inplace_abn(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) running_mean, Tensor(b!) running_var, "
+        "bool training, float momentum, float eps, str activation, float slope) -> (Tensor y, Tensor invstd)");
+  m.def("inplace_abn_backward(Tensor y, Tensor dy, Tensor invstd, Tensor? weight, Tensor? bias, bool training, "
+        "bool param_grads, float eps, str activation, float slope) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def("inplace_abn_statistics(Tensor x) -> (Tensor mean, Tensor var, Tensor count)");
+  m.def("inplace_abn_forward(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, float eps, "
         "str activation, float slope) -> Tensor");
-  m.def("abn_backward_reduce(Tensor y, Tensor dy, Tensor? weight, Tensor? bias, float eps, str activation, "
+  m.def("inplace_abn_backward_reduce(Tensor y, Tensor dy, Tensor? weight, Tensor? bias, float eps, str activation, "
         "float slope) -> (Tensor sum_dz, Tensor sum_dz_xhat)");
-  m.def("abn_backward(Tensor y, Tensor dy, Tensor var, Tensor? weight, Tensor? bias, Tensor? mean_dz, "
+  m.def("inplace_abn_backward_dx(Tensor y, Tensor dy, Tensor invstd, Tensor? weight, Tensor? bias, Tensor? mean_dz, "
         "Tensor? mean_dz_xhat, float eps, str activation, float slope) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(ifbf_fast, CPU, m) {
-  m.impl("abn_statistics", &ifbf::statistics<false>);
-  m.impl("abn_forward", &ifbf::forward<false>);
-  m.impl("abn_backward_reduce", &ifbf::backward_reduce<false>);
-  m.impl("abn_backward", &ifbf::backward<false>);
-}
+#define IFBF_REGISTER_DEVICE(KEY, CUDA)                                  \
+  TORCH_LIBRARY_IMPL(ifbf_fast, KEY, m) {                                \
+    m.impl("inplace_abn", &ifbf::fused_forward<CUDA>);                   \
+    m.impl("inplace_abn_backward", &ifbf::fused_backward<CUDA>);         \
+    m.impl("inplace_abn_statistics", &ifbf::statistics<CUDA>);           \
+    m.impl("inplace_abn_forward", &ifbf::forward<CUDA>);                 \
+    m.impl("inplace_abn_backward_reduce", &ifbf::backward_reduce<CUDA>); \
+    m.impl("inplace_abn_backward_dx", &ifbf::backward_dx<CUDA>);         \
+  }
 
+IFBF_REGISTER_DEVICE(CPU, false)
 #ifdef IFBF_WITH_CUDA
-TORCH_LIBRARY_IMPL(ifbf_fast, CUDA, m) {
-  m.impl("abn_statistics", &ifbf::statistics<true>);
-  m.impl("abn_forward", &ifbf::forward<true>);
-  m.impl("abn_backward_reduce", &ifbf::backward_reduce<true>);
-  m.impl("abn_backward", &ifbf::backward<true>);
-}
+IFBF_REGISTER_DEVICE(CUDA, true)
 #endif
+
+TORCH_LIBRARY_IMPL(ifbf_fast, Autograd, m) {
+  using namespace ifbf;
+  m.impl("inplace_abn", &fused_autograd);
+  m.impl("inplace_abn_backward", &NonDifferentiable<BackwardSig>::call<kBackward>);
+  m.impl("inplace_abn_statistics", &NonDifferentiable<StatisticsSig>::call<kStatistics>);
+  m.impl("inplace_abn_forward", &NonDifferentiable<ForwardSig>::call<kForward>);
+  m.impl("inplace_abn_backward_reduce", &NonDifferentiable<BackwardReduceSig>::call<kBackwardReduce>);
+  m.impl("inplace_abn_backward_dx", &NonDifferentiable<BackwardDxSig>::call<kBackwardDx>);
+}

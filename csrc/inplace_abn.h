@@ -1,14 +1,26 @@
-// Declarations of every CPU / CUDA kernel pair of ifbf_fast._C (mapillary/inplace_abn layout:
-// ifbf_ops.cpp checks arguments and registers the ops; *_cpu.cpp and *_cuda.cu implement them).
+// Declarations of every CPU / CUDA kernel pair of InPlace-ABN in ifbf_fast._C (mapillary/inplace_abn
+// layout: inplace_abn.cpp checks arguments, registers the ops and their C++ autograd; inplace_abn_cpu.cpp
+// and the inplace_abn_*.cu units implement them).
 //
-// InPlace-ABN primitives (x: (N, C, ...) fp32/fp16/bf16, fp64 on CPU; per-channel tensors in the
-// "parameter dtype": fp64 for fp64 x, else fp32):
-//   abn_statistics(x)                              -> mean, biased var, count of the local batch
-//   abn_forward(x, mean, var, w?, b?, ...)         -> y = act((x - mean) * rsqrt(var + eps) * g + b)
-//   abn_backward_reduce(y, dy, w?, b?, ...)        -> sum(dz), sum(dz * xhat), z and xhat rebuilt from y
-//   abn_backward(y, dy, var, w?, b?, mdz?, mdzx?)  -> dx = (dz - mdz - xhat * mdzx) * g * rsqrt(var + eps)
-// with g = |w| + eps (1 without weight) and dz the gradient before the activation. The *_impl
-// functions receive checked arguments in one of the two layouts below.
+// x: (N, C, ...) fp32/fp16/bf16 (fp64 on the CPU too). Per-channel tensors: the *statistics* (mean,
+// var, invstd = 1 / sqrt(var + eps)) are float64 on every device, so that they hold what fp32 cannot
+// (var of values near 1e20 overflows fp32, its invstd does not); the *parameters* (weight, bias, the
+// running buffers, the gradient sums) are in the "parameter dtype": fp64 for fp64 x, else fp32.
+// g = |weight| + eps (1 without weight), dz = the gradient before the activation.
+//
+// The invstd saved for backward (and taken by the backward ops) is in the parameter dtype: the
+// gradients it scales are below the normal float range wherever float32 cannot hold it.
+//
+// Single process, one dispatcher call per direction (C++ autograd, inplace_abn.cpp):
+//   inplace_abn(x, w?, b?, running_mean!, running_var!, training, momentum, eps, act, slope) -> y, invstd
+//       training: batch statistics, running buffers updated in place (unbiased var), y; else running stats
+//   inplace_abn_backward(y, dy, invstd, w?, b?, training, param_grads, ...) -> dx, dweight, dbias
+// Primitives for the synchronised path (collectives are Python calls between them):
+//   inplace_abn_statistics(x)                          -> mean, biased var (float64), count of the batch
+//   inplace_abn_forward(x, mean, invstd, w?, b?, ...)  -> y = act((x - mean) * invstd * g + b)
+//   inplace_abn_backward_reduce(y, dy, w?, b?, ...)    -> sum(dz), sum(dz * xhat), z and xhat rebuilt from y
+//   inplace_abn_backward_dx(y, dy, invstd, w?, b?, mdz?, mdzx?) -> dx = (dz - mdz - xhat * mdzx) * g * invstd
+// The *_cpu / *_cuda functions receive checked arguments in one of the two layouts below.
 #pragma once
 
 #include <torch/types.h>
@@ -30,12 +42,15 @@ struct Geometry {
   int64_t s;           // NCS: S; NSC: 1
 };
 
+// Dense channels last (..., C contiguous): read from the strides, no permuted view (host cost per call).
 inline bool is_nsc_dense(const at::Tensor& x) {
-  if (x.dim() < 3) return false;
-  std::vector<int64_t> perm{0};
-  for (int64_t d = 2; d < x.dim(); ++d) perm.push_back(d);
-  perm.push_back(1);
-  return x.permute(perm).is_contiguous();
+  if (x.dim() < 3 || (x.size(1) != 1 && x.stride(1) != 1)) return false;
+  int64_t expected = x.size(1);
+  for (int64_t d = x.dim() - 1; d >= 2; --d) {
+    if (x.size(d) != 1 && x.stride(d) != expected) return false;
+    expected *= x.size(d);
+  }
+  return x.size(0) == 1 || x.stride(0) == expected;
 }
 
 // x itself when the kernels can walk it, else a contiguous copy.
@@ -54,34 +69,42 @@ inline Geometry geometry_of(const at::Tensor& x) {  // x canonical
 
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Sums = std::tuple<at::Tensor, at::Tensor>;
+using Opt = c10::optional<at::Tensor>;
 
-Stats abn_statistics_cpu(const at::Tensor& x);
-void abn_forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
-                     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                     double eps, Act act, double slope, at::Tensor& y);
-Sums abn_backward_reduce_cpu(const at::Tensor& y, const at::Tensor& dy,
-                             const c10::optional<at::Tensor>& weight,
-                             const c10::optional<at::Tensor>& bias, double eps, Act act, double slope);
-void abn_backward_cpu(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& var,
-                      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                      const c10::optional<at::Tensor>& mean_dz,
-                      const c10::optional<at::Tensor>& mean_dz_xhat, double eps, Act act,
-                      double slope, at::Tensor& dx);
+// What the fused training statistics write: the float64 mean and invstd of the batch, and the running
+// buffers (parameter dtype) lerped in place with the unbiased variance (saturated at the dtype's max).
+struct TrainStats {
+  at::Tensor mean, invstd;       // outputs, (C,) float64 (for the forward map)
+  at::Tensor invstd_saved;       // output, (C,) parameter dtype (saved for backward)
+  at::Tensor running_mean, running_var;  // updated in place
+  double momentum, eps;
+};
 
+#define IFBF_DECLARE_ABN(DEV)                                                                              \
+  Stats statistics_##DEV(const at::Tensor& x);                                                            \
+  void train_statistics_##DEV(const at::Tensor& x, TrainStats& st);                                      \
+  void eval_statistics_##DEV(const at::Tensor& running_mean, const at::Tensor& running_var, double eps,    \
+                             at::Tensor& mean, at::Tensor& invstd, at::Tensor& invstd_saved);            \
+  void forward_##DEV(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd, const Opt& weight, \
+                     const Opt& bias, double eps, Act act, double slope, at::Tensor& y);                  \
+  Sums backward_reduce_##DEV(const at::Tensor& y, const at::Tensor& dy, const Opt& weight, const Opt& bias,  \
+                             double eps, Act act, double slope);                                          \
+  /* fused: dweight = sum(dz * xhat) * sign(w), dbias = sum(dz), and (training) their means over the batch */ \
+  void backward_reduce_params_##DEV(const at::Tensor& y, const at::Tensor& dy, const Opt& weight,         \
+                                    const Opt& bias, double eps, Act act, double slope, bool training,     \
+                                    at::Tensor& dweight, at::Tensor& dbias, at::Tensor& mean_dz,          \
+                                    at::Tensor& mean_dz_xhat);                                           \
+  void backward_dx_##DEV(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& invstd, const Opt& weight, \
+                         const Opt& bias, const Opt& mean_dz, const Opt& mean_dz_xhat, double eps, Act act, \
+                         double slope, at::Tensor& dx);
+
+namespace abn_cpu {
+IFBF_DECLARE_ABN(cpu)
+}
 #ifdef IFBF_WITH_CUDA
-Stats abn_statistics_cuda(const at::Tensor& x);
-void abn_forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
-                      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                      double eps, Act act, double slope, at::Tensor& y);
-Sums abn_backward_reduce_cuda(const at::Tensor& y, const at::Tensor& dy,
-                              const c10::optional<at::Tensor>& weight,
-                              const c10::optional<at::Tensor>& bias, double eps, Act act,
-                              double slope);
-void abn_backward_cuda(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& var,
-                       const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                       const c10::optional<at::Tensor>& mean_dz,
-                       const c10::optional<at::Tensor>& mean_dz_xhat, double eps, Act act,
-                       double slope, at::Tensor& dx);
+namespace abn_cuda {
+IFBF_DECLARE_ABN(cuda)
+}
 #endif
 
 }  // namespace ifbf

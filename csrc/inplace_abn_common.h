@@ -85,4 +85,25 @@ struct ActFn<Act::Elu, T> {  // alpha = 1 (ELU_ALPHA in ifbf_fast/ops/inplace_ab
   }
 };
 
+// Per-channel constants of the forward map y = act((x * pre - shift) * scale + b), computed in double
+// from the float64 statistics. pre = 1 except where the standard deviation passes 2^64: then
+// pre = 2^-64 (exact), so that x * pre - shift cannot overflow (x - mean does, for values of opposite
+// sign near the float max, e.g. bf16 near 3e38) and scale = g * invstd / pre stays a normal float
+// (invstd alone can be subnormal there, which the --use_fast_math CUDA kernels flush to zero).
+struct ForwardConstants {
+  double pre, shift, scale;
+};
+constexpr double kPreScale = 5.421010862427522170e-20;  // 2^-64
+IFBF_HD ForwardConstants forward_constants(double mean, double invstd, double gain) {
+  const double pre = invstd < kPreScale ? kPreScale : 1.0;
+  return {pre, mean * pre, gain * invstd / pre};
+}
+
+// 1 / sqrt(var + eps) in double; var = inf (a float running_var that saturated) gives 0.
+IFBF_HD double inv_std(double var, double eps) { return 1.0 / sqrt(var + eps); }
+
+// The largest finite value of the running-statistics dtype: the unbiased variance is saturated there
+// rather than stored as inf (a float32 buffer cannot hold the variance of values beyond ~1.8e19).
+IFBF_HD double saturate(double v, double max_value) { return v < max_value ? v : max_value; }
+
 }  // namespace ifbf

@@ -1,8 +1,9 @@
 // CPU kernels of InPlace-ABN: ATen parallel loops over (n, c) rows (NCS) or row blocks (channels last).
 //
-// Precision: elementwise work in float (double for fp64 x); reductions add float partials of at most
-// kChunk values into double, with a fixed split of the rows, so the results do not depend on the thread
-// count. Speed: the inner loops are branch-free (activations as max/min/select, inplace_abn_common.h),
+// Precision: elementwise work in float (double for fp64 x); the backward sums add float partials of at
+// most kChunk values into double, the statistics accumulate in double throughout (squares of values
+// near 1e20, or sums of bf16 values near 3e38, overflow float); a fixed split of the rows keeps the
+// results independent of the thread count. Speed: the inner loops are branch-free (activations as max/min/select, inplace_abn_common.h),
 // read per-channel constants from locals and use 8 independent accumulators, so the compiler
 // vectorises them.
 #include <ATen/ATen.h>
@@ -11,9 +12,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
-#include "ifbf_ops.h"
+#include "inplace_abn.h"
 
 namespace ifbf {
 namespace {
@@ -29,7 +31,7 @@ using param_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
 template <int K, typename Op, typename scalar_t, typename Ch>
 std::vector<double> reduce_channels(const Geometry& g, const scalar_t* a, const scalar_t* b,
                                     const std::vector<Ch>& chs, double slope) {
-  using T = at::opmath_type<scalar_t>;
+  using T = typename Op::Acc;
   const T sl = static_cast<T>(slope);
   std::vector<double> out(K * g.c, 0.0);
   if (!g.channels_last) {
@@ -132,14 +134,16 @@ void map_channels(const Geometry& g, const scalar_t* a, const scalar_t* b, scala
 
 template <typename scalar_t>
 struct SumOp {  // pass 1 of the statistics
-  using T = at::opmath_type<scalar_t>;
+  using T = double;
+  using Acc = double;
   struct Ch {};
   static void value(T v[1], const Ch&, T, scalar_t x, scalar_t) { v[0] = static_cast<T>(x); }
 };
 
 template <typename scalar_t>
 struct CentredSquareOp {  // pass 2: exact where E[x^2] - E[x]^2 would cancel
-  using T = at::opmath_type<scalar_t>;
+  using T = double;
+  using Acc = double;
   struct Ch {
     T mean;
   };
@@ -152,6 +156,7 @@ struct CentredSquareOp {  // pass 2: exact where E[x^2] - E[x]^2 would cancel
 template <Act A, typename scalar_t>
 struct BackwardReduceOp {  // dz and dz * (z - b); divided by g once per channel
   using T = at::opmath_type<scalar_t>;
+  using Acc = T;
   struct Ch {
     T b, inv_slope;
   };
@@ -165,13 +170,13 @@ struct BackwardReduceOp {  // dz and dz * (z - b); divided by g once per channel
 };
 
 template <Act A, typename scalar_t>
-struct ForwardOp {  // y = act((x - mean) * scale + b)
+struct ForwardOp {  // y = act((x * pre - shift) * scale + b), shift = mean * pre (inplace_abn_common.h)
   using T = at::opmath_type<scalar_t>;
   struct Ch {
-    T mean, scale, b;
+    T pre, shift, scale, b;
   };
   static scalar_t apply(const Ch& p, T sl, scalar_t x, scalar_t) {
-    return static_cast<scalar_t>(ActFn<A, T>::forward((static_cast<T>(x) - p.mean) * p.scale + p.b, sl));
+    return static_cast<scalar_t>(ActFn<A, T>::forward((static_cast<T>(x) * p.pre - p.shift) * p.scale + p.b, sl));
   }
 };
 
@@ -212,69 +217,117 @@ at::TensorOptions param_options(const at::Tensor& x) {
   return x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
 }
 
-}  // namespace
 
-Stats abn_statistics_cpu(const at::Tensor& x) {
-  const Geometry g = geometry_of(x);
+// Shifted double sums -> float64 mean and biased var of every channel (two passes: see CentredSquareOp).
+template <typename scalar_t>
+void mean_var(const Geometry& g, const scalar_t* px, std::vector<double>& mean, std::vector<double>& var) {
   const int64_t count = g.n * g.s;
-  auto mean_t = at::empty({g.c}, param_options(x));
-  auto var_t = at::empty({g.c}, param_options(x));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "abn_statistics_cpu", [&] {
-    using T = at::opmath_type<scalar_t>;
-    using param_t = param_of<scalar_t>;
-    const scalar_t* px = x.const_data_ptr<scalar_t>();
-    std::vector<typename SumOp<scalar_t>::Ch> none(g.c);
-    const auto sums = reduce_channels<1, SumOp<scalar_t>>(g, px, static_cast<const scalar_t*>(nullptr), none, 0.0);
-    std::vector<double> mean(g.c);
-    std::vector<typename CentredSquareOp<scalar_t>::Ch> centre(g.c);
-    for (int64_t ch = 0; ch < g.c; ++ch) {
-      mean[ch] = count ? sums[ch] / count : 0.0;
-      centre[ch].mean = static_cast<T>(mean[ch]);
-    }
-    const auto m2 = reduce_channels<1, CentredSquareOp<scalar_t>>(g, px, static_cast<const scalar_t*>(nullptr),
-                                                                  centre, 0.0);
-    param_t* pm = mean_t.data_ptr<param_t>();
-    param_t* pv = var_t.data_ptr<param_t>();
-    for (int64_t ch = 0; ch < g.c; ++ch) {
-      // centred on the rounded mean: add back the (tiny) offset of the exact one
-      const double d = mean[ch] - static_cast<double>(centre[ch].mean);
-      pm[ch] = static_cast<param_t>(mean[ch]);
-      pv[ch] = static_cast<param_t>(count ? std::max(m2[ch] / count - d * d, 0.0) : 0.0);
-    }
-  });
-  return {mean_t, var_t, at::full({1}, count, x.options().dtype(at::kLong))};
+  std::vector<typename SumOp<scalar_t>::Ch> none(g.c);
+  const auto sums = reduce_channels<1, SumOp<scalar_t>>(g, px, static_cast<const scalar_t*>(nullptr), none, 0.0);
+  mean.assign(g.c, 0.0);
+  var.assign(g.c, 0.0);
+  std::vector<typename CentredSquareOp<scalar_t>::Ch> centre(g.c);
+  for (int64_t ch = 0; ch < g.c; ++ch) {
+    mean[ch] = count ? sums[ch] / count : 0.0;
+    centre[ch].mean = mean[ch];
+  }
+  const auto m2 = reduce_channels<1, CentredSquareOp<scalar_t>>(g, px, static_cast<const scalar_t*>(nullptr),
+                                                                centre, 0.0);
+  for (int64_t ch = 0; ch < g.c; ++ch) var[ch] = count ? m2[ch] / count : 0.0;
 }
 
-void abn_forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
-                     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                     double eps, Act act, double slope, at::Tensor& y) {
+template <typename scalar_t, typename Fn>
+void with_mean_var(const at::Tensor& x, Fn fn) {
   const Geometry g = geometry_of(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "abn_forward_cpu", [&] {
+  std::vector<double> mean, var;
+  mean_var<scalar_t>(g, x.const_data_ptr<scalar_t>(), mean, var);
+  fn(g, mean, var);
+}
+
+}  // namespace
+
+namespace abn_cpu {
+
+Stats statistics_cpu(const at::Tensor& x) {
+  const Geometry g = geometry_of(x);
+  auto mean_t = at::empty({g.c}, x.options().dtype(at::kDouble));
+  auto var_t = at::empty({g.c}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "inplace_abn_statistics_cpu", [&] {
+    with_mean_var<scalar_t>(x, [&](const Geometry&, const std::vector<double>& mean, const std::vector<double>& var) {
+      std::copy(mean.begin(), mean.end(), mean_t.data_ptr<double>());
+      std::copy(var.begin(), var.end(), var_t.data_ptr<double>());
+    });
+  });
+  return {mean_t, var_t, at::full({1}, g.n * g.s, x.options().dtype(at::kLong))};
+}
+
+void train_statistics_cpu(const at::Tensor& x, TrainStats& st) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "inplace_abn_cpu", [&] {
+    using param_t = param_of<scalar_t>;
+    with_mean_var<scalar_t>(x, [&](const Geometry& g, const std::vector<double>& mean, const std::vector<double>& var) {
+      const double n = static_cast<double>(g.n * g.s);
+      const double unbias = n / (n - 1), m = st.momentum;
+      const double vmax = static_cast<double>(std::numeric_limits<param_t>::max());
+      double* pm = st.mean.data_ptr<double>();
+      double* pi = st.invstd.data_ptr<double>();
+      param_t* ps = st.invstd_saved.data_ptr<param_t>();
+      param_t* rm = st.running_mean.data_ptr<param_t>();
+      param_t* rv = st.running_var.data_ptr<param_t>();
+      for (int64_t ch = 0; ch < g.c; ++ch) {
+        pm[ch] = mean[ch];
+        pi[ch] = inv_std(var[ch], st.eps);
+        ps[ch] = static_cast<param_t>(pi[ch]);
+        rm[ch] = static_cast<param_t>((1 - m) * static_cast<double>(rm[ch]) + m * mean[ch]);
+        rv[ch] = static_cast<param_t>(
+            saturate((1 - m) * static_cast<double>(rv[ch]) + m * var[ch] * unbias, vmax));
+      }
+    });
+  });
+}
+
+void eval_statistics_cpu(const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
+                         at::Tensor& mean, at::Tensor& invstd, at::Tensor& invstd_saved) {
+  AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "inplace_abn_eval_cpu", [&] {
+    const auto rm = running_mean.contiguous(), rv = running_var.contiguous();
+    const scalar_t* pm = rm.const_data_ptr<scalar_t>();
+    const scalar_t* pv = rv.const_data_ptr<scalar_t>();
+    for (int64_t ch = 0; ch < rm.numel(); ++ch) {
+      mean.data_ptr<double>()[ch] = static_cast<double>(pm[ch]);
+      invstd.data_ptr<double>()[ch] = inv_std(static_cast<double>(pv[ch]), eps);
+      invstd_saved.data_ptr<scalar_t>()[ch] = static_cast<scalar_t>(invstd.data_ptr<double>()[ch]);
+    }
+  });
+}
+
+void forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd, const Opt& weight,
+                 const Opt& bias, double eps, Act act, double slope, at::Tensor& y) {
+  const Geometry g = geometry_of(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "inplace_abn_forward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     using param_t = param_of<scalar_t>;
     std::vector<param_t> gain, shift;
     gain_shift<param_t>(weight, bias, eps, g.c, gain, shift);
-    const param_t* pm = mean.const_data_ptr<param_t>();
-    const param_t* pv = var.const_data_ptr<param_t>();
+    const double* pm = mean.const_data_ptr<double>();
+    const double* pi = invstd.const_data_ptr<double>();
     dispatch_act(act, [&](auto a) {
       using Op = ForwardOp<decltype(a)::value, scalar_t>;
       std::vector<typename Op::Ch> chs(g.c);
-      for (int64_t ch = 0; ch < g.c; ++ch)
-        chs[ch] = {static_cast<T>(pm[ch]), static_cast<T>(gain[ch] / std::sqrt(pv[ch] + static_cast<param_t>(eps))),
-                   static_cast<T>(shift[ch])};
+      for (int64_t ch = 0; ch < g.c; ++ch) {
+        const auto k = forward_constants(pm[ch], pi[ch], static_cast<double>(gain[ch]));
+        chs[ch] = {static_cast<T>(k.pre), static_cast<T>(k.shift), static_cast<T>(k.scale), static_cast<T>(shift[ch])};
+      }
       map_channels<Op>(g, x.const_data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr),
                        y.data_ptr<scalar_t>(), chs, slope);
     });
   });
 }
 
-Sums abn_backward_reduce_cpu(const at::Tensor& y, const at::Tensor& dy,
-                             const c10::optional<at::Tensor>& weight,
-                             const c10::optional<at::Tensor>& bias, double eps, Act act, double slope) {
+// The per-channel sums of dz and dz * xhat (xhat = (z - b) / g), in the parameter dtype.
+template <typename Fin>
+void backward_sums(const at::Tensor& y, const at::Tensor& dy, const Opt& weight, const Opt& bias, double eps, Act act,
+                   double slope, Fin fin) {
   const Geometry g = geometry_of(y);
-  auto sum_dz = at::empty({g.c}, param_options(y));
-  auto sum_dz_xhat = at::empty({g.c}, param_options(y));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "abn_backward_reduce_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "inplace_abn_backward_reduce_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     using param_t = param_of<scalar_t>;
     std::vector<param_t> gain, shift;
@@ -286,39 +339,64 @@ Sums abn_backward_reduce_cpu(const at::Tensor& y, const at::Tensor& dy,
       for (int64_t ch = 0; ch < g.c; ++ch) chs[ch] = {static_cast<T>(shift[ch]), static_cast<T>(1.0 / slope)};
       sums = reduce_channels<2, Op>(g, y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), chs, slope);
     });
-    param_t* p0 = sum_dz.data_ptr<param_t>();
-    param_t* p1 = sum_dz_xhat.data_ptr<param_t>();
-    for (int64_t ch = 0; ch < g.c; ++ch) {
-      p0[ch] = static_cast<param_t>(sums[ch]);
-      p1[ch] = static_cast<param_t>(sums[g.c + ch] / static_cast<double>(gain[ch]));
-    }
+    for (int64_t ch = 0; ch < g.c; ++ch)
+      fin(param_t{}, g, ch, sums[ch], sums[g.c + ch] / static_cast<double>(gain[ch]));
+  });
+}
+
+Sums backward_reduce_cpu(const at::Tensor& y, const at::Tensor& dy, const Opt& weight, const Opt& bias, double eps,
+                         Act act, double slope) {
+  auto sum_dz = at::empty({y.size(1)}, param_options(y));
+  auto sum_dz_xhat = at::empty({y.size(1)}, param_options(y));
+  backward_sums(y, dy, weight, bias, eps, act, slope, [&](auto p, const Geometry&, int64_t ch, double s0, double s1) {
+    using param_t = decltype(p);
+    sum_dz.data_ptr<param_t>()[ch] = static_cast<param_t>(s0);
+    sum_dz_xhat.data_ptr<param_t>()[ch] = static_cast<param_t>(s1);
   });
   return {sum_dz, sum_dz_xhat};
 }
 
-void abn_backward_cpu(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& var,
-                      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                      const c10::optional<at::Tensor>& mean_dz,
-                      const c10::optional<at::Tensor>& mean_dz_xhat, double eps, Act act,
-                      double slope, at::Tensor& dx) {
+void backward_reduce_params_cpu(const at::Tensor& y, const at::Tensor& dy, const Opt& weight, const Opt& bias,
+                                double eps, Act act, double slope, bool training, at::Tensor& dweight,
+                                at::Tensor& dbias, at::Tensor& mean_dz, at::Tensor& mean_dz_xhat) {
+  const auto w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  backward_sums(y, dy, weight, bias, eps, act, slope, [&](auto p, const Geometry& g, int64_t ch, double s0, double s1) {
+    using param_t = decltype(p);
+    double sign = 1.0;
+    if (w.defined()) {
+      const double wc = static_cast<double>(w.const_data_ptr<param_t>()[ch]);
+      sign = wc > 0 ? 1.0 : (wc < 0 ? -1.0 : 0.0);
+    }
+    dweight.data_ptr<param_t>()[ch] = static_cast<param_t>(s1 * sign);
+    dbias.data_ptr<param_t>()[ch] = static_cast<param_t>(s0);
+    if (training) {
+      const double n = static_cast<double>(g.n * g.s);
+      mean_dz.data_ptr<param_t>()[ch] = static_cast<param_t>(s0 / n);
+      mean_dz_xhat.data_ptr<param_t>()[ch] = static_cast<param_t>(s1 / n);
+    }
+  });
+}
+
+void backward_dx_cpu(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& invstd, const Opt& weight,
+                     const Opt& bias, const Opt& mean_dz, const Opt& mean_dz_xhat, double eps, Act act, double slope,
+                     at::Tensor& dx) {
   const Geometry g = geometry_of(y);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "abn_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "inplace_abn_backward_dx_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     using param_t = param_of<scalar_t>;
     std::vector<param_t> gain, shift;
     gain_shift<param_t>(weight, bias, eps, g.c, gain, shift);
-    const param_t* pv = var.const_data_ptr<param_t>();
+    const param_t* pi = invstd.const_data_ptr<param_t>();
     const param_t* pmd = mean_dz ? mean_dz->const_data_ptr<param_t>() : nullptr;
     const param_t* pmx = mean_dz_xhat ? mean_dz_xhat->const_data_ptr<param_t>() : nullptr;
     dispatch_act(act, [&](auto a) {
       using Op = BackwardOp<decltype(a)::value, scalar_t>;
       std::vector<typename Op::Ch> chs(g.c);
       for (int64_t ch = 0; ch < g.c; ++ch) {
-        const param_t invstd = param_t(1) / std::sqrt(pv[ch] + static_cast<param_t>(eps));
-        const param_t ga = gain[ch] * invstd;
-        chs[ch] = {static_cast<T>(ga), static_cast<T>(pmx ? invstd * pmx[ch] : param_t(0)),
-                   static_cast<T>(shift[ch]), static_cast<T>(pmd ? -ga * pmd[ch] : param_t(0)),
-                   static_cast<T>(1.0 / slope)};
+        const double is = static_cast<double>(pi[ch]);
+        const double ga = static_cast<double>(gain[ch]) * is;
+        chs[ch] = {static_cast<T>(ga), static_cast<T>(pmx ? is * pmx[ch] : 0.0), static_cast<T>(shift[ch]),
+                   static_cast<T>(pmd ? -ga * pmd[ch] : 0.0), static_cast<T>(1.0 / slope)};
       }
       map_channels<Op>(g, y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), chs,
                        slope);
@@ -326,4 +404,5 @@ void abn_backward_cpu(const at::Tensor& y, const at::Tensor& dy, const at::Tenso
   });
 }
 
+}  // namespace abn_cpu
 }  // namespace ifbf

@@ -1,9 +1,9 @@
 // Raw CUDA kernels of InPlace-ABN (launched from inplace_abn_launch.cuh and the inplace_abn_*.cu units).
 //
-// Two layouts (ifbf_ops.h Geometry): NCS, rows of S contiguous values per (n, c); NSC (channels
+// Two layouts (inplace_abn.h Geometry): NCS, rows of S contiguous values per (n, c); NSC (channels
 // last), rows of C contiguous channels. Reductions write one partial state per (channel, block row)
-// and a second tiny kernel combines them (deterministic, no atomics); accumulation is fp32 (Welford
-// for the statistics). Elementwise passes load/store 16-byte vectors where the row length and the
+// and a second tiny kernel combines them (deterministic, no atomics) and runs the per-channel
+// epilogue; accumulation is fp32 for the backward sums, shifted float64 sums for the statistics. Elementwise passes load/store 16-byte vectors where the row length and the
 // pointers allow it. index_t is int where the tensor has fewer than 2^31 elements, else int64_t.
 #pragma once
 
@@ -27,26 +27,15 @@ struct alignas(sizeof(T) * VEC) Vec {
 
 // --- reduction states ---------------------------------------------------------------------------
 
-struct Welford {  // count, mean and centred second moment; merge is Chan's formula
-  float n, mean, m2;
-  static __device__ __forceinline__ Welford zero() { return {0.f, 0.f, 0.f}; }
-  __device__ __forceinline__ void push(float x) {
-    n += 1.f;
-    const float d = x - mean;
-    mean += d / n;
-    m2 += d * (x - mean);
+struct DPair {  // two float64 sums: the shifted sums of the statistics (d = x - K, sum d, sum d^2)
+  double a, b;
+  static __device__ __forceinline__ DPair zero() { return {0.0, 0.0}; }
+  __device__ __forceinline__ void merge(const DPair& o) {
+    a += o.a;
+    b += o.b;
   }
-  __device__ __forceinline__ void merge(const Welford& o) {
-    const float tot = n + o.n;
-    if (tot == 0.f) return;
-    const float d = o.mean - mean, f = o.n / tot;
-    mean += d * f;
-    m2 += o.m2 + d * d * n * f;
-    n = tot;
-  }
-  __device__ __forceinline__ Welford shfl_down(int off) const {
-    return {__shfl_down_sync(0xffffffffu, n, off), __shfl_down_sync(0xffffffffu, mean, off),
-            __shfl_down_sync(0xffffffffu, m2, off)};
+  __device__ __forceinline__ DPair shfl_down(int off) const {
+    return {__shfl_down_sync(0xffffffffu, a, off), __shfl_down_sync(0xffffffffu, b, off)};
   }
 };
 
@@ -86,13 +75,23 @@ __device__ __forceinline__ St block_reduce(St s) {
 
 // --- per-element operations -----------------------------------------------------------------------
 
+// Statistics: float64 sums of d = x - K and d^2 with one shift K per channel (its first value), so that
+// neither overflows (squares of fp32 values near 1e20 do in fp32, sums of bf16 values near 3e38 too)
+// nor cancels (var = (sum d^2 - (sum d)^2 / n) / n loses only what |mean - K| / std costs, in float64).
+// The partials of all blocks share K, so they merge by addition. x and the stride of K come with it.
 template <typename scalar_t>
 struct StatsRed {
-  using State = Welford;
-  struct Ch {};
-  __device__ __forceinline__ Ch channel(int64_t) const { return {}; }
-  __device__ __forceinline__ void update(State& s, const Ch&, scalar_t x, scalar_t) const {
-    s.push(static_cast<float>(x));
+  using State = DPair;
+  const scalar_t* x;
+  int64_t k_stride;  // K of channel c is x[c * k_stride]: NCS S, NSC 1
+  struct Ch {
+    double k;
+  };
+  __device__ __forceinline__ Ch channel(int64_t c) const { return {static_cast<double>(static_cast<float>(x[c * k_stride]))}; }
+  __device__ __forceinline__ void update(State& s, const Ch& ch, scalar_t v, scalar_t) const {
+    const double d = static_cast<double>(static_cast<float>(v)) - ch.k;
+    s.a += d;
+    s.b = fma(d, d, s.b);
   }
 };
 
@@ -115,19 +114,21 @@ struct BackwardRed {  // sums of dz and dz * (z - b); divided by g once per chan
 };
 
 template <Act A, typename scalar_t>
-struct ForwardMap {  // y = act((x - mean) * g * rsqrt(var + eps) + b)
-  const float *mean, *var, *weight, *bias;
+struct ForwardMap {  // y = act((x * pre - shift) * scale + b) (forward_constants, inplace_abn_common.h)
+  const double *mean, *invstd;
+  const float *weight, *bias;
   float eps, slope;
   struct Ch {
-    float mean, scale, b;
+    float pre, shift, scale, b;
   };
   __device__ __forceinline__ Ch channel(int64_t c) const {
-    const float g = weight ? fabsf(weight[c]) + eps : 1.f;
-    return {mean[c], g * rsqrtf(var[c] + eps), bias ? bias[c] : 0.f};
+    const double g = weight ? fabsf(weight[c]) + eps : 1.0;
+    const auto k = forward_constants(mean[c], invstd[c], g);
+    return {static_cast<float>(k.pre), static_cast<float>(k.shift), static_cast<float>(k.scale), bias ? bias[c] : 0.f};
   }
   __device__ __forceinline__ scalar_t operator()(const Ch& ch, scalar_t x, scalar_t) const {
     return static_cast<scalar_t>(
-        ActFn<A, float>::forward((static_cast<float>(x) - ch.mean) * ch.scale + ch.b, slope));
+        ActFn<A, float>::forward((static_cast<float>(x) * ch.pre - ch.shift) * ch.scale + ch.b, slope));
   }
 };
 
@@ -135,16 +136,17 @@ template <Act A, typename scalar_t>
 struct BackwardMap {
   // dx = g * invstd * (dz - mdz - xhat * mdzx) with xhat = (z - b) / g
   //    = a * dz - k * (z - b) + c0,  a = g * invstd, k = invstd * mdzx, c0 = -a * mdz
-  const float *var, *weight, *bias, *mean_dz, *mean_dz_xhat;
+  const float *invstd, *weight, *bias, *mean_dz, *mean_dz_xhat;
   float eps, slope, inv_slope;
   struct Ch {
     float a, k, b, c0;
   };
   __device__ __forceinline__ Ch channel(int64_t c) const {
-    const float invstd = rsqrtf(var[c] + eps);
-    const float a = (weight ? fabsf(weight[c]) + eps : 1.f) * invstd;
-    const float k = mean_dz_xhat ? invstd * mean_dz_xhat[c] : 0.f;
-    return {a, k, bias ? bias[c] : 0.f, mean_dz ? -a * mean_dz[c] : 0.f};
+    const double is = invstd[c];
+    const double a = (weight ? fabsf(weight[c]) + eps : 1.0) * is;
+    const double k = mean_dz_xhat ? is * mean_dz_xhat[c] : 0.0;
+    return {static_cast<float>(a), static_cast<float>(k), bias ? bias[c] : 0.f,
+            static_cast<float>(mean_dz ? -a * mean_dz[c] : 0.0)};
   }
   __device__ __forceinline__ scalar_t operator()(const Ch& ch, scalar_t y, scalar_t dy) const {
     float z, dact;
@@ -245,21 +247,78 @@ __global__ void __launch_bounds__(kThreads)
   if (lane == 0) fin(c, s);
 }
 
-struct StatsFin {
-  float *mean, *var;
-  __device__ __forceinline__ void operator()(int64_t c, const Welford& s) const {
-    mean[c] = s.mean;
-    var[c] = s.n > 0.f ? fmaxf(s.m2, 0.f) / s.n : 0.f;
+// Mean and biased var (float64) of channel c from its shifted sums (StatsRed).
+template <typename scalar_t>
+__device__ __forceinline__ void shifted_mean_var(const scalar_t* x, int64_t k_stride, double n, int64_t c,
+                                                 const DPair& s, double& mean, double& var) {
+  const double k = static_cast<double>(static_cast<float>(x[c * k_stride]));
+  const double m = s.a / n;
+  mean = k + m;
+  var = fmax((s.b - s.a * m) / n, 0.0);
+}
+
+template <typename scalar_t>
+struct StatsFin {  // the primitive (synchronised path): mean and var of the local batch
+  const scalar_t* x;
+  int64_t k_stride;
+  double n;
+  double *mean, *var;
+  __device__ __forceinline__ void operator()(int64_t c, const DPair& s) const {
+    shifted_mean_var(x, k_stride, n, c, s, mean[c], var[c]);
   }
 };
 
-struct BackwardFin {
+// The fused training epilogue: float64 mean and invstd, and the running buffers lerped in place with
+// the unbiased variance (saturated at the float max: a float32 buffer cannot hold more).
+template <typename scalar_t>
+struct TrainFin {
+  const scalar_t* x;
+  int64_t k_stride;
+  double n, eps, momentum;
+  double *mean, *invstd;
+  float *invstd_saved, *running_mean, *running_var;
+  __device__ __forceinline__ void operator()(int64_t c, const DPair& s) const {
+    double m, v;
+    shifted_mean_var(x, k_stride, n, c, s, m, v);
+    mean[c] = m;
+    invstd[c] = inv_std(v, eps);
+    invstd_saved[c] = static_cast<float>(invstd[c]);
+    running_mean[c] = static_cast<float>((1.0 - momentum) * running_mean[c] + momentum * m);
+    running_var[c] = static_cast<float>(
+        saturate((1.0 - momentum) * running_var[c] + momentum * v * (n / (n - 1.0)), 3.4028234663852886e38));
+  }
+};
+
+struct BackwardFin {  // the primitive: the two sums
   const float* weight;
   float eps;
   float *sum_dz, *sum_dz_xhat;
   __device__ __forceinline__ void operator()(int64_t c, const Pair& s) const {
     sum_dz[c] = s.a;
     sum_dz_xhat[c] = weight ? s.b / (fabsf(weight[c]) + eps) : s.b;
+  }
+};
+
+// The fused backward epilogue: dweight = sum(dz * xhat) * sign(w), dbias = sum(dz), and in training
+// the means over the batch that the dx map needs.
+struct BackwardParamsFin {
+  const float* weight;
+  float eps, inv_n;
+  bool training;
+  float *dweight, *dbias, *mean_dz, *mean_dz_xhat;
+  __device__ __forceinline__ void operator()(int64_t c, const Pair& s) const {
+    float sxh = s.b, sign = 1.f;
+    if (weight) {
+      const float w = weight[c];
+      sxh /= fabsf(w) + eps;
+      sign = w > 0.f ? 1.f : (w < 0.f ? -1.f : 0.f);
+    }
+    dweight[c] = sxh * sign;
+    dbias[c] = s.a;
+    if (training) {
+      mean_dz[c] = s.a * inv_n;
+      mean_dz_xhat[c] = sxh * inv_n;
+    }
   }
 };
 

@@ -1,8 +1,8 @@
 #pragma once
 // What the CUDA launchers of InPlace-ABN share: grid sizes, vector width, 32/64-bit indexing, dtype and
 // activation dispatch, and the generic reduce/map launches. The kernels are in inplace_abn_kernels.cuh;
-// the arguments were checked in ifbf_ops.cpp. Each entry point has a translation unit of its own
-// (inplace_abn_{statistics,forward,backward_reduce,backward}.cu) so that the build compiles them in
+// the arguments were checked in inplace_abn.cpp. Each entry point has a translation unit of its own
+// (inplace_abn_{statistics,forward,backward_reduce,backward_dx}.cu) so that the build compiles them in
 // parallel: one file held every instantiation and took most of the extension's build time.
 // Everything here has internal linkage (anonymous namespace): each unit gets the copies it uses.
 // ATen/cuda/CUDAContext.h is avoided on purpose: it pulls in cuSPARSE/cuBLAS headers that a bare
@@ -16,7 +16,7 @@
 #include <algorithm>
 #include <limits>
 
-#include "ifbf_ops.h"
+#include "inplace_abn.h"
 #include "inplace_abn_kernels.cuh"
 
 namespace ifbf {
@@ -25,7 +25,7 @@ namespace {
 using cuda::kThreads;
 using cuda::kUnroll;
 
-// fp32, fp16 and bf16 only on CUDA (ifbf_ops.cpp rejects fp64 there).
+// fp32, fp16 and bf16 only on CUDA (inplace_abn.cpp rejects fp64 there).
 #define IFBF_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                 \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
                                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \

@@ -1,26 +1,70 @@
-// CUDA launcher of InPlace-ABN's statistics: per-channel mean and biased variance of x (Welford partials, then one combine).
-// The shared launch code is in inplace_abn_launch.cuh.
+// CUDA launchers of InPlace-ABN's statistics: the primitive (mean and biased var of the local batch, for
+// the synchronised path), the fused training statistics (mean, invstd and the running buffers updated
+// in place, in the combine kernel's epilogue), and the evaluation constants from the running buffers.
+// Shifted float64 sums, then one combine (StatsRed, inplace_abn_kernels.cuh). The shared launch code
+// is in inplace_abn_launch.cuh.
 #include "inplace_abn_launch.cuh"
 
 namespace ifbf {
+namespace abn_cuda {
 
-Stats abn_statistics_cuda(const at::Tensor& x) {
+namespace {
+// Evaluation: the float64 mean and invstd from the running buffers, one thread per channel.
+__global__ void eval_statistics_kernel(const float* __restrict__ running_mean, const float* __restrict__ running_var,
+                                       double eps, int64_t C, double* __restrict__ mean, double* __restrict__ invstd,
+                                       float* __restrict__ invstd_saved) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  mean[c] = running_mean[c];
+  invstd[c] = inv_std(running_var[c], eps);
+  invstd_saved[c] = static_cast<float>(invstd[c]);
+}
+
+// The stride between the first values of two channels: NCS S, NSC 1 (K of StatsRed).
+int64_t k_stride(const Geometry& g) { return g.channels_last ? 1 : g.s; }
+}  // namespace
+
+Stats statistics_cuda(const at::Tensor& x) {
   const c10::cuda::CUDAGuard guard(x.device());
   const Geometry g = geometry_of(x);
-  const auto popt = x.options().dtype(at::kFloat);
-  auto mean = at::empty({g.c}, popt);
-  auto var = at::empty({g.c}, popt);
+  const auto sopt = x.options().dtype(at::kDouble);
+  auto mean = at::empty({g.c}, sopt);
+  auto var = at::empty({g.c}, sopt);
   auto count = at::full({1}, g.n * g.s, x.options().dtype(at::kLong));
-  if (x.numel() == 0) {  // a rank without samples: count 0, and mean/var that weigh nothing
-    mean.zero_();
-    var.zero_();
-    return {mean, var, count};
-  }
-  IFBF_DISPATCH_CUDA_TYPES(x.scalar_type(), "abn_statistics_cuda", [&] {
-    reduce(g, x.const_data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr), cuda::StatsRed<scalar_t>{},
-           cuda::StatsFin{mean.data_ptr<float>(), var.data_ptr<float>()}, x.options());
+  IFBF_DISPATCH_CUDA_TYPES(x.scalar_type(), "inplace_abn_statistics_cuda", [&] {
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    reduce(g, px, static_cast<const scalar_t*>(nullptr), cuda::StatsRed<scalar_t>{px, k_stride(g)},
+           cuda::StatsFin<scalar_t>{px, k_stride(g), double(g.n * g.s), mean.data_ptr<double>(),
+                                    var.data_ptr<double>()},
+           x.options());
   });
   return {mean, var, count};
 }
 
+void train_statistics_cuda(const at::Tensor& x, TrainStats& st) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Geometry g = geometry_of(x);
+  IFBF_DISPATCH_CUDA_TYPES(x.scalar_type(), "inplace_abn_cuda", [&] {
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    reduce(g, px, static_cast<const scalar_t*>(nullptr), cuda::StatsRed<scalar_t>{px, k_stride(g)},
+           cuda::TrainFin<scalar_t>{px, k_stride(g), double(g.n * g.s), st.eps, st.momentum,
+                                    st.mean.data_ptr<double>(), st.invstd.data_ptr<double>(),
+                                    st.invstd_saved.data_ptr<float>(), st.running_mean.data_ptr<float>(), st.running_var.data_ptr<float>()},
+           x.options());
+  });
+}
+
+void eval_statistics_cuda(const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
+                          at::Tensor& mean, at::Tensor& invstd, at::Tensor& invstd_saved) {
+  const c10::cuda::CUDAGuard guard(running_mean.device());
+  const int64_t c = running_mean.numel();
+  if (c == 0) return;
+  const auto rm = running_mean.contiguous(), rv = running_var.contiguous();
+  eval_statistics_kernel<<<ceil_div(c, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      rm.const_data_ptr<float>(), rv.const_data_ptr<float>(), eps, c, mean.data_ptr<double>(),
+      invstd.data_ptr<double>(), invstd_saved.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace abn_cuda
 }  // namespace ifbf

@@ -2,8 +2,8 @@
 
 Every module here has exactly ``nn.BatchNorm2d``'s parameters and buffers (``weight``, ``bias``,
 ``running_mean``, ``running_var``, ``num_batches_tracked``), so ImageNet BatchNorm weights load into
-them unchanged and any one of them swaps in for another (mapillary/inplace_abn's convention, DESIGN
-section 2). The three ABN modules compute
+them unchanged and any one of them swaps in for another (mapillary/inplace_abn's convention). The
+three ABN modules compute
 
     y = act( (x - mean) / sqrt(var + eps) * (|weight| + eps) + bias )
 
@@ -31,10 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ifbf_fast import ops
+from ifbf_fast.ops.inplace_abn import ACTIVATIONS as ABN_ACTIVATIONS  # the invertible ones
+from ifbf_fast.ops.inplace_abn import ELU_ALPHA
 
-ABN_ACTIVATIONS = ("leaky_relu", "elu", "identity")  # invertible ones only (DESIGN section 2)
-BN_ACTIVATIONS = ("relu", "leaky_relu", "elu", "identity")
-_ELU_ALPHA = 1.0  # as ifbf_fast.ops.inplace_abn: elu with alpha 1, ``slope`` is for leaky_relu only
+BN_ACTIVATIONS = ("relu",) + ABN_ACTIVATIONS
 
 
 def activation_fn(x: torch.Tensor, activation: str, slope: float, inplace: bool = False) -> torch.Tensor:
@@ -48,7 +48,7 @@ def activation_fn(x: torch.Tensor, activation: str, slope: float, inplace: bool 
     if activation == "relu":
         return F.relu(x, inplace=inplace)
     if activation == "elu":
-        return F.elu(x, _ELU_ALPHA, inplace=inplace)
+        return F.elu(x, ELU_ALPHA, inplace=inplace)
     if activation == "identity":
         return x
     raise ValueError(f"unknown activation {activation!r}; expected one of {BN_ACTIVATIONS}")
@@ -96,14 +96,19 @@ class ABN(nn.Module):
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
 
-    def _op(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.inplace_abn_ref(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                   self.training, self.momentum, self.eps, self.activation, self.slope)
+    # The op each class calls, looked up on ``ifbf_fast.ops`` at call time (the switch and spies see it).
+    _op_name = "inplace_abn_ref"
+
+    def _group(self):
+        """The process group of the batch statistics (``None``: this process only)."""
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.num_batches_tracked.add_(1)
-        return self._op(x)
+        return getattr(ops, self._op_name)(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                           self.training, self.momentum, self.eps, self.activation, self.slope,
+                                           group=self._group())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -126,10 +131,7 @@ class ABN(nn.Module):
 class InPlaceABN(ABN):
     """InPlace-ABN through ``ifbf_fast.ops.inplace_abn`` (fast C++/CUDA path or reference), unsynchronised."""
 
-    def _op(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.inplace_abn(x, self.weight, self.bias, self.running_mean, self.running_var,
-                               self.training, self.momentum, self.eps, self.activation, self.slope,
-                               group=None)
+    _op_name = "inplace_abn"
 
 
 class InPlaceABNSync(InPlaceABN):
@@ -155,11 +157,8 @@ class InPlaceABNSync(InPlaceABN):
             return dist.group.WORLD
         return None
 
-    def _op(self, x: torch.Tensor) -> torch.Tensor:
-        group = self.resolved_group() if self.training else None
-        return ops.inplace_abn(x, self.weight, self.bias, self.running_mean, self.running_var,
-                               self.training, self.momentum, self.eps, self.activation, self.slope,
-                               group=group)
+    def _group(self):
+        return self.resolved_group() if self.training else None
 
 
 class BatchNormAct2d(nn.BatchNorm2d):

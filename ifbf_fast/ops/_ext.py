@@ -21,7 +21,7 @@ ops = torch.ops.ifbf_fast
 
 
 # Looked up once: a torch._C query inside a function that torch.compile traces would break the graph.
-_HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("ifbf_fast::abn_statistics", "CUDA")
+_HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("ifbf_fast::inplace_abn_statistics", "CUDA")
 
 
 def has_cuda_kernels() -> bool:
@@ -29,13 +29,20 @@ def has_cuda_kernels() -> bool:
     return _HAS_CUDA_KERNELS
 
 
+_DTYPES = {"cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+           "cuda": (torch.float32, torch.float16, torch.bfloat16)}
+# Devices and dtypes the kernels take, as one set lookup per call (this runs on every InPlace-ABN call).
+_RUNNABLE = frozenset((dev, dt) for dev, dts in _DTYPES.items() if dev == "cpu" or _HAS_CUDA_KERNELS for dt in dts)
+
+
 def abn_unavailable_reason(x: torch.Tensor) -> Optional[str]:
     """Why the C++ InPlace-ABN kernels cannot run on ``x``, or ``None`` if they can."""
-    if x.device.type not in ("cpu", "cuda"):
+    dev = x.device.type
+    if (dev, x.dtype) in _RUNNABLE:
+        return None
+    if dev not in _DTYPES:
         return f"no ifbf_fast._C kernels for device {x.device}"
-    if x.device.type == "cuda" and not has_cuda_kernels():
+    if dev == "cuda" and not has_cuda_kernels():
         return "ifbf_fast._C was built without its CUDA kernels"
-    supported = (torch.float32, torch.float16, torch.bfloat16) + ((torch.float64,) if x.device.type == "cpu" else ())
-    if x.dtype not in supported:
-        return f"the InPlace-ABN kernels take {', '.join(str(d) for d in supported)} on {x.device.type}, not {x.dtype}"
-    return None
+    supported = _DTYPES[dev]
+    return f"the InPlace-ABN kernels take {', '.join(str(d) for d in supported)} on {dev}, not {x.dtype}"

@@ -2,14 +2,31 @@
 
     y = act( (x - mean) / sqrt(var + eps) * (|weight| + eps) + bias )
 
-DESIGN section 2 and mapillary/inplace_abn (Rota Bulo et al., CVPR 2018). In training, ``mean`` and the
-biased ``var`` are the batch statistics; with a process group they are those of the union of every
-rank's batch (ranks may hold different batch sizes, a rank with no samples still takes part). The
-running statistics take the unbiased variance. In evaluation the running statistics are used.
+mapillary/inplace_abn (Rota Bulo et al., CVPR 2018). In training, ``mean`` and the biased ``var`` are
+the batch statistics; with a process group they are those of the union of every rank's batch (ranks may
+hold different batch sizes, a rank with no samples still takes part). The running statistics take the
+unbiased variance. In evaluation the running statistics are used. Activations: ``ACTIVATIONS`` (the
+invertible ones); elu has alpha ``ELU_ALPHA`` (the C++ kernels assume 1), ``slope`` is the leaky_relu
+negative slope only.
 
-``inplace_abn_ref`` is the specification: ``F``-level PyTorch with autograd through the statistics
-(and through the collectives, via ``torch.distributed.nn.functional``). ``inplace_abn`` is the public
-entry point, routed by the implementation switch.
+This module holds, top to bottom: the reference ``inplace_abn_ref`` (the specification: ``F``-level
+PyTorch with autograd through the statistics and, via ``torch.distributed.nn.functional``, through the
+collectives); the fast path on the C++/CUDA ops of ``ifbf_fast._C`` (csrc/inplace_abn.cpp: their fake
+kernels, the synchronised composition, ``inplace_abn_fast``); and the public ``inplace_abn``, routed by
+the implementation switch.
+
+Fast path, one process: one op ``ifbf_fast::inplace_abn`` whose autograd is a C++
+``torch::autograd::Function`` (forward and backward are one dispatcher call each, 3 CUDA kernels
+each: statistics reduce, its combine with the running-statistics update, the map). With a process
+group, the primitives ``inplace_abn_{statistics,forward,backward_reduce,backward_dx}`` are composed
+here with functional collectives between them (so torch.compile traces them).
+
+Numerics at the edges: the statistics are accumulated and kept in float64 (a float32 variance of
+values near 1e20, or a float32 sum of bf16 values near 3e38, overflows), so y and every gradient stay
+finite wherever the float64 reference does. What cannot be represented: the running_var buffer (float32)
+cannot hold a variance above 3.4e38 (std above 1.8e19); it saturates at the largest float32 instead of
+becoming inf, and evaluation then normalises by 1.8e19 rather than the true std. A gradient whose
+true value is below the smallest normal float (std beyond ~1e38 in bf16) comes out as 0.
 """
 
 from __future__ import annotations
@@ -154,12 +171,196 @@ def inplace_abn_ref(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     return apply_activation(y, activation, slope).to(x.dtype)
 
 
-def _fast_unavailable(x: torch.Tensor) -> str | None:
-    try:
-        from ifbf_fast.ops import _ext
-    except ImportError as exc:
-        return f"the C++ extension ifbf_fast._C is not available ({exc})"
-    return _ext.abn_unavailable_reason(x)
+# --- the fast path: the C++/CUDA ops of ifbf_fast._C -----------------------------------------------
+
+try:
+    from ._ext import abn_unavailable_reason as _unavailable_on
+    from ._ext import ops as _C_ops
+    _EXT_ERROR: Optional[str] = None
+except ImportError as _exc:  # the package was installed without building csrc/
+    _C_ops, _EXT_ERROR = None, f"the C++ extension ifbf_fast._C is not available ({_exc})"
+
+
+def _param_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _like_canonical(x: torch.Tensor) -> torch.Tensor:
+    """An empty tensor with the strides the C++ ops give their output (csrc/inplace_abn.h canonical())."""
+    nsc = x.dim() >= 3 and x.permute(0, *range(2, x.dim()), 1).is_contiguous()
+    if x.is_contiguous() or nsc:
+        return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _per_channel(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.new_empty((x.shape[1],), dtype=dtype)
+
+
+if _C_ops is not None:
+    from ifbf_fast.utils.launches import register_native_launches
+
+    # CUDA kernels per call of each op (what utils.launches counts for it): a reduction is a partial
+    # pass plus a combine (with the per-channel epilogue), an elementwise pass is one kernel. The fused
+    # forward in evaluation issues 2 (running stats -> float64 constants, map); 3 is its training count.
+    for _name, _n in (("inplace_abn", 3), ("inplace_abn_backward", 3), ("inplace_abn_statistics", 3),
+                      ("inplace_abn_forward", 1), ("inplace_abn_backward_reduce", 2),
+                      ("inplace_abn_backward_dx", 1)):
+        register_native_launches(f"ifbf_fast::{_name}", _n)
+
+    # Fake (meta) kernels: torch.compile and torch.library.opcheck see shapes, dtypes and strides.
+    @torch.library.register_fake("ifbf_fast::inplace_abn")
+    def _inplace_abn_fake(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, slope):
+        return _like_canonical(x), _per_channel(x, _param_dtype(x))
+
+    @torch.library.register_fake("ifbf_fast::inplace_abn_backward")
+    def _inplace_abn_backward_fake(y, dy, invstd, weight, bias, training, param_grads, eps, activation, slope):
+        pd = _param_dtype(y)
+        return _like_canonical(y), _per_channel(y, pd), _per_channel(y, pd)
+
+    @torch.library.register_fake("ifbf_fast::inplace_abn_statistics")
+    def _statistics_fake(x):
+        return _per_channel(x, torch.float64), _per_channel(x, torch.float64), x.new_empty((1,), dtype=torch.int64)
+
+    @torch.library.register_fake("ifbf_fast::inplace_abn_forward")
+    def _forward_fake(x, mean, invstd, weight, bias, eps, activation, slope):
+        return _like_canonical(x)
+
+    @torch.library.register_fake("ifbf_fast::inplace_abn_backward_reduce")
+    def _backward_reduce_fake(y, dy, weight, bias, eps, activation, slope):
+        pd = _param_dtype(y)
+        return _per_channel(y, pd), _per_channel(y, pd)
+
+    @torch.library.register_fake("ifbf_fast::inplace_abn_backward_dx")
+    def _backward_dx_fake(y, dy, invstd, weight, bias, mean_dz, mean_dz_xhat, eps, activation, slope):
+        return _like_canonical(y)
+
+    _FUSED = _C_ops.inplace_abn.default   # the overload itself: one lookup less per call
+
+
+def _all_gather(t: torch.Tensor, group) -> torch.Tensor:
+    import torch.distributed._functional_collectives as funcol
+    gather = getattr(funcol, "all_gather_single", None)   # torch >= 2.14; all_gather_tensor is deprecated there
+    if gather is None:
+        gather = funcol.all_gather_tensor
+    return gather(t, 0, group)
+
+
+def _sync_batch_statistics(x: torch.Tensor, group, world: int):
+    """Mean and biased var (float64) and count (a 1-element float64 tensor) of the union batch.
+
+    Every rank computes (count, mean, var) of its own batch; they are all-gathered and combined with
+    Chan's formula (exact for unequal batch sizes; a rank with no samples contributes count 0). Raises
+    on every rank alike when the union holds fewer than 2 values per channel.
+    """
+    mean, var, count = _C_ops.inplace_abn_statistics(x)
+    c = x.shape[1]
+    local_n = x.numel() // c if c else 0
+    packed = torch.cat([count.to(torch.float64), mean, var])
+    gathered = _all_gather(packed, group).view(world, 2 * c + 1)
+    n_i, mean_i, var_i = gathered[:, :1], gathered[:, 1:c + 1], gathered[:, c + 1:]
+    n = n_i.sum(0)
+    mean_u = (n_i * mean_i).sum(0) / n
+    var_u = ((n_i * var_i).sum(0) + (n_i * (mean_i - mean_u).square()).sum(0)) / n
+    # A rank holding >= 2 values knows the union does; only ranks with fewer look at the union count,
+    # and since all ranks see the same count, either every rank that checks raises or none does.
+    # Under torch.compile the host read would break the graph: the check is eager-only there.
+    if local_n < 2 and not torch.compiler.is_compiling():
+        total = int(n.item())
+        if total < 2:
+            raise ValueError(f"inplace_abn: training needs more than 1 value per channel over the group; "
+                             f"got {total} (x {tuple(x.shape)} on this rank)")
+    return mean_u, var_u, n
+
+
+class _ABNSyncFunction(torch.autograd.Function):
+    """The synchronised InPlace-ABN: y from the union statistics; backward all-reduces the two sums."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, count, eps, activation, slope, group):
+        y = _C_ops.inplace_abn_forward(x, mean, invstd, weight, bias, eps, activation, slope)
+        # y, not x: backward inverts the activation and the affine (the memory saving of InPlace-ABN);
+        # invstd (float64 for the forward map's constants) is saved in the parameter dtype.
+        ctx.save_for_backward(y, invstd.to(_param_dtype(x)), weight, bias, count)
+        ctx.cfg = (eps, activation, slope, group)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        y, invstd, weight, bias, count = ctx.saved_tensors
+        eps, activation, slope, group = ctx.cfg
+        import torch.distributed._functional_collectives as funcol
+        sum_dz, sum_dz_xhat = _C_ops.inplace_abn_backward_reduce(y, dy, weight, bias, eps, activation, slope)
+        # Local sums: weight and bias gradients are per rank (DDP all-reduces them).
+        gw = sum_dz_xhat * weight.sign() if weight is not None and ctx.needs_input_grad[1] else None
+        gb = sum_dz if bias is not None and ctx.needs_input_grad[2] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            c = invstd.shape[0]
+            both = funcol.all_reduce(torch.cat([sum_dz, sum_dz_xhat]), "sum", group) / count.to(sum_dz.dtype)
+            dx = _C_ops.inplace_abn_backward_dx(y, dy, invstd, weight, bias, both[:c], both[c:], eps, activation,
+                                                slope)
+        return dx, gw, gb, None, None, None, None, None, None, None
+
+
+def _inplace_abn_sync(x, weight, bias, running_mean, running_var, momentum, eps, activation, slope, group, world):
+    mean, var, count = _sync_batch_statistics(x, group, world)
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            unbiased = (var * (count / (count - 1))).clamp_(max=torch.finfo(running_var.dtype).max)
+            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+    return _ABNSyncFunction.apply(x, weight, bias, mean, torch.rsqrt(var + eps), count, eps, activation, slope,
+                                  group)
+
+
+def inplace_abn_fast(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                     training: bool, momentum: float = 0.1, eps: float = 1e-5,
+                     activation: str = "leaky_relu", slope: float = 0.01, group=None) -> torch.Tensor:
+    """InPlace-ABN(-Sync) with the C++/CUDA kernels; same arguments and values as ``inplace_abn_ref``.
+
+    ``x`` (N, C, ...) fp32/fp16/bf16 (fp64 on CPU), NCHW or channels last (other strides are copied
+    once); ``weight``/``bias`` (C,) or None; running buffers (C,) updated in place in training with the
+    unbiased variance (the tensors themselves: they may be views of one flat buffer). ``group``:
+    process group whose union batch gives the statistics (None: local). Returns a new tensor y (same
+    layout as x); backward keeps y and the per-channel invstd only. The C++ ops check every argument.
+    """
+    if _C_ops is None:
+        raise ImportError(_EXT_ERROR)
+    pd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    # Parameters in the kernels' dtype (autograd carries the gradient back through the cast).
+    if weight is not None and weight.dtype != pd:
+        weight = weight.to(pd)
+    if bias is not None and bias.dtype != pd:
+        bias = bias.to(pd)
+    if training and group is not None:
+        world = group_size(group)
+        if world > 1:
+            check_abn_args(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, slope)
+            return _inplace_abn_sync(x, weight, bias, running_mean, running_var, momentum, eps, activation, slope,
+                                     group, world)
+    rm, rv = running_mean, running_var
+    if rm is None or rv is None:
+        if not training:
+            raise ValueError("inplace_abn: evaluation (training=False) needs running_mean and running_var")
+        c = x.shape[1] if x.dim() >= 2 else 0
+        return _FUSED(x, weight, bias, x.new_empty((c,), dtype=pd), x.new_empty((c,), dtype=pd), training,
+                      momentum, eps, activation, slope)[0]
+    if rm.dtype == pd and rv.dtype == pd and rm.is_contiguous() and rv.is_contiguous():
+        return _FUSED(x, weight, bias, rm, rv, training, momentum, eps, activation, slope)[0]
+    # Buffers in another dtype (a module cast with .half()) or strided: updated through copies.
+    rm_t, rv_t = rm.to(pd, copy=True).contiguous(), rv.to(pd, copy=True).contiguous()
+    y = _FUSED(x, weight, bias, rm_t, rv_t, training, momentum, eps, activation, slope)[0]
+    if training:
+        with torch.no_grad():
+            rm.copy_(rm_t)
+            rv.copy_(rv_t.clamp_(max=torch.finfo(rv.dtype).max))
+    return y
+
+
+def _fast_unavailable(x: torch.Tensor) -> Optional[str]:
+    return _EXT_ERROR if _C_ops is None else _unavailable_on(x)
 
 
 def inplace_abn(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -168,7 +369,6 @@ def inplace_abn(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
                 activation: str = "leaky_relu", slope: float = 0.01, group=None) -> torch.Tensor:
     """InPlace-ABN(-Sync) through the implementation switch (C++/CUDA extension or the reference)."""
     if choose("inplace_abn", _fast_unavailable(x)):
-        from ifbf_fast.ops._abn_fast import inplace_abn_fast   # checks its arguments itself
         return inplace_abn_fast(x, weight, bias, running_mean, running_var, training, momentum, eps,
                                 activation, slope, group)
     return inplace_abn_ref(x, weight, bias, running_mean, running_var, training, momentum, eps,

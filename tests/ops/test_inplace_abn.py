@@ -8,6 +8,7 @@ On a GPU machine, ``IFBF_TEST_GPU=1`` runs the same tests on CUDA tensors (the `
 import os
 import shutil
 import subprocess
+import warnings
 
 import pytest
 import torch
@@ -18,10 +19,12 @@ from ifbf_fast.ops import inplace_abn, inplace_abn_ref, use_impl
 from tests._multiproc import spawn_ranks
 
 _ext = pytest.importorskip("ifbf_fast.ops._ext", reason="ifbf_fast._C is not built")
-from ifbf_fast.ops._abn_fast import inplace_abn_fast  # noqa: E402
+from ifbf_fast.ops.inplace_abn import inplace_abn_fast  # noqa: E402
 
 ops = torch.ops.ifbf_fast
 ACTS = ("leaky_relu", "elu", "identity")
+OP_NAMES = ("inplace_abn", "inplace_abn_backward", "inplace_abn_statistics", "inplace_abn_forward",
+            "inplace_abn_backward_reduce", "inplace_abn_backward_dx")
 ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 TIMEOUT_S = 150
 
@@ -246,25 +249,34 @@ def test_public_entry_routes_to_fast_path():
 
 def test_readable_errors():
     x = torch.randn(2, 3, 4)
-    m, v = torch.zeros(3), torch.ones(3)
+    m, v = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    rm, rv = torch.zeros(3), torch.ones(3)
     with pytest.raises(ValueError, match="slope must be > 0"):
-        ops.abn_forward(x, m, v, None, None, 1e-5, "leaky_relu", 0.0)
+        ops.inplace_abn_forward(x, m, v, None, None, 1e-5, "leaky_relu", 0.0)
     with pytest.raises(ValueError, match="activation must be"):
-        ops.abn_forward(x, m, v, None, None, 1e-5, "relu", 0.01)
+        ops.inplace_abn_forward(x, m, v, None, None, 1e-5, "relu", 0.01)
     with pytest.raises(ValueError, match="weight is not compatible with x"):
-        ops.abn_forward(x, m, v, torch.ones(4), None, 1e-5, "elu", 0.01)
+        ops.inplace_abn_forward(x, m, v, torch.ones(4), None, 1e-5, "elu", 0.01)
     with pytest.raises(ValueError, match="mean is not compatible with x"):
-        ops.abn_forward(x, m.half(), v, None, None, 1e-5, "elu", 0.01)
+        ops.inplace_abn_forward(x, m.half(), v, None, None, 1e-5, "elu", 0.01)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
-        ops.abn_statistics(torch.ones(2, 3, dtype=torch.int32))
+        ops.inplace_abn_statistics(torch.ones(2, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match="dy is not compatible with y"):
-        ops.abn_backward_reduce(x, x[:1], None, None, 1e-5, "elu", 0.01)
+        ops.inplace_abn_backward_reduce(x, x[:1], None, None, 1e-5, "elu", 0.01)
     with pytest.raises(ValueError, match="eps must be > 0"):
-        ops.abn_backward(x, x, v, None, None, None, None, 0.0, "elu", 0.01)
+        ops.inplace_abn_backward_dx(x, x, v.float(), None, None, None, None, 0.0, "elu", 0.01)
+    with pytest.raises(ValueError, match="running_var is not compatible with x"):
+        ops.inplace_abn(x, None, None, rm, rv.double(), True, 0.1, 1e-5, "elu", 0.01)
+    with pytest.raises(ValueError, match="momentum must be in"):
+        ops.inplace_abn(x, None, None, rm, rv, True, 1.5, 1e-5, "elu", 0.01)
+    with pytest.raises(ValueError, match="invstd is not compatible with x"):
+        ops.inplace_abn_backward(x, x, v, None, None, True, False, 1e-5, "elu", 0.01)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         inplace_abn_fast(torch.randn(1, 3, 1, 1), None, None, None, None, True)
     with pytest.raises(ValueError, match="slope must be > 0"):
         inplace_abn_fast(x, None, None, None, None, True, slope=-0.1)
+    with pytest.raises(ValueError, match="needs running_mean and running_var"):
+        inplace_abn_fast(x, None, None, None, None, False)
 
 
 # Defined only by the C++ library itself: std::locale::classic(), std::ostream::_M_insert<double>,
@@ -292,7 +304,7 @@ def test_every_op_has_a_kernel(key):
     """CPU kernels always; CUDA kernels wherever the extension was built with nvcc (CI, GPU machines)."""
     if key == "CUDA" and not _ext.has_cuda_kernels():
         pytest.skip("ifbf_fast._C was built without its CUDA kernels (no nvcc / CPU-only torch)")
-    for op in ("abn_statistics", "abn_forward", "abn_backward_reduce", "abn_backward"):
+    for op in OP_NAMES:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ifbf_fast::{op}", key), (op, key)
 
 
@@ -311,35 +323,58 @@ def test_opcheck_every_op(device):
     for x in _opcheck_samples(device):
         pd = torch.float64 if x.dtype == torch.float64 else torch.float32
         c = x.shape[1]
-        m, v = torch.randn(c, device=device, dtype=pd), torch.rand(c, device=device, dtype=pd) + 0.5
+        m, v = torch.randn(c, device=device, dtype=torch.float64), torch.rand(c, device=device, dtype=torch.float64) + 0.5
         w, b = torch.randn(c, device=device, dtype=pd), torch.randn(c, device=device, dtype=pd)
-        torch.library.opcheck(ops.abn_statistics.default, (x,))
+        md, mx = torch.randn(c, device=device, dtype=pd), torch.randn(c, device=device, dtype=pd)
+        rm, rv = torch.randn(c, device=device, dtype=pd), torch.rand(c, device=device, dtype=pd) + 0.5
+        torch.library.opcheck(ops.inplace_abn_statistics.default, (x,))
         for act in ACTS:
-            torch.library.opcheck(ops.abn_forward.default, (x, m, v, w, b, 1e-5, act, 0.1))
-            y = ops.abn_forward(x, m, v, w, b, 1e-5, act, 0.1)
+            torch.library.opcheck(ops.inplace_abn_forward.default, (x, m, v, w, b, 1e-5, act, 0.1))
+            y = ops.inplace_abn_forward(x, m, v, w, b, 1e-5, act, 0.1)
             dy = torch.randn_like(x)
-            torch.library.opcheck(ops.abn_backward_reduce.default, (y, dy, w, b, 1e-5, act, 0.1))
-            torch.library.opcheck(ops.abn_backward.default, (y, dy, v, w, b, m, v, 1e-5, act, 0.1))
-        torch.library.opcheck(ops.abn_backward.default, (x, x, v, None, None, None, None, 1e-5, "identity", 0.1))
+            torch.library.opcheck(ops.inplace_abn_backward_reduce.default, (y, dy, w, b, 1e-5, act, 0.1))
+            torch.library.opcheck(ops.inplace_abn_backward_dx.default, (y, dy, v.to(pd), w, b, md, mx, 1e-5, act,
+                                                                        0.1))
+            for training in (True, False):
+                wg, bg = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+                xg = x.detach().clone().requires_grad_(True) if x.is_contiguous() else x.detach().requires_grad_(True)
+                torch.library.opcheck(ops.inplace_abn.default, (xg, wg, bg, rm.clone(), rv.clone(), training, 0.1,
+                                                                1e-5, act, 0.1))
+                torch.library.opcheck(ops.inplace_abn_backward.default, (y, dy, v.to(pd), w, b, training, True, 1e-5,
+                                                                         act, 0.1))
+        torch.library.opcheck(ops.inplace_abn_backward_dx.default,
+                              (x, x, v.to(pd), None, None, None, None, 1e-5, "identity", 0.1))
+        torch.library.opcheck(ops.inplace_abn.default, (x, None, None, rm.clone(), rv.clone(), True, 0.1, 1e-5,
+                                                        "identity", 0.1))
+        torch.library.opcheck(ops.inplace_abn_backward.default, (x, x, v.to(pd), None, None, False, False, 1e-5, "elu",
+                                                                 0.1))
 
 
 def test_gradient_with_other_strides_than_y(device):
     """dy arriving channels-last, sliced or broadcast (as from .sum()) for an NCHW y, and vice versa."""
     x = torch.randn(2, 4, 5, 6, device=device)
-    m, v = torch.randn(4, device=device), torch.rand(4, device=device) + 0.5
+    m, v = torch.randn(4, device=device, dtype=torch.float64), torch.rand(4, device=device, dtype=torch.float64) + 0.5
+    md, mx = torch.randn(4, device=device), torch.randn(4, device=device)
+    vs = v.float()  # the backward ops take the saved invstd in the parameter dtype
     w, b = _weights(4, device), torch.randn(4, device=device)
     for y_layout in ("contiguous", "channels_last"):
-        y = ops.abn_forward(_layout(x, y_layout), m, v, w, b, 1e-5, "leaky_relu", 0.1)
+        y = ops.inplace_abn_forward(_layout(x, y_layout), m, v, w, b, 1e-5, "leaky_relu", 0.1)
         dy = torch.randn(x.shape, device=device)
-        want_r = ops.abn_backward_reduce(y, dy.contiguous(), w, b, 1e-5, "leaky_relu", 0.1)
-        want = ops.abn_backward(y, dy.contiguous(), v, w, b, m, v, 1e-5, "leaky_relu", 0.1)
+        want_r = ops.inplace_abn_backward_reduce(y, dy.contiguous(), w, b, 1e-5, "leaky_relu", 0.1)
+        want = ops.inplace_abn_backward_dx(y, dy.contiguous(), vs, w, b, md, mx, 1e-5, "leaky_relu", 0.1)
+        want_f = ops.inplace_abn_backward(y, dy.contiguous(), vs, w, b, True, True, 1e-5, "leaky_relu", 0.1)
         for other in (_layout(dy, "channels_last"), _layout(dy, "sliced"), _layout(dy, "contiguous")):
-            for got, exp in zip(ops.abn_backward_reduce(y, other, w, b, 1e-5, "leaky_relu", 0.1), want_r):
+            for got, exp in zip(ops.inplace_abn_backward_reduce(y, other, w, b, 1e-5, "leaky_relu", 0.1), want_r):
                 torch.testing.assert_close(got, exp)
-            torch.testing.assert_close(ops.abn_backward(y, other, v, w, b, m, v, 1e-5, "leaky_relu", 0.1), want)
+            torch.testing.assert_close(ops.inplace_abn_backward_dx(y, other, vs, w, b, md, mx, 1e-5, "leaky_relu", 0.1),
+                                       want)
+            for got, exp in zip(ops.inplace_abn_backward(y, other, vs, w, b, True, True, 1e-5, "leaky_relu", 0.1),
+                                want_f):
+                torch.testing.assert_close(got, exp)
         ones = torch.ones((), device=device).expand(x.shape)  # stride 0 everywhere
-        torch.testing.assert_close(ops.abn_backward(y, ones, v, w, b, m, v, 1e-5, "identity", 0.1),
-                                   ops.abn_backward(y, ones.contiguous(), v, w, b, m, v, 1e-5, "identity", 0.1))
+        torch.testing.assert_close(ops.inplace_abn_backward_dx(y, ones, vs, w, b, md, mx, 1e-5, "identity", 0.1),
+                                   ops.inplace_abn_backward_dx(y, ones.contiguous(), vs, w, b, md, mx, 1e-5, "identity",
+                                                               0.1))
 
 
 def _saved_bytes(fn, x, exclude):
@@ -424,9 +459,14 @@ def _dist_worker(rank, port, sizes, x_all, w, b, dy_all, out_dir, compile_too):
         runs = [("eager", inplace_abn_fast)]
         if compile_too:
             runs.append(("compiled", torch.compile(inplace_abn_fast, backend="aot_eager", fullgraph=True)))
-        for name, fn in runs:
-            r = _run(fn, x, w, b, dy, act="leaky_relu", slope=0.05, group=dist.group.WORLD)
-            res[name] = r
+        # Issue 17.10: no "autograd kernel was not registered" and no deprecated-collective warning.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for name, fn in runs:
+                r = _run(fn, x, w, b, dy, act="leaky_relu", slope=0.05, group=dist.group.WORLD)
+                res[name] = r
+        res["warnings"] = [str(m.message) for m in caught
+                           if "autograd kernel" in str(m.message) or "deprecated" in str(m.message)]
         # The same union-too-small error on both ranks (no rank waits for the other).
         try:
             inplace_abn_fast(torch.randn(1 - rank, 2, 1, 1, dtype=x.dtype), None, None, None, None, True,
@@ -455,6 +495,7 @@ def test_sync_two_processes_equal_union_batch(tmp_path, sizes):
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for p in parts:
         assert p["small_union_error"] is not None and "more than 1 value" in p["small_union_error"]
+        assert p["warnings"] == [], p["warnings"]
     for name in ("eager", "compiled") if compile_too else ("eager",):
         ranks = [p[name] for p in parts]
         # the reference computes in fp32 even for fp64 inputs, the fast path in fp64: fp32 tolerances
@@ -467,3 +508,103 @@ def test_sync_two_processes_equal_union_batch(tmp_path, sizes):
         for r in ranks:
             torch.testing.assert_close(r["rm"], single["rm"], **tol)
             torch.testing.assert_close(r["rv"], single["rv"], **tol)
+
+
+# --- host cost, in-place buffers, warnings, numerics at the edges ---------------------------------
+
+def test_one_process_fwd_bwd_is_at_most_6_launches():
+    """Issue 13.1: forward + backward on one process is two C++ ops of 3 CUDA kernels each, no aten glue
+    (no count fill, no running-statistics ops, no sign or dW/db ops)."""
+    from ifbf_fast.utils.launches import count_launches
+    for training in (True, False):
+        x = torch.randn(2, 8, 5, 7, requires_grad=True)
+        w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+        rm, rv = torch.zeros(8), torch.ones(8)
+        dy = torch.randn(x.shape)
+        with count_launches() as count:
+            y = inplace_abn_fast(x, w, b, rm, rv, training, 0.1, 1e-5, "leaky_relu", 0.01)
+            torch.autograd.grad(y, (x, w, b), dy)
+        assert count.total <= 6, str(count)
+        assert set(count.by_name) == {"native:ifbf_fast::inplace_abn", "native:ifbf_fast::inplace_abn_backward"}, \
+            str(count)
+
+
+def test_running_statistics_written_in_place_into_views_of_one_buffer():
+    """The trainer keeps every norm buffer as a view of one flat tensor: the op must write into the
+    tensors it is given, never rebind or copy them."""
+    from ifbf_fast.nn import InPlaceABN
+    m = InPlaceABN(4)
+    flat = torch.cat([m.running_mean, m.running_var])
+    m.running_mean, m.running_var = flat[:4], flat[4:]
+    ptrs = (m.running_mean.data_ptr(), m.running_var.data_ptr())
+    x = torch.randn(3, 4, 5, 5) * 2 + 1
+    with use_impl("fast"):
+        m(x)
+    assert (m.running_mean.data_ptr(), m.running_var.data_ptr()) == ptrs
+    assert m.running_mean._base is flat and m.running_var._base is flat
+    xd = x.double().transpose(0, 1).reshape(4, -1)
+    torch.testing.assert_close(flat[:4].double(), 0.1 * xd.mean(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flat[4:].double(), 0.9 + 0.1 * xd.var(1), rtol=1e-5, atol=1e-6)
+
+
+def test_buffers_in_another_dtype_are_updated():
+    x = torch.randn(3, 4, 5, 5)
+    rm, rv = torch.zeros(4, dtype=torch.float16), torch.ones(4, dtype=torch.float16)
+    inplace_abn_fast(x, None, None, rm, rv, True, 0.5, 1e-5, "identity", 0.01)
+    xd = x.double().transpose(0, 1).reshape(4, -1)
+    torch.testing.assert_close(rm.double(), 0.5 * xd.mean(1), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(rv.double(), 0.5 + 0.5 * xd.var(1), rtol=2e-3, atol=2e-3)
+
+
+def test_primitives_have_autograd_kernels_and_warn_nothing():
+    """Issue 17.10: torch warned that ifbf_fast::abn_statistics had no autograd kernel while a graph went
+    through it. Every op now has one (the primitives' outputs are non-differentiable)."""
+    import warnings
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    for op in OP_NAMES:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ifbf_fast::{op}", "Autograd"), op
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mean, var, count = ops.inplace_abn_statistics(x)
+        assert not (mean.requires_grad or var.requires_grad)
+        y = inplace_abn_fast(x, None, None, None, None, True)
+        y.sum().backward()
+        assert x.grad is not None
+
+
+def _extreme_case(dtype, scale, offset, device):
+    torch.manual_seed(0)
+    lim = torch.finfo(dtype).max * 0.98
+    x = (torch.randn(4, 3, 6, 7, device=device, dtype=torch.float64) * scale + offset).clamp(-lim, lim).to(dtype)
+    assert x.isfinite().all()
+    w, b = _weights(3, device), torch.randn(3, device=device)
+    dy = torch.randn(x.shape, device=device).to(dtype)
+    fast = _run(inplace_abn_fast, x, w, b, dy, act="leaky_relu", slope=0.1)
+    truth = _run(_ref_in_dtype, x.double(), w.double(), b.double(), dy.double(), act="leaky_relu", slope=0.1,
+                 rm=torch.zeros(3, dtype=torch.float64, device=device), rv=torch.ones(3, dtype=torch.float64,
+                                                                                      device=device))
+    return x, fast, truth
+
+
+@pytest.mark.parametrize("dtype, scale, offset", [
+    (torch.float32, 1e20, 0.0), (torch.float32, 1e20, 3e20), (torch.float32, 3e19, 1e21),
+    (torch.bfloat16, 1e38, 0.0), (torch.bfloat16, 5e37, 2e38), (torch.bfloat16, 1e37, -3e38)])
+def test_statistics_do_not_overflow_where_float64_stays_finite(device, dtype, scale, offset):
+    """Issue 17.9: bf16 near 3e38 and fp32 near 1e20 used to give NaN and running_var = inf silently
+    (fp32 Welford squares overflowed). y and every gradient now match the float64 truth; the running
+    variance, which a float32 buffer cannot hold here, saturates at the float32 max (documented in
+    ifbf_fast/ops/inplace_abn.py)."""
+    x, fast, truth = _extreme_case(dtype, scale, offset, device)
+    rel = {torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    for k in ("y", "dx", "dw", "db", "rm"):
+        assert fast[k].isfinite().all(), f"{k}: not finite"
+        err, where = _max_err(fast[k], truth[k])
+        ref = truth[k].abs().max().item()
+        assert err <= rel * ref + 1e-30, f"{k}: max error {err:.3g} at {where} vs max |truth| {ref:.3g}"
+    fmax = torch.finfo(torch.float32).max
+    want_rv = truth["rv"].clamp(max=fmax).float()
+    assert fast["rv"].isfinite().all()
+    torch.testing.assert_close(fast["rv"], want_rv, rtol=1e-4, atol=0)
+    # evaluation with the saturated buffers stays finite too
+    y_eval = inplace_abn_fast(x, None, None, fast["rm"], fast["rv"], False)
+    assert y_eval.isfinite().all()

@@ -8,8 +8,8 @@ without running anything (``plan_fwd``/``plan_bwd`` accept meta tensors).
 
 Launches per direction (see ``fbf_jit.py``): forward reduce + scale, backward reduce + scale, no torch
 op in between; the gate, the chain rule and the parameter gradients are kernel epilogues. The counter the
-reduce epilogues use is one zeroed int32 buffer per device and stream (``_counter``), left zeroed by
-every launch.
+reduce epilogues use, and the fp32 scratch for partial sums, dz and shift, are persistent buffers per
+device, stream and thread (``_workspace``); every launch leaves the counter zeroed again.
 
 Block configurations (2048 elements per block): the reduce keeps 4 independent 16-byte loads in flight
 per thread in its hot loop (4 warps for fp32, 2 for fp16/bf16); the scale runs 4 warps and many waves.
@@ -165,8 +165,10 @@ def _workspace(device: torch.device, device_index: int, counts: int, floats: int
     per stream and thread, because two reduces running at once must not share counts or sums.
     """
     stream = torch.cuda.current_stream(device).cuda_stream if device_index >= 0 else 0
-    key = (device_index, device.type, stream, threading.get_ident())
+    key = (device_index, stream, threading.get_ident())       # device_index -1: the CPU (interpreter)
     ws = _WORKSPACES.get(key)
+    if ws is not None and ws[0].numel() >= counts and ws[1].numel() >= floats:
+        return ws
     if ws is None:
         ws = _WORKSPACES[key] = [torch.zeros(64, dtype=torch.int32, device=device),
                                  _empty((1024,), torch.float32, device)]

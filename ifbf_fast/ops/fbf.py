@@ -72,7 +72,8 @@ def fbf_ref(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor, bias: t
 # Two routes to the same launchers:
 # * eager, on plain tensors: ``_FBFFunction``, a torch.autograd.Function that calls the launchers
 #   directly. A custom op's Python dispatch (schema binding, the autograd wrapper, the fake-tensor
-#   machinery's checks) costs more host time than the whole fused op needs (tests/ops/test_fbf_launches.py).
+#   machinery's checks) costs more host time than the whole fused op needs (bench/bench_fbf.py,
+#   test_fbf_host).
 # * under torch.compile, and on tensor subclasses (FakeTensor in the memory account, functional
 #   tensors in AOTAutograd): the custom ops ``ifbf_fast::fbf_fwd`` / ``fbf_bwd`` with fake kernels, so
 #   the compiled graph holds them with zero graph breaks.

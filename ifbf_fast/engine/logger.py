@@ -63,12 +63,19 @@ class Logger:
         self.jsonl = None
         self.images_per_s = 0.0
         self.out = args.out
-        if enabled:
+        self.tb_failed = False
+
+    @property
+    def board(self):
+        """The TensorBoard writer, created at the first record (nothing is written into --out before the
+        run has passed its checks); None where tensorboard is missing or the folder unwritable."""
+        if self.tb is None and self.enabled and not self.tb_failed:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(args.out, "tb"))
-            except Exception:  # tensorboard missing or the folder unwritable: the text record still works
-                self.tb = None
+                self.tb = SummaryWriter(os.path.join(self.out, "tb"))
+            except Exception:   # the text record still works
+                self.tb_failed = True
+        return self.tb
 
     def _open_files(self) -> None:
         if self.text is None and self.enabled and not self.files_failed:
@@ -133,7 +140,7 @@ class Logger:
         self._write(line)
         self._record({"step": it, **values, "lr": lr, "images_per_s": rate,
                       "eta_s": eta if math.isfinite(eta) else None, "skipped": skipped})
-        if self.tb is not None:
+        if self.board is not None:
             for k, v in values.items():
                 self.tb.add_scalar(f"train/{k}", v, it)
             self.tb.add_scalar("train/lr", lr, it)
@@ -149,7 +156,7 @@ class Logger:
         names = list(class_names) if class_names else [str(i) for i in range(len(result["iou"]))]
         ious = {n: (None if v != v else v) for n, v in zip(names, result["iou"])}
         self._record({"step": it, "eval": {"miou": result["miou"], "pixel_acc": result["pixel_acc"], "iou": ious}})
-        if self.tb is not None:
+        if self.board is not None:
             self.tb.add_scalar("val/mIoU", result["miou"], it)
             self.tb.add_scalar("val/pixel_acc", result["pixel_acc"], it)
             for n, v in ious.items():

@@ -240,7 +240,7 @@ def _train(args: argparse.Namespace, local_rank: int) -> Dict[str, object]:
                 result = run_eval()
                 miou = result["miou"]
                 log.eval(it, result, CLASS_NAMES if args.num_classes == len(CLASS_NAMES) else None,
-                         preview(model, args, device, root) if log.tb is not None else None)
+                         preview(model, args, device, root) if log.board is not None else None)
             if saving:
                 save(it, epoch, consumed, miou)
                 meter.restart(it)              # images/s counts the steps and their data, not evaluation
@@ -265,6 +265,9 @@ def preview(model: torch.nn.Module, args: argparse.Namespace, device: torch.devi
     if not paths:
         return []
     try:
+        # eval mode: running statistics are used and left alone (a synced norm layer in training mode
+        # would also wait for a collective that the other ranks never join)
+        model.eval()
         segmenter = Segmenter(model, args, device)
         preds = segmenter.predict(paths)
         panels = []

@@ -3,7 +3,7 @@ reading PNGs and reading prepared .npy arrays.
 
     python -m pytest bench/bench_data.py --benchmark-columns=median,iqr,rounds
 
-Training batches as in DESIGN section 3: 2048x1024 inputs (synthetic full-size city, 8 train
+Training batches as in docs/DESIGN.md section 3: 2048x1024 inputs (synthetic full-size city, 8 train
 images, generated once into a temporary folder, ~15 s), random scale {0.5..2.0}, crop 876, flip,
 batch 4. One round is one epoch (2 batches). Every provider gets the same CPU parallelism
 (``THREADS``: DataLoader worker processes for the reference, DALI CPU threads for DALI; env

@@ -1,4 +1,4 @@
-"""The one-command GPU report (../shared/GPU.md section 4): build, test, measure, write, print.
+"""The one-command GPU report (docs/DESIGN.md section 7): build, test, measure, write, print.
 
     python bench/gpu_report.py                  # on a GPU machine, from the repository root; < 10 minutes on one H100
     python bench/gpu_report.py --skip-build --skip-tests --only train_step_compiled_reference \
@@ -25,7 +25,7 @@ come last and are skipped when the budget is spent (the stage table says so): ru
 command above. The results file is rewritten after every stage, so a run stopped by the machine's time
 limit keeps what it measured.
 
-Commit the two result files (GPU.md); on a lent machine whose files come back only from ``$OUT``, run
+Commit the two result files; on a lent machine whose files come back only from ``$OUT``, run
 ``python bench/gpu_report.py --out $OUT`` and copy them into bench/results/ here. ``bench/plot.py
 <results.json>`` draws them. Without CUDA the script
 still runs the CPU benches (build and GPU tests skipped), which checks the pipeline.

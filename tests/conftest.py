@@ -1,7 +1,7 @@
 """Test-wide set-up.
 
 TRITON_INTERPRET=1 must be set before any Triton kernel is imported, so that the kernels run on CPU
-tensors under Triton's interpreter on machines without a GPU (../shared/GPU.md section 1). On a GPU
+tensors under Triton's interpreter on machines without a GPU (docs/DESIGN.md section 7). On a GPU
 machine set IFBF_TEST_GPU=1 to leave it off and test the compiled kernels on CUDA tensors.
 """
 

@@ -1,6 +1,6 @@
 """Cityscapes label tables, derived at import time from ``cityscapesscripts.helpers.labels``.
 
-The official table is the single source of truth (DESIGN section 3): nothing here copies ids,
+The official table is the single source of truth (docs/DESIGN.md section 3): nothing here copies ids,
 names or colours by hand, so a change in the official package cannot leave us silently out of date.
 
 * ``LABEL_TO_TRAIN``  uint8 (256,): labelId -> trainId; 255 (``IGNORE_INDEX``) for every class with

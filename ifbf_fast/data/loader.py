@@ -183,7 +183,7 @@ def build_loader(root, split: str, batch_size: int | None = None, crop_size=DEFA
     """The reference loader over ``root/{leftImg8bit,gtFine}/split`` (see the module docstring).
 
     ``train`` defaults to ``split == "train"``; ``batch_size`` (per rank) to 4 in training and 1 in
-    evaluation (DESIGN section 3). ``crop_size``, ``scales`` and ``flip_prob`` only matter in
+    evaluation (docs/DESIGN.md section 3). ``crop_size``, ``scales`` and ``flip_prob`` only matter in
     training. Raises ``DatasetLayoutError`` for a bad layout and ``ValueError`` when a training
     rank would get no full batch.
     """

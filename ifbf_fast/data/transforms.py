@@ -1,4 +1,4 @@
-"""Reference augmentation of DESIGN section 3, with the random parameters made explicit.
+"""Reference augmentation of docs/DESIGN.md section 3, with the random parameters made explicit.
 
 This is the specification the DALI pipeline must reproduce: given the same ``AugParams``, the same
 input and the same ``crop_size``, ``augment`` defines the output. Training is two steps:

@@ -1,6 +1,6 @@
 """Command-line options of train.py: grouped argparse, YAML files for defaults, validation.
 
-Precedence, lowest first: the paper's recipe (the argparse defaults, DESIGN section 3), then the
+Precedence, lowest first: the paper's recipe (the argparse defaults, docs/DESIGN.md section 3), then the
 YAML file given with ``--config`` (or, when neither ``--config`` nor ``--data`` is given, the built-in
 ``configs/cpu_default.yaml``, which trains on the synthetic city), then the command line. ``--help``
 shows the defaults of that same invocation (``python train.py --help``: the CPU default;
@@ -24,6 +24,7 @@ from typing import List, Optional, Sequence
 import yaml
 
 from ifbf_fast.ops import IMPLS
+from ifbf_fast.plan import parse_memory
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 CPU_DEFAULT = os.path.join(CONFIG_DIR, "cpu_default.yaml")
@@ -156,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     g.add_argument("--max-nonfinite", type=int, default=5,
                    help="stop after this many consecutive steps with a non-finite loss")
+
+    g = p.add_argument_group("memory plan (ifbf_fast.plan)")
+    g.add_argument("--plan", action="store_true",
+                   help="print the predicted peak GPU memory of one training step and the largest batch and "
+                        "crop that fit, then exit")
+    g.add_argument("--gpu-memory", type=parse_memory, default=None, metavar="SIZE",
+                   help="plan against this much GPU memory (11GiB, 80GB, 24000MiB); default: the GPU's own")
+    g.add_argument("--no-plan-check", dest="plan_check", action="store_false",
+                   help="start even when the predicted peak memory does not fit the GPU")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=4000, help="validate every N steps (0: only at the end)")

@@ -10,8 +10,8 @@ Sliding window (``mode="slide"``, as mmsegmentation's ``slide_inference``): the 
 cut into ``crop_size`` tiles whose top-left corners step by ``stride``, the last row/column clamped
 to the border, so tiles overlap wherever the stride is smaller than the crop or the size is not a
 multiple of it; each pixel's logits are the mean over the tiles that cover it. An image smaller
-than the crop is padded bottom/right with 0 (the normalised mean colour, as in training, DESIGN
-section 3) up to the crop and the padding is cut off again.
+than the crop is padded bottom/right with 0 (the normalised mean colour, as in training,
+docs/DESIGN.md section 3) up to the crop and the padding is cut off again.
 
 Averaging happens on logits, not probabilities. The views of one scale are summed at that scale and
 resized once; bilinear resizing is linear, so this equals resizing every view and then averaging.

@@ -1,4 +1,4 @@
-"""The training loop of train.py: the paper's recipe (DESIGN section 3) on one or several processes.
+"""The training loop of train.py: the paper's recipe (docs/DESIGN.md section 3) on one or several processes.
 
 ``main(argv)`` only wires things: parse the arguments, start the processes (one per GPU over NCCL,
 ``--procs N`` CPU processes over gloo, or whatever ``torchrun`` started), and call ``train(args)`` in
@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ifbf_fast import ops
+from ifbf_fast.plan import gate as plan_gate
 from ifbf_fast.utils import dist as du
 from ifbf_fast.utils.runtime import SetupError, autocast_factory, resolve_amp, select_device
 
@@ -362,6 +363,8 @@ def _under_torchrun() -> bool:
 
 def launch(args: argparse.Namespace) -> Dict[str, object]:
     """Run ``train`` in as many processes as asked: torchrun's, ``--gpus N``, or ``--procs N``."""
+    if plan_gate(args):                   # --plan: printed, nothing to train; a plan that cannot fit: UsageError
+        return {}
     if _under_torchrun():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         backend = "nccl" if (args.gpus != 0 and torch.cuda.is_available()) else "gloo"

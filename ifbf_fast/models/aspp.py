@@ -1,4 +1,4 @@
-"""ASPP (DeepLabV3 atrous spatial pyramid pooling; paper section 2.2 and 4.3.1, DESIGN section 1).
+"""ASPP (DeepLabV3 atrous spatial pyramid pooling; paper section 2.2 and 4.3.1, docs/DESIGN.md section 1).
 
 Five parallel branches on the backbone's last stage, each ``in_channels -> 256`` followed by a
 norm-act: a 1x1 conv, three 3x3 atrous convs (rates 6, 12, 18 at output stride 16, doubled at output

@@ -1,4 +1,4 @@
-"""IFBFNet (Li et al., Sensors 2021), exactly DESIGN section 1, with the ablation switches of Table 2.
+"""IFBFNet (Li et al., Sensors 2021), exactly docs/DESIGN.md section 1, with the ablation switches of Table 2.
 
     S1, S4 = backbone(image)                               # 256 ch 1/4, 2048 ch 1/16 (R50/R101)
     H      = aspp(S4)                                      # 256 ch 1/16

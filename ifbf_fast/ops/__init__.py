@@ -2,7 +2,7 @@
 
 Every op has a reference ``<op>_ref`` (the specification) and a public ``<op>`` that takes the fast
 path or the reference according to :func:`set_impl`, :func:`use_impl` or ``IFBF_IMPL``
-(DESIGN section 2).
+(docs/DESIGN.md section 2).
 """
 
 from ._impl import FastPathUnavailable, IMPLS, get_impl, set_impl, use_impl

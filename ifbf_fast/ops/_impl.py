@@ -1,6 +1,6 @@
 """The implementation switch: which path (fast or reference) the public ops take.
 
-One switch, read at call time (DESIGN section 2). Precedence, highest first:
+One switch, read at call time (docs/DESIGN.md section 2). Precedence, highest first:
 
 1. the innermost ``use_impl(...)`` context;
 2. the last ``set_impl(...)`` (``set_impl(None)`` clears it);

@@ -4,7 +4,7 @@ Under ``TRITON_INTERPRET=1`` (set by the tests) ``@triton.jit`` yields interpret
 be compiled, so :func:`compile_kernels` then compiles in one child process started without it, naming
 each kernel by module and attribute.
 
-Used by the tests (../shared/GPU.md section 2): every kernel configuration that the launchers use is
+Used by the tests (docs/DESIGN.md section 7): every kernel configuration that the launchers use is
 compiled for sm_80 (A100) and sm_90 (H100/H200) so that type errors, shared-memory overflows and
 register spills are caught on machines that have no GPU. ``ptxas -v`` (shipped inside the triton
 package) reports registers and spills; the PTX shows whether global loads were vectorised.

@@ -15,10 +15,11 @@ that each benchmark times) are importable; nothing here runs at import but the k
 ``test_fbf_host`` (runs on the CPU): host microseconds per fwd+bwd call with every Triton launch stubbed
 (``ifbf_fast.utils.launches``), fast beside the eager reference in the same run, launch counts in
 ``extra_info``. Without CUDA the fast path needs the Triton interpreter for CPU tensors, and the kernels
-decide at import whether they are interpreted: this module imports them with TRITON_INTERPRET=1 set for
+decide at import whether they are interpreted: the host case imports them with TRITON_INTERPRET=1 set for
 the import only, and only when there is no CUDA device (so no GPU bench can ever time the interpreter;
-bench/conftest.py still refuses TRITON_INTERPRET in the environment). With CUDA the host case uses CUDA
-tensors, the Triton launches stubbed the same way.
+bench/conftest.py still refuses TRITON_INTERPRET in the environment), see ``_host_case_kernels``. With
+CUDA the host case uses CUDA tensors, the Triton launches stubbed the same way. The reference's time
+includes its (small) CPU compute; the fast path's stubbed kernels compute nothing.
 
     python -m pytest bench/bench_fbf.py --benchmark-only -k host
 """
@@ -35,26 +36,36 @@ import torch
 
 from ifbf_fast import ops
 from ifbf_fast.utils.launches import count_launches, stub_triton
+from triton.runtime.interpreter import InterpretedFunction
 
 OPS = importlib.import_module("ifbf_fast.ops.fbf")   # the module (ifbf_fast.ops.fbf is the function)
 
 
-def _import_kernels_for_the_host_case():
-    """Without CUDA, import the FBF kernels interpreted (CPU tensors), the environment restored after."""
-    if torch.cuda.is_available() or "ifbf_fast.kernels.fbf" in sys.modules:
-        return
+def _host_case_kernels():
+    """The FBF kernels module for the host case, or a reason to skip.
+
+    Without CUDA the kernels are imported interpreted (TRITON_INTERPRET=1 for the import only), and the
+    module's INTERPRETER flag, which makes the fast path accept CPU tensors, is left off outside the
+    host case: later CPU benches in the session (the train step under "auto") keep the reference FBF.
+    """
+    if torch.cuda.is_available():
+        return importlib.import_module("ifbf_fast.kernels.fbf"), None
+    if "ifbf_fast.kernels.fbf" in sys.modules:
+        kernels = sys.modules["ifbf_fast.kernels.fbf"]
+        if not isinstance(kernels._fbf_reduce_kernel, InterpretedFunction):
+            return None, "the FBF kernels were imported compiled in this process; no CPU fast path"
+        return kernels, None
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        importlib.import_module("ifbf_fast.kernels.fbf")
+        kernels = importlib.import_module("ifbf_fast.kernels.fbf")
     finally:
         if saved is None:
             os.environ.pop("TRITON_INTERPRET")
         else:
             os.environ["TRITON_INTERPRET"] = saved
-
-
-_import_kernels_for_the_host_case()
+    kernels.INTERPRETER = saved not in (None, "", "0")
+    return kernels, None
 
 BATCH = 4
 FBFS = {"fbf1": (256, 64), "fbf2": (256, 128)}
@@ -203,9 +214,14 @@ HOST_SHAPE = (2, 16, 8, 48, 48)       # N, Ch, Cl, H, W: small, the host cost do
 @pytest.mark.benchmark(group="fbf host", warmup=True)
 @pytest.mark.parametrize("provider", ("reference", "fast"))
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_fbf_host(benchmark, layout, provider):
+def test_fbf_host(benchmark, monkeypatch, layout, provider):
     """Host microseconds of one fwd+bwd (``torch.autograd.grad`` of all four inputs) with the Triton
     launches stubbed: the part of the call a GPU cannot hide when the host is the slower side."""
+    kernels, reason = _host_case_kernels()
+    if reason:
+        pytest.skip(reason)
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(kernels, "INTERPRETER", True)     # CPU tensors take the (stubbed) fast path
     n, ch, cl, h, w = HOST_SHAPE
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)

@@ -91,9 +91,10 @@ def _ohem_ce_pixel_offsets(offs_p, W, stride_h, stride_w, FLAT_HW: tl.constexpr)
 def _ohem_ce_labels(t):
     """Labels widened for comparisons: int64 stays int64 (2**40 + 1 must not wrap to a class id),
     narrower ones (uint8 from the loader, int32) become int32 (fewer registers)."""
-    if t.dtype == tl.int64:
+    if t.dtype.primitive_bitwidth > 32:     # a compile-time test (t.dtype == tl.int64 is not one)
         return t
-    return t.to(tl.int32)
+    else:
+        return t.to(tl.int32)
 
 
 @triton.jit

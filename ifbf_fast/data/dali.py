@@ -99,10 +99,12 @@ def _device_id(device) -> int | None:
 
 def build_pipeline(train: bool, batch_size: int, crop_size=DEFAULT_CROP, form: str = "png",
                    threads: int = 2, device_id: int | None = None, mean=IMAGENET_MEAN,
-                   std=IMAGENET_STD, out_dtype=torch.float32, seed: int = 0):
+                   std=IMAGENET_STD, out_dtype=torch.float32, seed: int = 0, image_layout: str = "CHW"):
     """The DALI graph (module docstring), fed by name: ``image``, ``label`` (encoded bytes for
     ``form="png"``, uint8 HWC arrays for ``"npy"``; labels as labelIds) and in training ``size``
-    (float32 [h, w]), ``start`` ([crop_y, crop_x]), ``shape`` ([vh, vw]), ``flip`` (int32)."""
+    (float32 [h, w]), ``start`` ([crop_y, crop_x]), ``shape`` ([vh, vw]), ``flip`` (int32).
+    ``image_layout="HWC"`` leaves the normalised image channels-innermost: the torch batch is then a
+    channels_last view of it, with no transposition in DALI and no layout copy in torch."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
@@ -135,7 +137,7 @@ def build_pipeline(train: bool, batch_size: int, crop_size=DEFAULT_CROP, form: s
                                 default_value=IGNORE_INDEX, dtype=types.UINT8, device=op_dev)
         if not train:
             image = fn.crop_mirror_normalize(image, mean=mean255.tolist(), std=std255.tolist(),
-                                             output_layout="CHW", dtype=dali_dtype, device=op_dev)
+                                             output_layout=image_layout, dtype=dali_dtype, device=op_dev)
             return image, label
         size = fn.external_source(name="size")
         start = fn.external_source(name="start")
@@ -151,7 +153,7 @@ def build_pipeline(train: bool, batch_size: int, crop_size=DEFAULT_CROP, form: s
         image = fn.slice(image, start=start, shape=shape, axis_names="HW", device=op_dev)
         label = fn.slice(label, start=start, shape=shape, axis_names="HW", device=op_dev)
         image = fn.crop_mirror_normalize(image, mirror=flip, mean=mean255.tolist(),
-                                         std=std255.tolist(), output_layout="CHW",
+                                         std=std255.tolist(), output_layout=image_layout,
                                          dtype=dali_dtype, device=op_dev)
         label = fn.flip(label, horizontal=flip, device=op_dev)
         image = fn.pad(image, axis_names="HW", shape=[ch, cw], fill_value=0.0, device=op_dev)
@@ -228,8 +230,10 @@ class DaliLoader:
 
     def __init__(self, root, split: str, batch_size: int, crop_size, scales, train: bool,
                  threads: int, seed: int, rank: int, world_size: int, flip_prob: float, mean,
-                 std, device=None, dtype=torch.float32, prefetch: int = 2, form: str | None = None):
+                 std, device=None, dtype=torch.float32, prefetch: int = 2, form: str | None = None,
+                 channels_last: bool = False):
         self.root, self.split = root, split
+        self.channels_last = bool(channels_last)
         self.form = form or detect_form(root, split)
         if self.form not in ("png", "npy"):
             raise ValueError(f"form must be 'png' or 'npy', got {self.form!r}")
@@ -250,7 +254,8 @@ class DaliLoader:
                 f"{world_size} rank(s), fewer than one batch of {self.batch_size}; lower "
                 f"batch_size or world_size")
         self.pipe = build_pipeline(self.train, self.batch_size, self.crop_size, self.form,
-                                   threads, self.device_id, mean, std, dtype, seed)
+                                   threads, self.device_id, mean, std, dtype, seed,
+                                   "HWC" if self.channels_last else "CHW")
         self._in_flight = 0
         self._scheduled = deque()       # the dataset indices of each run in flight, oldest first
 
@@ -350,6 +355,8 @@ class DaliLoader:
         feed_ndarray(label_t, label, stream)
         if image.dtype != self.dtype:
             image = image.to(self.dtype)
+        if self.channels_last:          # (N, H, W, 3) -> a channels_last (N, 3, H, W) view, no copy
+            image = image.permute(0, 3, 1, 2)
         return {"image": image, "label": label[..., 0].long(), "name": names}
 
     def __iter__(self):
@@ -375,13 +382,14 @@ def build_dali_loader(root, split: str, batch_size: int | None = None, crop_size
                       flip_prob: float = 0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                       pin_memory: bool = False, persistent_workers: bool = False,
                       prefetch_factor: int | None = None, device=None, dtype=torch.float32,
-                      prefetch: int = 2, form: str | None = None) -> DaliLoader:
+                      prefetch: int = 2, form: str | None = None, channels_last: bool = False) -> DaliLoader:
     """``build_loader``'s signature; ``workers`` is the number of DALI CPU threads (at least 1).
 
     ``device``: None or CPU -> CPU operators, ``cuda:k`` -> GPU operators and CUDA batches.
     ``dtype``: the image dtype (float32 or float16 straight from DALI, others cast in torch).
     ``form``: ``"png"`` / ``"npy"`` (prepared arrays) / None to detect. ``prefetch``: batches
-    scheduled ahead. ``pin_memory``, ``persistent_workers`` and ``prefetch_factor`` of
+    scheduled ahead. ``channels_last``: images come as channels_last views (what train.py runs on
+    CUDA). ``pin_memory``, ``persistent_workers`` and ``prefetch_factor`` of
     ``build_loader`` are accepted and ignored (DALI owns its buffers and threads).
     """
     del pin_memory, persistent_workers, prefetch_factor
@@ -390,7 +398,8 @@ def build_dali_loader(root, split: str, batch_size: int | None = None, crop_size
     if batch_size is None:
         batch_size = 4 if train else 1
     return DaliLoader(root, split, batch_size, crop_size, scales, train, max(1, int(workers)),
-                      seed, rank, world_size, flip_prob, mean, std, device, dtype, prefetch, form)
+                      seed, rank, world_size, flip_prob, mean, std, device, dtype, prefetch, form,
+                      channels_last)
 
 
 def dali_augment(images, labels, params, crop_size=DEFAULT_CROP, device=None, mean=IMAGENET_MEAN,

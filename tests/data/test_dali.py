@@ -281,3 +281,14 @@ def test_dtype_and_errors(city8):
         build_dali_loader(city8, "train", 5, world_size=2)
     with pytest.raises(ValueError, match="CPU or a CUDA device"):
         build_dali_loader(city8, "val", device="meta")
+
+
+def test_channels_last_batches_are_views_of_the_same_values(city8):
+    """channels_last=True (train.py on CUDA with --memory-format auto): DALI leaves the image HWC and
+    the batch is a channels_last view of it, equal to the NCHW batch; labels unchanged."""
+    kw = dict(crop_size=CROP, seed=5, workers=1)
+    nchw = next(iter(build_dali_loader(city8, "train", 2, **kw)))
+    cl = next(iter(build_dali_loader(city8, "train", 2, channels_last=True, **kw)))
+    assert cl["image"].shape == nchw["image"].shape
+    assert cl["image"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(cl["image"], nchw["image"]) and torch.equal(cl["label"], nchw["label"])

@@ -220,21 +220,28 @@ def test_fbf_host(benchmark, monkeypatch, layout, provider):
     kernels, reason = _host_case_kernels()
     if reason:
         pytest.skip(reason)
-    if not torch.cuda.is_available():
+    cpu = not torch.cuda.is_available()
+    if cpu:
         monkeypatch.setattr(kernels, "INTERPRETER", True)     # CPU tensors take the (stubbed) fast path
     n, ch, cl, h, w = HOST_SHAPE
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     run = make_case("reference" if provider == "reference" else "fast_set", "fwd_bwd", n, ch, cl, h, w,
-                    torch.float32, layout, device)
-    with ops.use_impl("fast" if provider == "fast" else "reference"):
-        with stub_triton():
-            run()                   # the first call allocates (and zeroes, once) the workspace
-        with count_launches(stub_triton=True) as count:
-            run()
-        with stub_triton():
-            benchmark.pedantic(run, rounds=200, iterations=1, warmup_rounds=20)
+                    torch.float32, layout, "cpu" if cpu else "cuda")
+    # One intra-op thread: the reference's CPU ops on these small tensors otherwise fan out to threads
+    # that, on a shared 2-core machine, made its timings swing 300x between runs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ops.use_impl("fast" if provider == "fast" else "reference"):
+            with stub_triton():
+                run()                   # the first call allocates (and zeroes, once) the workspace
+            with count_launches(stub_triton=True) as count:
+                run()
+            with stub_triton():
+                benchmark.pedantic(run, rounds=200, iterations=1, warmup_rounds=20)
+    finally:
+        torch.set_num_threads(threads)
     stats = benchmark.stats.stats
-    benchmark.extra_info.update(provider=provider, device=device, host_us_min=stats.min * 1e6,
+    benchmark.extra_info.update(provider=provider, device="cpu" if cpu else "cuda", host_us_min=stats.min * 1e6,
                                 host_us_median=stats.median * 1e6, launches=count.total,
                                 triton_launches=count.triton, launches_by_name=dict(count.by_name))

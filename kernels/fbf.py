@@ -184,8 +184,10 @@ def _workspace(device: torch.device, device_index: int, counts: int, floats: int
 # ------------------------------------------------------------------------------------------------
 
 class Launch(NamedTuple):
-    """One kernel launch as planned: ``fn`` is ``kernel[grid]``; ``args`` the scalar and constexpr
-    arguments after the pointers, in signature order (positional: binding keywords costs host time)."""
+    """One kernel launch as planned: the launcher calls ``kernel.run`` (what ``kernel[grid](...)``
+    calls, without the lambda; looked up per call, so that a patched ``run``, as the launch counter's,
+    is seen), ``grid_t`` its grid; ``args`` the scalar and constexpr arguments after the
+    pointers, in signature order (positional: binding keywords costs host time)."""
 
     name: str            # "reduce" or "scale"
     backward: bool
@@ -195,7 +197,8 @@ class Launch(NamedTuple):
     num_warps: int
     splits: int          # hw splits of the reduce (1 for the scale)
     block: Tuple[int, int]
-    fn: object
+    grid_t: tuple
+    kernel: object
     args: tuple
     args_alt: tuple      # the reduce with HAS_GRAD_STATS (the backward when stats were used)
 
@@ -210,7 +213,7 @@ class Plan(NamedTuple):
     reduce: Optional[Launch]     # None when N * C * H * W == 0 (torch computes the degenerate case)
     scale: Optional[Launch]
     formats: tuple               # memory formats: forward (out,), backward (grad_high, grad_low)
-    like: tuple                  # backward: grad_high / grad_low may be empty_like(input) (dense inputs)
+    like: tuple                  # backward: grad_high / grad_low / grad_weight may be empty_like(input)
     scratch: int                 # fp32 scratch floats the reduce needs
 
 
@@ -232,7 +235,7 @@ def _reduce_launch(tensors, x0, x1, g, weight, n, c0, c1, h, w, elt, device_inde
     scalars = (n, c0, c1, hw, w, splits, blocks_per_split, *_strides(x0, flat), *_strides(x1, flat),
                *_strides(g, flat), weight.stride(0), weight.stride(1))
     tail = (flat, path == "rows", block_c, block_hw, *EPILOGUE_TILE)
-    return Launch("reduce", has_g, path, flat, grid, warps, splits, (block_c, block_hw), _fbf_reduce_kernel[(grid,)],
+    return Launch("reduce", has_g, path, flat, grid, warps, splits, (block_c, block_hw), (grid,), _fbf_reduce_kernel,
                   scalars + (has_g, False) + tail, scalars + (has_g, True) + tail)
 
 
@@ -249,7 +252,7 @@ def _scale_launch(tensors, s0, s1, d0, d1, n, c0, c1, h, w, elt, backward, s1_at
     warps = SCALE_WARPS
     args = (n, c0, c1, hw, w, *_strides(s0, flat), *_strides(s1, flat), *_strides(d0, flat), *_strides(d1, flat),
             backward, s1_at_c0, d1_at_c0, flat, path == "rows", block_c, block_hw, BLOCK_GW)
-    return Launch("scale", backward, path, flat, grid, warps, 1, (block_c, block_hw), _fbf_scale_kernel[(grid,)], args, args)
+    return Launch("scale", backward, path, flat, grid, warps, 1, (block_c, block_hw), (grid,), _fbf_scale_kernel, args, args)
 
 
 _PLANS: Dict[tuple, Plan] = {}
@@ -285,7 +288,7 @@ def plan_bwd(grad_out: torch.Tensor, high: torch.Tensor, low: torch.Tensor, weig
         device_index = high.get_device()
     elt = high.element_size()
     fmts = (memory_format_of(high), memory_format_of(low))
-    like = (_dense(high), _dense(low))
+    like = (_dense(high), _dense(low), weight.is_contiguous())
     if n * (c0 + c1) * h * w == 0:
         return Plan(n, c0, c1, h, w, elt, None, None, fmts, like, 0)
     gh = torch.empty(high.shape, dtype=high.dtype, device="meta", memory_format=fmts[0])
@@ -323,8 +326,10 @@ def fwd(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
     counter, scratch = _workspace(device, dev_index, n, plan.scratch)
     stats = _empty((2, n, c), torch.float32, device)
     out = _empty((n, c, plan.h, plan.w), high.dtype, device, plan.formats[0])
-    red.fn(high, low, high, stats, scratch, stats, weight, bias, counter, *red.args, num_warps=red.num_warps)
-    sc.fn(high, low, out, out, stats, stats, stats, stats, *sc.args, num_warps=sc.num_warps)
+    red.kernel.run(high, low, high, stats, scratch, stats, weight, bias, counter, *red.args, grid=red.grid_t,
+                   warmup=False, num_warps=red.num_warps)
+    sc.kernel.run(high, low, out, out, stats, stats, stats, stats, *sc.args, grid=sc.grid_t, warmup=False,
+                  num_warps=sc.num_warps)
     return out, stats
 
 
@@ -346,19 +351,16 @@ def bwd(grad_out: torch.Tensor, high: torch.Tensor, low: torch.Tensor, weight: t
     device = high.device
     red, sc = plan.reduce, plan.scale
     counter, scratch = _workspace(device, dev_index, n, plan.scratch)
-    like_h, like_l = plan.like
+    like_h, like_l = plan.like[:2]
     grad_high = _empty_like(high) if like_h else _empty(high.shape, high.dtype, device, plan.formats[0])
     grad_low = _empty_like(low) if like_l else _empty(low.shape, low.dtype, device, plan.formats[1])
-    grad_weight = _empty(weight.shape, weight.dtype, device)
+    grad_weight = _empty_like(weight) if plan.like[2] else _empty(weight.shape, weight.dtype, device)
     grad_bias = _empty((c,), bias_dtype, device)
-    if grad_stats is None:
-        red.fn(high, low, grad_out, stats, scratch, stats, weight, weight, counter, *red.args,
-               num_warps=red.num_warps)
-    else:
-        red.fn(high, low, grad_out, stats, scratch, grad_stats, weight, weight, counter, *red.args_alt,
-               num_warps=red.num_warps)
-    sc.fn(grad_out, grad_out, grad_high, grad_low, stats, scratch, grad_weight, grad_bias, *sc.args,
-          num_warps=sc.num_warps)
+    red.kernel.run(high, low, grad_out, stats, scratch, stats if grad_stats is None else grad_stats, weight,
+                   weight, counter, *(red.args if grad_stats is None else red.args_alt), grid=red.grid_t,
+                   warmup=False, num_warps=red.num_warps)
+    sc.kernel.run(grad_out, grad_out, grad_high, grad_low, stats, scratch, grad_weight, grad_bias, *sc.args,
+                  grid=sc.grid_t, warmup=False, num_warps=sc.num_warps)
     return grad_high, grad_low, grad_weight, grad_bias
 
 

@@ -195,8 +195,10 @@ def step_account(model_fn: Callable[[], torch.nn.Module], crop: int, batch: int,
     assume = contextlib.nullcontext() if real or impl == "reference" else fast_paths_assumed()
     with fake, torch.device("cpu"), assume, ops.use_impl(impl):
         model = model_fn()
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
+        if channels_last:      # Module.to(memory_format=...) without its swap, which fake parameters refuse
+            for t in [*model.parameters(), *model.buffers()]:
+                if t.dim() == 4:
+                    t.data = t.data.contiguous(memory_format=torch.channels_last)
         model.train()
         buffers = FlatBuffers(model)
         optimizer = fused_sgd(list(model.parameters()), lr=0.01, momentum=0.9, weight_decay=5e-4)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
@@ -76,15 +76,19 @@ class FastPathUnavailable(RuntimeError):
     """Raised when ``impl="fast"`` is requested for an op whose fast path cannot run here."""
 
 
-def choose(op: str, reason_unavailable: Optional[str]) -> bool:
+def choose(op: str, reason_unavailable: Union[None, str, Callable[[], Optional[str]]]) -> bool:
     """Decide whether ``op`` takes its fast path.
 
     ``reason_unavailable`` is ``None`` when the fast path can run on the given inputs, else a short
-    explanation that is raised to the user when ``"fast"`` was requested explicitly.
+    explanation that is raised to the user when ``"fast"`` was requested explicitly. It may be a
+    zero-argument callable returning either: it is then called only when the answer depends on it, so
+    the reference mode does no fast-path work at all (this runs at every call of every op).
     """
     impl = get_impl()
     if impl == "reference":
         return False
+    if callable(reason_unavailable):
+        reason_unavailable = reason_unavailable()
     if reason_unavailable is None:
         return True
     if impl == "fast":

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ._impl import choose, get_impl
+from ._impl import choose
 
 
 def check_fbf_args(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -192,7 +192,7 @@ def fbf(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor, bias: torch
     """
     check_fbf_args(high, low, weight, bias)
     # The reference mode does no fast-path work at all (not even the availability probe).
-    if get_impl() == "reference" or not choose("fbf", _fast_unavailable(high, low)):
+    if not choose("fbf", lambda: _fast_unavailable(high, low)):
         return fbf_ref(high, low, weight, bias)
     if torch.compiler.is_compiling() or type(high) is not torch.Tensor or type(low) is not torch.Tensor:
         return fbf_fwd(high, low, weight, bias)[0]

@@ -368,7 +368,7 @@ def inplace_abn(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
                 training: bool, momentum: float = 0.1, eps: float = 1e-5,
                 activation: str = "leaky_relu", slope: float = 0.01, group=None) -> torch.Tensor:
     """InPlace-ABN(-Sync) through the implementation switch (C++/CUDA extension or the reference)."""
-    if choose("inplace_abn", _fast_unavailable(x)):
+    if choose("inplace_abn", lambda: _fast_unavailable(x)):
         return inplace_abn_fast(x, weight, bias, running_mean, running_var, training, momentum, eps,
                                 activation, slope, group)
     return inplace_abn_ref(x, weight, bias, running_mean, running_var, training, momentum, eps,

@@ -1,8 +1,9 @@
 """bench/memory_account.py: the counters, the reference OHEM stand-in, and the fast path's saving.
 
-The account runs one IFBFNet-R101 training step at crop 876, batch 2 on fake tensors (seconds on a
-CPU). Measured with it (fp32; bytes saved for backward / peak of the step, fast vs BatchNorm2d +
-LeakyReLU: 70% / 69%; fast vs the ABN reference: 53% / 53%), hence the thresholds below.
+The account (ifbf_fast.utils.memory.step_account, which the bench wraps) runs one IFBFNet-R101 training
+step of train.py's TrainStep at crop 876, batch 2 on fake tensors (seconds on a CPU). Measured with it
+(fp32; bytes saved for backward / peak of the step, fast vs BatchNorm2d + LeakyReLU: 62% / 63%; fast vs
+the ABN reference: 45% / 46%), hence the thresholds below.
 """
 
 import importlib.util

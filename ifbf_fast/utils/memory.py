@@ -239,5 +239,5 @@ def step_account(model_fn: Callable[[], torch.nn.Module], crop: int, batch: int,
         new_grads = sum(p.grad.untyped_storage().nbytes() for p in model.parameters() if p.grad is not None)
         grad_bytes = 0 if grads else new_grads
     return {"param": sum(p.numel() * p.element_size() for p in model.parameters()), "state": before + grad_bytes,
-            "step": tracker.peak - before - grad_bytes, "peak": tracker.peak, "saved": sum(saved.values()), "saved_tensors": len(saved), "grads": new_grads,
-            "seconds": time.perf_counter() - t0}
+            "step": tracker.peak - before - grad_bytes, "peak": tracker.peak, "grads": new_grads,
+            "saved": sum(saved.values()), "saved_tensors": len(saved), "seconds": time.perf_counter() - t0}

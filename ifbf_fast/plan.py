@@ -21,8 +21,8 @@ The prediction, per GPU (per process), is
   4,227,117,568 B on the reference (BatchNorm2d + LeakyReLU, impl reference). The account of the same
   configurations (NCHW, as that bench ran) gives 2,224,003,988 B and 3,988,821,532 B (``step``),
   ratios 1.176 and 1.060; the factor is the larger, rounded up, so that the plan errs on the side of
-  fitting less. (The fast path is what train.py runs; the reference's account is closer because its
-  extra bytes are large tensors, which the allocator rounds proportionally less.)
+  fitting less. (The fast path is what train.py runs by default; why the two ratios differ has not
+  been measured. A GPU run of bench/bench_train_step.py beside this account would re-measure both.)
 * ``CONTEXT_BYTES`` = 512 MiB: the CUDA context and the cuDNN/cuBLAS handles, which the allocator does
   not see (not measured in that file: a typical figure for a recent driver, an assumption).
 

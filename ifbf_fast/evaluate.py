@@ -29,10 +29,10 @@ import torch.distributed as dist
 
 from ifbf_fast import ops
 from ifbf_fast.engine import checkpoint as ck
-from ifbf_fast.inference import (InferenceError, add_inference_options, check_inference_options, load_model,
-                                 one_line, options, write_submission)
+from ifbf_fast.inference import (InferenceError, add_inference_options, check_inference_options, existing_file,
+                                 load_model, options, parser, report, window, write_submission)
 from ifbf_fast.utils import dist as du
-from ifbf_fast.utils.runtime import SetupError, select_device
+from ifbf_fast.utils.runtime import check_gpus, select_device
 
 PROG = "python -m ifbf_fast.evaluate"
 EvaluationError = InferenceError    # bad input or set-up; the message is one line
@@ -40,35 +40,43 @@ __all__ = ["main", "launch", "run", "parse_args", "build_parser", "write_json", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Evaluate a train.py checkpoint: per-class IoU, mIoU and pixel accuracy "
-                                            "on a Cityscapes-layout split.")
+    p = parser(PROG, "Evaluate a train.py checkpoint: per-class IoU, mIoU and pixel accuracy on a "
+                     "Cityscapes-layout split.")
     p.add_argument("--checkpoint", required=True, metavar="CKPT",
                    help="iter_XXXXXXXX.pt or best.pt written by train.py")
     p.add_argument("--data", required=True, metavar="DIR", help="Cityscapes root (leftImg8bit/ and gtFine/)")
     p.add_argument("--split", default="val", help="split with ground truth (gtFine/SPLIT)")
-    p.add_argument("--out", metavar="JSON", default=None, help="write the results here")
+    p.add_argument("--out", metavar="JSON", default=None,
+                   help="also write the results to this JSON file; default: print the table only")
     p.add_argument("--save-predictions", metavar="DIR", default=None,
                    help="also write labelIds PNGs (DIR/CITY/STEM_leftImg8bit.png) for cityscapesscripts")
     add_inference_options(p)
     g = p.add_argument_group("processes")
     g.add_argument("--gpus", type=int, default=None,
-                   help="GPUs (one process each); 0 = CPU; none: 1 if CUDA is available else 0")
-    g.add_argument("--procs", type=int, default=1, help="with --gpus 0: CPU processes over gloo")
-    g.add_argument("--batch-size", type=int, default=1, help="images per forward and process (same-size images)")
-    g.add_argument("--workers", type=int, default=2, help="loader worker processes per process")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+                   help="GPUs (one process each); 0 = CPU; default: 1 if CUDA is available else 0")
+    g.add_argument("--procs", type=int, default=1, help="with --gpus 0: CPU processes over gloo (>= 1)")
+    g.add_argument("--batch-size", type=int, default=1,
+                   help="images per forward and process (> 0; same-size images)")
+    g.add_argument("--workers", type=int, default=2, help="loader worker processes per process (>= 0)")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (there is none when stderr is not a terminal)")
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check what needs no work; one line and exit code 2 (``Parser.error``) on bad input."""
     p = build_parser()
     a = p.parse_args(argv)
     check_inference_options(p, a)
-    if a.batch_size <= 0 or a.procs <= 0 or a.workers < 0 or (a.gpus is not None and a.gpus < 0):
-        p.error("--batch-size and --procs must be > 0, --workers and --gpus >= 0")
+    for name, low in (("batch_size", 1), ("procs", 1), ("workers", 0), ("gpus", 0)):
+        value = getattr(a, name)
+        if value is not None and value < low:
+            p.error(f"--{name.replace('_', '-')} must be >= {low}; got {value}")
     if a.gpus and a.procs != 1:
         p.error("--procs is for CPU runs (--gpus 0); with GPUs there is one process per GPU")
+    existing_file(p, "--checkpoint", a.checkpoint, "iter_XXXXXXXX.pt or best.pt written by train.py")
+    if not os.path.isdir(a.data):
+        p.error(f"--data {a.data}: no such directory (expected a Cityscapes root with leftImg8bit/ and gtFine/)")
     return a
 
 
@@ -149,9 +157,7 @@ def launch(a: argparse.Namespace) -> Optional[Dict[str, object]]:
         backend = "nccl" if (a.gpus != 0 and torch.cuda.is_available()) else "gloo"
         with du.group(lambda: dist.init_process_group(backend)):
             return run(a, local_rank)
-    gpus = a.gpus if a.gpus is not None else (1 if torch.cuda.is_available() else 0)
-    if gpus > 1 and gpus > torch.cuda.device_count():
-        raise EvaluationError(f"--gpus {gpus} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    gpus = check_gpus(a.gpus)         # SetupError (exit 2) for GPUs this machine does not have
     world, backend = (gpus, "nccl") if gpus > 1 else (a.procs if gpus == 0 else 1, "gloo")
     if world <= 1:
         return run(a)
@@ -159,20 +165,22 @@ def launch(a: argparse.Namespace) -> Optional[Dict[str, object]]:
     from ifbf_fast.data.cityscapes import find_pairs
 
     find_pairs(a.data, a.split)
-    ck.load(a.checkpoint)
+    saved = ck.load(a.checkpoint).get("args")
+    window(a.mode, a.crop, a.stride, saved.get("crop_size") if isinstance(saved, dict) else None)
     torch.multiprocessing.spawn(_worker, args=(a, world, du.free_port(), backend), nprocs=world, join=True)
     return None
 
 
 def main(argv=None) -> int:
-    from ifbf_fast.data.cityscapes import DataReadError, DatasetLayoutError
+    """Exit code 0; 2 for a usage error (argparse's, or an option this checkpoint, data or machine cannot
+    take); 1 for an unreadable checkpoint, data that is not a Cityscapes layout, a failed worker."""
+    from ifbf_fast.engine.preflight import user_errors
 
     a = parse_args(argv)
     try:
         launch(a)
-    except (InferenceError, SetupError, ck.CheckpointError, DatasetLayoutError, DataReadError) as exc:
-        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
-        return 1
+    except user_errors(InferenceError) as exc:
+        return report(PROG, exc)
     except torch.multiprocessing.ProcessRaisedException as exc:
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
         print(f"{PROG}: error in a worker process: {lines[-1] if lines else exc}", file=sys.stderr)

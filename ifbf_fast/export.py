@@ -46,7 +46,21 @@ CHECK_RTOL = 1e-3      # largest logit difference allowed by the check, relative
 
 
 class ExportError(RuntimeError):
-    """Bad input, or an export that cannot be made or checked; the message is one line."""
+    """Bad input, or an export that cannot be made or checked; the message is one line (exit code 1)."""
+
+
+class ExportUsageError(ExportError):
+    """An option value that cannot work (an unknown format, an --out that cannot be written): exit code
+    2, as argparse's errors."""
+
+    exit_code = 2
+
+
+def export_format(text: str) -> str:
+    """argparse type of ``--format``: one of ``FORMATS`` (the message lists them)."""
+    if text not in FORMATS:
+        raise argparse.ArgumentTypeError(f"unknown format {text!r}; expected one of {', '.join(FORMATS)}")
+    return text
 
 
 def exportable(model: torch.nn.Module) -> torch.nn.Module:
@@ -140,7 +154,7 @@ def export(checkpoint: str, fmt: str, out: str, size: Optional[Tuple[int, int]] 
     from ifbf_fast.inference import load_model
 
     if fmt not in FORMATS:
-        raise ExportError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        raise ExportUsageError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     _check_writable(out)
     seg = load_model(checkpoint, device="cpu", channels_last=False)
     picture, what = check_image(image, size)
@@ -182,43 +196,59 @@ def export(checkpoint: str, fmt: str, out: str, size: Optional[Tuple[int, int]] 
 def _check_writable(out: str) -> None:
     folder = os.path.dirname(os.path.abspath(out))
     if os.path.isdir(out):
-        raise ExportError(f"--out {out} is a folder; give a file name")
+        raise ExportUsageError(f"--out {out} is a folder; give a file name")
     if not os.path.isdir(folder):
-        raise ExportError(f"--out {out}: the folder {folder} does not exist")
+        raise ExportUsageError(f"--out {out}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK) or (os.path.exists(out) and not os.access(out, os.W_OK)):
-        raise ExportError(f"--out {out}: not writable")
+        raise ExportUsageError(f"--out {out}: not writable")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Export a train.py checkpoint to ONNX or torch.export, checked "
-                                            "against the PyTorch model on a real image.")
+    from ifbf_fast.inference import parser
+
+    p = parser(PROG, "Export a train.py checkpoint to ONNX or torch.export, checked against the PyTorch model "
+                     "on a real image.")
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="best.pt or iter_XXXXXXXX.pt from train.py")
-    p.add_argument("--format", required=True, metavar="|".join(FORMATS),
+    p.add_argument("--format", required=True, type=export_format, metavar="|".join(FORMATS),
                    help="onnx: an .onnx file; torch-export: a .pt2 file for torch.export.load")
-    p.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write (its folder must exist)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="input size of the exported graph; none: the --image's size, else 256 512")
+                   help="input size (> 0) of the exported graph; default: the --image's size, else "
+                        f"{DEFAULT_SIZE[0]} {DEFAULT_SIZE[1]}")
     p.add_argument("--image", metavar="PNG", default=None,
-                   help="image for the check (resized to --size); none: a synthetic-city scene")
+                   help="image for the check (resized to --size); default: a synthetic-city scene")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the check against PyTorch")
     return p
 
 
-def main(argv: Iterable[str] = None) -> int:
-    from ifbf_fast.data.cityscapes import DataReadError
-    from ifbf_fast.engine.checkpoint import CheckpointError
-    from ifbf_fast.inference import one_line
+def parse_args(argv: Iterable[str] = None) -> argparse.Namespace:
+    """Parse and check what needs no work; one line and exit code 2 (``Parser.error``) on bad input."""
+    from ifbf_fast.inference import existing_file
 
     p = build_parser()
     a = p.parse_args(argv)
     if a.size is not None and min(a.size) <= 0:
         p.error(f"--size must be positive; got {a.size[0]} {a.size[1]}")
+    existing_file(p, "--checkpoint", a.checkpoint, "best.pt or iter_XXXXXXXX.pt written by train.py")
+    existing_file(p, "--image", a.image, "a PNG or JPEG image")
+    try:
+        _check_writable(a.out)
+    except ExportUsageError as exc:
+        p.error(str(exc))
+    return a
+
+
+def main(argv: Iterable[str] = None) -> int:
+    """Exit code 0; 2 for a usage error (argparse's, a path that does not exist, an --out that cannot be
+    written); 1 for an unreadable checkpoint or image, an export that fails or differs from PyTorch."""
+    from ifbf_fast.engine.preflight import user_errors
+    from ifbf_fast.inference import InferenceError, report
+
+    a = parse_args(argv)
     try:
         export(a.checkpoint, a.format, a.out, tuple(a.size) if a.size else None, a.image, a.check)
-    except (ExportError, CheckpointError, DataReadError) as exc:
-        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
-        return 1
+    except user_errors(ExportError, InferenceError) as exc:
+        return report(PROG, exc)
     return 0
 
 

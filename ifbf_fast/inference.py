@@ -32,6 +32,7 @@ import torch
 
 from ifbf_fast.engine import checkpoint as ck
 from ifbf_fast.engine import evaluate as ev
+from ifbf_fast.utils.runtime import UsageError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 ImageLike = Union[np.ndarray, str, os.PathLike]
@@ -158,16 +159,7 @@ class Segmenter:
     def settings(self, mode: str = "whole", crop: Optional[Sequence[int]] = None,
                  stride: Optional[Sequence[int]] = None) -> Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]]:
         """(crop, stride) of a sliding window: ``crop``, else the training crop; (None, None) for whole."""
-        if mode not in ev.MODES:
-            raise ValueError(f"mode must be one of {ev.MODES}; got {mode!r}")
-        if mode != "slide":
-            if crop is not None or stride is not None:
-                raise ValueError("crop/stride are for mode='slide'")
-            return None, None
-        crop = ev._pair(crop, "crop") if crop is not None else self.crop_size
-        if crop is None:
-            raise InferenceError("mode slide: give a crop (H W): the checkpoint records no training crop")
-        return tuple(crop), (ev._pair(stride, "stride") if stride is not None else None)
+        return window(mode, crop, stride, self.crop_size)
 
     def _autocast(self, amp):
         from ifbf_fast.utils.runtime import autocast_factory, resolve_amp
@@ -314,50 +306,121 @@ def write_submission(out_dir: str, name: str, train_ids: np.ndarray) -> str:
     return path
 
 
-# --- command-line options shared by evaluate and predict ----------------------------------------
+# --- command-line options shared by evaluate, predict and export --------------------------------
+#
+# The three command lines follow train.py's (``ifbf_fast.engine.config``): its ``Parser`` (argparse
+# errors are one line, exit code 2), its ``HelpFormatter`` (no "(default: True)" on switches, no default
+# where there is none), its ``finite_float`` (NaN and inf refused by the type). A mistake an option fixes
+# (a value out of range, a path that does not exist, a --crop/--stride the checkpoint or the image
+# cannot take) exits with 2; an unreadable checkpoint or image, or data that is not a Cityscapes layout,
+# with 1 (``report``).
+
+class InferenceUsageError(InferenceError, UsageError):
+    """An option value that cannot work with this checkpoint, data or image (a sliding window the
+    checkpoint gives no crop for, an input path that does not exist): exit code 2, as argparse's errors.
+    Both an ``InferenceError`` (what the API raises) and a ``UsageError`` (what the command lines exit
+    with 2 for)."""
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """train.py's argparse: one-line errors with exit code 2, its help formatter."""
+    from ifbf_fast.engine.config import HelpFormatter, Parser
+
+    return Parser(prog=prog, description=description, formatter_class=HelpFormatter)
+
+
+def existing_file(p: argparse.ArgumentParser, option: str, path: Optional[str], what: str) -> None:
+    """``p.error`` (exit 2) unless ``path`` (the value of ``option``) is None or an existing file."""
+    if path is not None and not os.path.isfile(path):
+        kind = "a folder, not a file" if os.path.isdir(path) else "no such file"
+        p.error(f"{option} {path}: {kind} (expected {what})")
+
+
+def report(prog: str, exc: BaseException) -> int:
+    """Print the one-line message of a user error (``preflight.user_errors``) and return its exit code:
+    2 for a usage error, 1 for the rest."""
+    import sys
+
+    from ifbf_fast.engine.preflight import exit_code
+
+    print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+    return exit_code(exc)
+
 
 def add_inference_options(p: argparse.ArgumentParser) -> None:
     """Options of ``ifbf_fast.evaluate`` and ``ifbf_fast.predict``: test-time augmentation and runtime."""
     from ifbf_fast import ops
+    from ifbf_fast.engine.config import finite_float
 
     g = p.add_argument_group("inference")
     g.add_argument("--mode", choices=ev.MODES, default="whole",
                    help="whole: the full image in one forward; slide: overlapping --crop tiles, averaged")
     g.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="sliding-window tile; none: the training crop saved in the checkpoint")
+                   help="sliding-window tile (> 0) with --mode slide; default: the training crop saved in the "
+                        "checkpoint")
     g.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="sliding-window step; none: two thirds of the crop")
-    g.add_argument("--scales", type=float, nargs="+", default=[1.0],
-                   help="test scales, logits averaged at full resolution (paper: 0.5 0.75 1.0 1.25 1.5 1.75)")
+                   help="sliding-window step (> 0, at most the crop) with --mode slide; default: two thirds of "
+                        "the crop")
+    g.add_argument("--scales", type=finite_float, nargs="+", default=[1.0],
+                   help="test scales (> 0), logits averaged at full resolution (paper: 0.5 0.75 1.0 1.25 1.5 "
+                        "1.75)")
     g.add_argument("--flip", action="store_true", help="also average the horizontally flipped image")
     g = p.add_argument_group("runtime")
     g.add_argument("--amp", nargs="?", const="auto", choices=("auto", "off", "bf16", "fp16"), default="off",
-                   help="mixed precision (--amp alone: bf16 where the GPU supports it, else fp16)")
+                   help="mixed precision (--amp alone: auto = bf16 where the GPU supports it, else fp16; off on "
+                        "the CPU)")
     g.add_argument("--impl", choices=ops.IMPLS, default=None,
-                   help="fused-op implementation; none: IFBF_IMPL or auto")
-    g.add_argument("--channels-last", action="store_true", help="run the model in channels_last layout")
+                   help="fused-op implementation; default: the IFBF_IMPL environment variable, else auto")
+    g.add_argument("--channels-last", action="store_true",
+                   help="run the model in channels_last layout; default: the layout saved in the checkpoint")
     g.add_argument("--max-batch", type=int, default=8,
-                   help="at most this many inputs (images x flips, or tiles) per forward (default 8: a "
-                        "1.75-scale sliding window over a 1024x2048 image makes about 36 tiles of 876x876); "
-                        "0: all at once")
+                   help="at most this many inputs (images x flips, or tiles) per forward, 0: all at once (a "
+                        "1.75-scale sliding window over a 1024x2048 image makes about 36 tiles of 876x876)")
 
 
 def check_inference_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    """argparse errors for values the types cannot express; ``--max-batch 0`` becomes ``None``."""
+    """argparse errors (one line, exit 2) for values the types cannot express; ``--max-batch 0``
+    becomes ``None``. What needs the checkpoint (a stride larger than its training crop) is
+    ``window``'s, before any work."""
     if any(s <= 0 for s in a.scales):
-        p.error("--scales must be positive")
+        p.error(f"--scales must be positive; got {' '.join(f'{s:g}' for s in a.scales)}")
     for name in ("crop", "stride"):
         v = getattr(a, name)
         if v is not None and min(v) <= 0:
             p.error(f"--{name} must be positive; got {v[0]} {v[1]}")
     if a.mode == "whole" and (a.crop is not None or a.stride is not None):
-        p.error("--crop/--stride are for --mode slide")
+        given = "--crop" if a.crop is not None else "--stride"
+        p.error(f"{given}: --crop/--stride are for --mode slide (the mode is whole)")
     if a.crop is not None and a.stride is not None and (a.stride[0] > a.crop[0] or a.stride[1] > a.crop[1]):
-        p.error("--stride must not exceed --crop (pixels between tiles would get no prediction)")
+        p.error(f"--stride {a.stride[0]} {a.stride[1]} must not exceed --crop {a.crop[0]} {a.crop[1]} (pixels "
+                f"between tiles would get no prediction)")
     if a.max_batch is not None and a.max_batch < 0:
         p.error(f"--max-batch must be >= 0 (0: all at once); got {a.max_batch}")
     if a.max_batch == 0:
         a.max_batch = None
+
+
+def window(mode: str, crop: Optional[Sequence[int]], stride: Optional[Sequence[int]],
+           default_crop: Optional[Sequence[int]]) -> Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]]:
+    """(crop, stride) of a sliding window: ``crop``, else ``default_crop`` (the checkpoint's training
+    crop); (None, None) for ``mode="whole"``. ``InferenceUsageError`` for a window the checkpoint cannot
+    complete (no crop saved, a stride larger than its crop), so the command lines exit with 2 before
+    any work instead of failing inside the first prediction."""
+    if mode not in ev.MODES:
+        raise ValueError(f"mode must be one of {ev.MODES}; got {mode!r}")
+    if mode != "slide":
+        if crop is not None or stride is not None:
+            raise ValueError("crop/stride are for mode='slide'")
+        return None, None
+    crop = ev._pair(crop, "crop") if crop is not None else (ev._pair(default_crop, "crop") if default_crop else None)
+    if crop is None:
+        raise InferenceUsageError("--mode slide: give --crop H W: the checkpoint records no training crop")
+    stride = ev._pair(stride, "stride") if stride is not None else None
+    if stride is not None and (stride[0] > crop[0] or stride[1] > crop[1]):
+        raise InferenceUsageError(f"--stride {stride[0]} {stride[1]} must not exceed the crop {crop[0]}x{crop[1]} "
+                                  f"(the checkpoint's training crop unless --crop is given): pixels between tiles "
+                                  f"would get no prediction")
+    return tuple(crop), stride
 
 
 def options(a: argparse.Namespace) -> dict:

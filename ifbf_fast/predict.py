@@ -29,22 +29,22 @@ from typing import Iterable, List, Sequence, Tuple
 
 import numpy as np
 
-from ifbf_fast.engine import checkpoint as ck
-from ifbf_fast.inference import (EXTENSIONS, InferenceError, add_inference_options, check_inference_options,
-                                 colorize, load_model, one_line, options, overlay, submission_name, write_png,
-                                 write_submission)
+from ifbf_fast.inference import (EXTENSIONS, InferenceError, InferenceUsageError, add_inference_options,
+                                 check_inference_options, colorize, existing_file, load_model, options, overlay,
+                                 parser, report, submission_name, write_png, write_submission)
 
 PROG = "python -m ifbf_fast.predict"
 FORMATS = ("color", "overlay", "panel", "submission")
 PredictError = InferenceError      # bad input; the message is one line
-__all__ = ["main", "run", "build_parser", "list_inputs", "PredictError", "overlay", "submission_name",
-           "write_png", "write_submission"]
+__all__ = ["main", "run", "build_parser", "parse_args", "list_inputs", "PredictError", "overlay",
+           "submission_name", "write_png", "write_submission"]
 
 
 # --- inputs -------------------------------------------------------------------------------------
 
 def list_inputs(paths: Sequence[str]) -> List[Tuple[str, str]]:
-    """(image path, output folder relative to --out) for every image under ``paths``, sorted."""
+    """(image path, output folder relative to --out) for every image under ``paths``, sorted. A path that
+    does not exist or a folder without images is a usage error (``InferenceUsageError``, exit 2)."""
     found = []
     for path in paths:
         if os.path.isdir(path):
@@ -52,31 +52,50 @@ def list_inputs(paths: Sequence[str]) -> List[Tuple[str, str]]:
             for root, _, files in os.walk(path):
                 hits += [os.path.join(root, f) for f in files if f.lower().endswith(EXTENSIONS)]
             if not hits:
-                raise PredictError(f"{path}: no {'/'.join(EXTENSIONS)} images in this folder")
+                raise InferenceUsageError(f"{path}: no {'/'.join(EXTENSIONS)} images in this folder")
             found += [(f, os.path.relpath(os.path.dirname(f), path)) for f in sorted(hits)]
         elif os.path.isfile(path):
             found.append((path, "."))
         else:
-            raise PredictError(f"{path}: no such file or folder")
+            raise InferenceUsageError(f"{path}: no such file or folder")
     return found
 
 
 # --- the CLI ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Segment images with a train.py checkpoint.")
+    from ifbf_fast.engine.config import finite_float
+
+    p = parser(PROG, "Segment images with a train.py checkpoint.")
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIR", help="image files and/or folders")
     p.add_argument("--checkpoint", required=True, metavar="CKPT",
                    help="iter_XXXXXXXX.pt or best.pt written by train.py")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--format", nargs="+", choices=FORMATS, default=["color", "overlay"],
-                   help="what to write (several allowed)")
-    p.add_argument("--alpha", type=float, default=0.5, help="colour weight of the overlay")
+                   help="what to write (several allowed; submission alone)")
+    p.add_argument("--alpha", type=finite_float, default=0.5, help="colour weight of the overlay, in [0, 1]")
     p.add_argument("--gpus", type=int, choices=(0, 1), default=None,
-                   help="1: the GPU, 0: the CPU; none: the GPU if there is one")
+                   help="1: the GPU, 0: the CPU; default: the GPU if there is one")
     add_inference_options(p)
     return p
+
+
+def parse_args(argv: Iterable[str] = None) -> argparse.Namespace:
+    """Parse and check what needs no work; one line and exit code 2 (``Parser.error``) on bad input."""
+    p = build_parser()
+    a = p.parse_args(argv)
+    check_inference_options(p, a)
+    if not 0.0 <= a.alpha <= 1.0:
+        p.error(f"--alpha must be in [0, 1]; got {a.alpha:g}")
+    if "submission" in a.format and len(a.format) > 1:
+        # The server takes any CITY_SEQ_FRAME*.png under the folder as the prediction: the colour
+        # images would be found as second predictions of the same image.
+        p.error("--format submission writes a folder to zip and upload as it is; write the other formats "
+                "into another --out")
+    existing_file(p, "--checkpoint", a.checkpoint, "iter_XXXXXXXX.pt or best.pt written by train.py")
+    if os.path.isfile(a.out):
+        p.error(f"--out {a.out}: is a file; give a folder")
+    return a
 
 
 def run(a: argparse.Namespace) -> List[str]:
@@ -93,13 +112,11 @@ def _run(a: argparse.Namespace) -> List[str]:
 
     inputs = list_inputs(a.inputs)
     if "submission" in a.format:
-        if len(a.format) > 1:
-            # The server takes any CITY_SEQ_FRAME*.png under the folder as the prediction: the
-            # colour images would be found as second predictions of the same image.
-            raise PredictError("--format submission writes a folder to zip and upload as it is; write the "
-                               "other formats into another --out")
         for path, _ in inputs:
-            submission_name(path)       # refuse bad names before any work
+            try:
+                submission_name(path)       # refuse bad names before any work
+            except InferenceError as exc:   # the input does not fit the option: a usage error
+                raise InferenceUsageError(str(exc)) from None
     model = load_model(a.checkpoint, select_device(a.gpus, 0), channels_last=a.channels_last or None)
     if model.num_classes != 19:
         raise PredictError(f"the checkpoint predicts {model.num_classes} classes; the Cityscapes palette "
@@ -126,19 +143,15 @@ def _run(a: argparse.Namespace) -> List[str]:
 
 
 def main(argv: Iterable[str] = None) -> int:
-    from ifbf_fast.data.cityscapes import DataReadError
-    from ifbf_fast.utils.runtime import SetupError
+    """Exit code 0; 2 for a usage error (argparse's, a path that does not exist, an option this
+    checkpoint or these inputs cannot take); 1 for an unreadable checkpoint or image."""
+    from ifbf_fast.engine.preflight import user_errors
 
-    p = build_parser()
-    a = p.parse_args(argv)
-    check_inference_options(p, a)
-    if not 0.0 <= a.alpha <= 1.0:
-        p.error(f"--alpha must be in [0, 1]; got {a.alpha}")
+    a = parse_args(argv)
     try:
         written = run(a)
-    except (InferenceError, SetupError, ck.CheckpointError, DataReadError) as exc:
-        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
-        return 1
+    except user_errors(InferenceError) as exc:
+        return report(PROG, exc)
     print(f"{len(written)} file(s) written to {a.out}")
     return 0
 

@@ -104,14 +104,14 @@ def test_torch_export_program_with_an_image(ckpt, tmp_path, capsys):
     assert_close(got, want, "torch.export vs PyTorch")
 
 
-@pytest.mark.parametrize("case, message", [
-    ("checkpoint", "does not exist"),
-    ("format", "unknown format 'tflite'; expected one of onnx, torch-export"),
-    ("folder", "does not exist"),
-    ("is_dir", "is a folder; give a file name"),
-    ("image", "cannot decode"),
+@pytest.mark.parametrize("case, message, code", [      # 2: a usage error, as argparse's
+    ("checkpoint", "no such file", 2),
+    ("format", "unknown format 'tflite'; expected one of onnx, torch-export", 2),
+    ("folder", "does not exist", 2),
+    ("is_dir", "is a folder; give a file name", 2),
+    ("image", "cannot decode", 1),
 ])
-def test_bad_input_gives_one_line_errors(case, message, ckpt, tmp_path, capsys):
+def test_bad_input_gives_one_line_errors(case, message, code, ckpt, tmp_path, capsys):
     words = {"--checkpoint": ckpt, "--format": "onnx", "--out": str(tmp_path / "m.onnx")}
     extra = []
     if case == "checkpoint":
@@ -125,8 +125,12 @@ def test_bad_input_gives_one_line_errors(case, message, ckpt, tmp_path, capsys):
     else:
         extra = ["--image", str(tmp_path / "broken.png")]
         open(extra[1], "wb").write(b"\x89PNG\r\n\x1a\nnot really")
-    assert main([w for kv in words.items() for w in kv] + extra) == 1
+    try:
+        rc = main([w for kv in words.items() for w in kv] + extra)
+    except SystemExit as exc:       # argparse-level (Parser.error)
+        rc = exc.code
     err = capsys.readouterr().err
+    assert rc == code, err
     assert err.startswith("python -m ifbf_fast.export: error:") and message in err, err
     assert err.count("\n") == 1
     assert not os.path.exists(tmp_path / "m.onnx")

@@ -125,15 +125,15 @@ def test_cli_submission_matches_evaluate(checkpoint, city, tmp_path, capsys):
     assert np.array_equal(TRAIN_TO_LABEL[train_ids], read_png(files[0]))
 
 
-@pytest.mark.parametrize("case, message", [
-    ("name", "not a Cityscapes file name"),
-    ("mixed", "--format submission writes a folder to zip"),
-    ("missing", "no such file or folder"),
-    ("empty", "no .png/.jpg/.jpeg images in this folder"),
-    ("checkpoint", "does not exist"),
-    ("image", "cannot decode"),
+@pytest.mark.parametrize("case, message, code", [      # 2: a usage error, as argparse's
+    ("name", "not a Cityscapes file name", 2),
+    ("mixed", "--format submission writes a folder to zip", 2),
+    ("missing", "no such file or folder", 2),
+    ("empty", "no .png/.jpg/.jpeg images in this folder", 2),
+    ("checkpoint", "no such file", 2),
+    ("image", "cannot decode", 1),
 ])
-def test_bad_input_gives_one_line_errors(case, message, checkpoint, city, tmp_path, capsys):
+def test_bad_input_gives_one_line_errors(case, message, code, checkpoint, city, tmp_path, capsys):
     image = glob.glob(os.path.join(city, "leftImg8bit", "val", "*", "*.png"))[0]
     ckpt, inputs, fmt = checkpoint, [image], ["color"]
     if case == "name":
@@ -150,9 +150,13 @@ def test_bad_input_gives_one_line_errors(case, message, checkpoint, city, tmp_pa
     else:
         inputs = [str(tmp_path / "broken.png")]
         open(inputs[0], "wb").write(b"\x89PNG\r\n\x1a\nnot really")
-    assert main(["--checkpoint", ckpt, *inputs, "--out", str(tmp_path / "o"), "--format", *fmt,
-                 "--impl", "reference", "--gpus", "0"]) == 1
+    try:
+        rc = main(["--checkpoint", ckpt, *inputs, "--out", str(tmp_path / "o"), "--format", *fmt,
+                   "--impl", "reference", "--gpus", "0"])
+    except SystemExit as exc:       # argparse-level (Parser.error)
+        rc = exc.code
     err = capsys.readouterr().err
+    assert rc == code, err
     assert err.startswith("python -m ifbf_fast.predict: error:") and message in err, err
     assert err.count("\n") == 1
     assert not os.path.exists(tmp_path / "o")

@@ -97,17 +97,17 @@ def test_whole_mode_defaults_match_the_training_run_evaluation(checkpoint, city,
     assert doc["miou"] == pytest.approx(load(checkpoint)["best_miou"], abs=1e-12)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "does not exist"),
-    ("garbage", "could not be read"),
-    ("no_model", "is not an ifbf_fast checkpoint (no 'model' entry)"),
-    ("no_args", "is not an ifbf_fast checkpoint (no 'args'/'meta' entries)"),
-    ("other_model", "was made for another model: num_classes"),
-    ("bad_weights", "cannot rebuild its model"),
-    ("bad_data", "is not a Cityscapes layout"),
-    ("bad_data_2procs", "is not a Cityscapes layout"),
+@pytest.mark.parametrize("case, message, code", [
+    ("missing", "no such file", 2),          # a path that does not exist: a usage error, as argparse's
+    ("garbage", "could not be read", 1),
+    ("no_model", "is not an ifbf_fast checkpoint (no 'model' entry)", 1),
+    ("no_args", "is not an ifbf_fast checkpoint (no 'args'/'meta' entries)", 1),
+    ("other_model", "was made for another model: num_classes", 1),
+    ("bad_weights", "cannot rebuild its model", 1),
+    ("bad_data", "is not a Cityscapes layout", 1),
+    ("bad_data_2procs", "is not a Cityscapes layout", 1),
 ])
-def test_bad_input_gives_one_line_errors(case, message, checkpoint, city, tmp_path, capsys):
+def test_bad_input_gives_one_line_errors(case, message, code, checkpoint, city, tmp_path, capsys):
     ckpt, data, extra = checkpoint, city, []
     if case == "missing":
         ckpt = str(tmp_path / "nope.pt")
@@ -129,8 +129,12 @@ def test_bad_input_gives_one_line_errors(case, message, checkpoint, city, tmp_pa
     else:
         data = str(tmp_path)
         extra = ["--procs", "2"] if case == "bad_data_2procs" else []
-    assert main(cli(ckpt, data, "--gpus", "0", *extra)) == 1
+    try:
+        rc = main(cli(ckpt, data, "--gpus", "0", *extra))
+    except SystemExit as exc:       # argparse-level (Parser.error)
+        rc = exc.code
     err = capsys.readouterr().err
+    assert rc == code, err
     assert err.startswith("python -m ifbf_fast.evaluate: error:") and message in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
 
@@ -139,14 +143,18 @@ def test_bad_options_are_refused_by_argparse(checkpoint, city, capsys):
     for words, message in ((["--crop", "48", "48"], "--crop/--stride are for --mode slide"),
                            (["--mode", "slide", "--crop", "0", "8"], "--crop must be positive"),
                            (["--scales", "0"], "--scales must be positive"),
+                           (["--scales", "nan"], "argument --scales: expected a finite number"),
                            (["--mode", "slide", "--crop", "8", "8", "--stride", "4", "9"], "must not exceed --crop"),
                            (["--max-batch", "-1"], "--max-batch must be >= 0")):
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as exc:
             main(cli(checkpoint, city, *words))
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and err.count("\n") == 1, err   # one line, no usage block
 
 
-def test_max_batch_defaults_to_8_and_0_means_all_at_once():
+def test_max_batch_defaults_to_8_and_0_means_all_at_once(tmp_path):
     from ifbf_fast.evaluate import parse_args as eval_args
-    assert eval_args(["--checkpoint", "c.pt", "--data", "d"]).max_batch == 8
-    assert eval_args(["--checkpoint", "c.pt", "--data", "d", "--max-batch", "0"]).max_batch is None
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(b"")          # parse_args checks that the paths exist, nothing more
+    assert eval_args(["--checkpoint", str(ckpt), "--data", str(tmp_path)]).max_batch == 8
+    assert eval_args(["--checkpoint", str(ckpt), "--data", str(tmp_path), "--max-batch", "0"]).max_batch is None

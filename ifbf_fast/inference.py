@@ -90,6 +90,10 @@ def load_checkpoint(path: Union[str, os.PathLike], device: Union[str, torch.devi
         ck.check_meta(state["meta"], model_meta(args), path)
         model = model_from_args(args, device)
         model.load_state_dict(state["model"])
+    except ck.CheckpointMismatch as exc:
+        # Here both sides come from the file (its meta vs its own saved arguments): no option fixes
+        # it, so it is a bad checkpoint (exit code 1), not train.py's usage error (exit code 2).
+        raise ck.CheckpointError(str(exc)) from None
     except ck.CheckpointError:
         raise
     except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:

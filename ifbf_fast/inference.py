@@ -418,7 +418,7 @@ def window(mode: str, crop: Optional[Sequence[int]], stride: Optional[Sequence[i
         return None, None
     crop = ev._pair(crop, "crop") if crop is not None else (ev._pair(default_crop, "crop") if default_crop else None)
     if crop is None:
-        raise InferenceUsageError("--mode slide: give --crop H W: the checkpoint records no training crop")
+        raise InferenceUsageError("mode slide: give a crop (--crop H W): the checkpoint records no training crop")
     stride = ev._pair(stride, "stride") if stride is not None else None
     if stride is not None and (stride[0] > crop[0] or stride[1] > crop[1]):
         raise InferenceUsageError(f"--stride {stride[0]} {stride[1]} must not exceed the crop {crop[0]}x{crop[1]} "

@@ -145,7 +145,8 @@ LOADER = [  # (id, loader, corruption, expected text): DataReadError naming the 
 # The inference command lines. Words are added to the tool's BASE words (a later option wins); in them
 # {ckpt} is the tiny checkpoint (crop 64), {city} the tiny city, {image} one of its val images, {tmp} an
 # empty folder, {garbage} a file that is not a checkpoint, {broken} a PNG cut short, {photo} a PNG whose
-# name is not a Cityscapes name, {none} a path that does not exist. No row runs a forward.
+# name is not a Cityscapes name, {none} a path that does not exist, {nocrop} the tiny checkpoint without
+# a saved training crop. No row runs a forward.
 INFERENCE_BASE = {
     "evaluate": ["--checkpoint", "{ckpt}", "--data", "{city}", "--gpus", "0", "--workers", "0", "--impl",
                  "reference", "--no-progress"],
@@ -181,6 +182,7 @@ INFERENCE = [  # (tool, words, expected text, exit code)
     ("evaluate", ["--amp", "fp16"], "--amp fp16 needs a GPU", 2),
     ("evaluate", ["--mode", "slide", "--stride", "100", "100"], "--stride 100 100 must not exceed the crop 64x64", 2),
     ("evaluate", ["--mode", "slide", "--stride", "100", "100", "--procs", "2"], "must not exceed the crop 64x64", 2),
+    ("evaluate", ["--checkpoint", "{nocrop}", "--mode", "slide"], "mode slide: give a crop (--crop H W)", 2),
     ("evaluate", ["--checkpoint", "{garbage}"], "could not be read", 1),
     ("evaluate", ["--data", "{tmp}"], "is not a Cityscapes layout for split 'val'", 1),
     ("evaluate", ["--split", "test"], "is not a Cityscapes layout for split 'test'", 1),
@@ -203,6 +205,8 @@ INFERENCE = [  # (tool, words, expected text, exit code)
     ("predict", ["{photo}", "--format", "submission"], "not a Cityscapes file name", 2),
     ("predict", ["{image}", "--gpus", "1"], "--gpus 1 but CUDA is not available here", 2),
     ("predict", ["{image}", "--mode", "slide", "--stride", "65", "8"], "--stride 65 8 must not exceed the crop 64x64",
+     2),
+    ("predict", ["{image}", "--checkpoint", "{nocrop}", "--mode", "slide"], "the checkpoint records no training crop",
      2),
     ("predict", ["{image}", "--checkpoint", "{garbage}"], "could not be read", 1),
     ("predict", ["{broken}"], "cannot decode", 1),
@@ -516,7 +520,11 @@ def inference_inputs(tiny_city, tmp_path_factory):
     garbage.write_bytes(b"not a checkpoint")
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     cv2.imwrite(str(photo), np.zeros((8, 8, 3), np.uint8))
-    return {"ckpt": write_tiny_checkpoint(str(folder / "ckpt"), crop=64), "city": tiny_city,
+    ckpt = write_tiny_checkpoint(str(folder / "ckpt"), crop=64)
+    state = torch.load(ckpt, weights_only=True)
+    state["args"]["crop_size"] = None
+    torch.save(state, folder / "nocrop.pt")
+    return {"ckpt": ckpt, "nocrop": str(folder / "nocrop.pt"), "city": tiny_city,
             "image": _first(tiny_city, "leftImg8bit", "val"), "garbage": str(garbage), "broken": str(broken),
             "photo": str(photo), "none": str(folder / "no" / "such")}
 

@@ -32,7 +32,7 @@ from ifbf_fast.engine import checkpoint as ck
 from ifbf_fast.inference import (InferenceError, add_inference_options, check_inference_options, existing_file,
                                  load_model, options, parser, report, window, write_submission)
 from ifbf_fast.utils import dist as du
-from ifbf_fast.utils.runtime import check_gpus, select_device
+from ifbf_fast.utils.runtime import check_gpus, resolve_amp, select_device
 
 PROG = "python -m ifbf_fast.evaluate"
 EvaluationError = InferenceError    # bad input or set-up; the message is one line
@@ -77,6 +77,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     existing_file(p, "--checkpoint", a.checkpoint, "iter_XXXXXXXX.pt or best.pt written by train.py")
     if not os.path.isdir(a.data):
         p.error(f"--data {a.data}: no such directory (expected a Cityscapes root with leftImg8bit/ and gtFine/)")
+    # found here, not after the whole evaluation when the results are written
+    if a.out is not None and os.path.isdir(a.out):
+        p.error(f"--out {a.out}: is a folder; give a JSON file name")
+    if a.save_predictions is not None and os.path.isfile(a.save_predictions):
+        p.error(f"--save-predictions {a.save_predictions}: is a file; give a folder")
     return a
 
 
@@ -165,6 +170,8 @@ def launch(a: argparse.Namespace) -> Optional[Dict[str, object]]:
     from ifbf_fast.data.cityscapes import find_pairs
 
     find_pairs(a.data, a.split)
+    if backend == "gloo":
+        resolve_amp(a.amp, torch.device("cpu"))        # --amp fp16 on the CPU: SetupError (exit 2)
     saved = ck.load(a.checkpoint).get("args")
     window(a.mode, a.crop, a.stride, saved.get("crop_size") if isinstance(saved, dict) else None)
     torch.multiprocessing.spawn(_worker, args=(a, world, du.free_port(), backend), nprocs=world, join=True)

@@ -177,9 +177,12 @@ INFERENCE = [  # (tool, words, expected text, exit code)
     ("evaluate", ["--checkpoint", "{none}"], "--checkpoint {none}: no such file", 2),
     ("evaluate", ["--checkpoint", "{tmp}"], "--checkpoint {tmp}: a folder, not a file", 2),
     ("evaluate", ["--data", "{none}"], "--data {none}: no such directory", 2),
+    ("evaluate", ["--out", "{tmp}"], "--out {tmp}: is a folder; give a JSON file name", 2),
+    ("evaluate", ["--save-predictions", "{garbage}"], "--save-predictions {garbage}: is a file", 2),
     # evaluate: against the machine, the checkpoint and the data
     ("evaluate", ["--gpus", "2"], "--gpus 2 but CUDA is not available here", 2),
     ("evaluate", ["--amp", "fp16"], "--amp fp16 needs a GPU", 2),
+    ("evaluate", ["--amp", "fp16", "--procs", "2"], "--amp fp16 needs a GPU", 2),
     ("evaluate", ["--mode", "slide", "--stride", "100", "100"], "--stride 100 100 must not exceed the crop 64x64", 2),
     ("evaluate", ["--mode", "slide", "--stride", "100", "100", "--procs", "2"], "must not exceed the crop 64x64", 2),
     ("evaluate", ["--checkpoint", "{nocrop}", "--mode", "slide"], "mode slide: give a crop (--crop H W)", 2),

@@ -38,6 +38,8 @@ from typing import Iterable, Optional, Tuple
 import numpy as np
 import torch
 
+from ifbf_fast.utils.runtime import UsageError
+
 PROG = "python -m ifbf_fast.export"
 FORMATS = ("onnx", "torch-export")
 DEFAULT_SIZE = (256, 512)      # the synthetic city's image size
@@ -49,11 +51,9 @@ class ExportError(RuntimeError):
     """Bad input, or an export that cannot be made or checked; the message is one line (exit code 1)."""
 
 
-class ExportUsageError(ExportError):
+class ExportUsageError(ExportError, UsageError):
     """An option value that cannot work (an unknown format, an --out that cannot be written): exit code
-    2, as argparse's errors."""
-
-    exit_code = 2
+    2, as argparse's errors (``UsageError``)."""
 
 
 def export_format(text: str) -> str:

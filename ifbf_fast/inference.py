@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -343,8 +344,6 @@ def existing_file(p: argparse.ArgumentParser, option: str, path: Optional[str], 
 def report(prog: str, exc: BaseException) -> int:
     """Print the one-line message of a user error (``preflight.user_errors``) and return its exit code:
     2 for a usage error, 1 for the rest."""
-    import sys
-
     from ifbf_fast.engine.preflight import exit_code
 
     print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)

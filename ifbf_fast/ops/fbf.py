@@ -88,11 +88,14 @@ _kernels_module = None
 
 
 def _kernels():
+    # An import statement (a dictionary look-up once imported), not importlib and no read of a cached
+    # module global: dynamo traces the statement, while importlib.import_module is a graph break and a
+    # global holding a module cannot be guarded, when the op's first call happens under torch.compile.
     global _kernels_module
-    if _kernels_module is None:
-        import importlib
-        _kernels_module = importlib.import_module("ifbf_fast.kernels.fbf")
-    return _kernels_module
+    from ifbf_fast.kernels import fbf as kernels
+    if not torch.compiler.is_compiling():
+        _kernels_module = kernels       # for the eager autograd.Function's backward
+    return kernels
 
 
 def _memory_format_of(t: torch.Tensor) -> torch.memory_format:

@@ -10,10 +10,11 @@ import pytest
 from cityscapesscripts.helpers.labels import trainId2label
 
 from ifbf_fast.data import generate_city, read_image
-from ifbf_fast.engine.config import args_list, parse_args
+from ifbf_fast.engine.config import parse_args
 from ifbf_fast.engine.trainer import train
 from ifbf_fast.predict import PredictError, main, overlay, submission_name, write_submission
 
+from ._cli import args_list
 from .engine.test_evaluate_official import official_evaluation
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import yaml
 
@@ -413,17 +413,3 @@ def dump_yaml(args: argparse.Namespace, path: str) -> None:
     with open(path, "w") as f:
         yaml.safe_dump(to_dict(args), f, sort_keys=True)
 
-
-def args_list(values: dict) -> List[str]:
-    """Turn a dict of option values into command-line words (used by tests)."""
-    words: List[str] = []
-    for k, v in values.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            if v:
-                words.append(flag)
-        elif isinstance(v, (list, tuple)):
-            words += [flag] + [str(x) for x in v]
-        else:
-            words += [flag, str(v)]
-    return words

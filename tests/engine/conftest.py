@@ -1,10 +1,10 @@
 """Fixtures of the engine tests: a tiny synthetic city built once per session, and the tally of the
-table of bad inputs (tests/engine/test_bad_inputs.py), printed at the end of the session."""
+table of bad inputs (tests/engine/test_bad_inputs*.py), printed at the end of the session."""
 
 import pytest
 
-#: filled by test_bad_inputs.py: every case counts as tried when it starts, as handled when its one-line
-#: message, exit code and "no traceback" checks all passed
+#: filled by tests/engine/test_bad_inputs*.py (the ``tally`` fixture): every case counts as tried when
+#: it starts, as handled when its one-line message, exit code and "no traceback" checks all passed
 BAD_INPUTS = {"tried": 0, "handled": 0}
 
 
@@ -17,8 +17,13 @@ def tiny_city(tmp_path_factory):
 
 
 @pytest.fixture
-def bad_input_tally():
-    return BAD_INPUTS
+def tally():
+    """A row of the table of bad inputs: tried when it starts; ``tally(True)`` at its end marks it handled."""
+    BAD_INPUTS["tried"] += 1
+    done = []
+    yield done.append
+    if done:
+        BAD_INPUTS["handled"] += 1
 
 
 def pytest_terminal_summary(terminalreporter):

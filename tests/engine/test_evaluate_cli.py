@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from ifbf_fast.data import LABEL_TO_TRAIN, generate_city, read_label_ids
-from ifbf_fast.engine.config import args_list, parse_args
+from ifbf_fast.engine.config import parse_args
 from ifbf_fast.engine.trainer import train
 from ifbf_fast.evaluate import main
 
+from .._cli import args_list
 from .test_evaluate_official import assert_same_as_official, official_evaluation
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from ifbf_fast.engine import checkpoint as ck
-from ifbf_fast.engine.config import args_list, parse_args
+from ifbf_fast.engine.config import parse_args
 from ifbf_fast.engine.trainer import TrainingError, main, train
+
+from .._cli import args_list
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -1,4 +1,4 @@
-"""Preflight of a Cityscapes tree: read every pair and report ALL problems at once.
+"""Preflight of a dataset (Cityscapes tree or folder layout): read every pair, report ALL problems at once.
 
     python -m ifbf_fast.data.check DIR [--splits train val] [--workers 8]
 
@@ -12,6 +12,11 @@ unreadable, truncated or not decodable, a label that is not single-channel 8-bit
 mismatch, label values that are not Cityscapes labelIds (the official table's ids, 0..33: 250, say),
 a folder that cannot be listed (named as such, once, rather than as missing partners of its files).
 
+A folder-layout root (``ROOT/classes.yaml``, ``ifbf_fast.data.folder``) is checked the same way against
+its class table: a bad classes.yaml (one line, nothing else checked), a missing split list, names in a
+list that are absolute or leave the folder, listed twice, have no image, several images (.png and .jpg)
+or no mask, and mask values that are neither a class id nor the ignore_id.
+
 A split holding prepared arrays (``python -m ifbf_fast.data.prepare``: ``*_leftImg8bit.npy`` /
 ``*_gtFine_labelIds.npy``) instead of PNGs is checked the same way (unreadable array, wrong dtype or
 shape instead of an undecodable PNG).
@@ -20,6 +25,7 @@ shape instead of an undecodable PNG).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .cityscapes import (IMAGE_DIR, IMAGE_SUFFIX, LABEL_DIR, LABEL_SUFFIX, DataReadError,
-                         Sample, read_image, read_label_ids)
+                         DatasetLayoutError, Sample, read_image, read_label_ids)
+from .folder import CLASSES_FILE, class_table_of, is_folder_layout, scan_split
 from .labels import VALID_LABEL_IDS
 from .prepare import PREP_IMAGE_SUFFIX, PREP_LABEL_SUFFIX, load_array
 
@@ -56,8 +63,9 @@ class DatasetReport:
         return "\n".join(lines)
 
 
-def _check_pair(sample: Sample) -> list[str]:
-    """Every problem of one pair (decoding both files even when the first fails)."""
+def _check_pair(sample: Sample, invalid=_INVALID_LUT, what: str = "Cityscapes labelIds") -> list[str]:
+    """Every problem of one pair (decoding both files even when the first fails). ``invalid``: bool
+    (256,), the label values that are not allowed, ``what`` the name of the allowed ones."""
     problems, image, label = [], None, None
     prepared = sample.image_path.endswith(PREP_IMAGE_SUFFIX)
     try:
@@ -75,12 +83,11 @@ def _check_pair(sample: Sample) -> list[str]:
             f"label {sample.label_path!r} is {label.shape[1]}x{label.shape[0]}")
     if label is not None:
         counts = np.bincount(label.ravel(), minlength=256)
-        bad = np.flatnonzero((counts > 0) & _INVALID_LUT)
+        bad = np.flatnonzero((counts > 0) & invalid)
         if bad.size:
             shown = ", ".join(f"{v} ({counts[v]} px)" for v in bad[:8])
             more = f" and {bad.size - 8} more" if bad.size > 8 else ""
-            problems.append(f"label {sample.label_path!r} has values that are not Cityscapes "
-                            f"labelIds: {shown}{more}")
+            problems.append(f"label {sample.label_path!r} has values that are not {what}: {shown}{more}")
     return problems
 
 
@@ -152,6 +159,17 @@ def _scan_split(root: str, split: str, report: DatasetReport) -> list[Sample]:
     return pairs
 
 
+def _scan_folder_split(root: str, split: str, report: DatasetReport) -> list[Sample]:
+    """The folder layout's counterpart of ``_scan_split``."""
+    try:
+        pairs, problems = scan_split(root, split)
+    except (DatasetLayoutError, DataReadError) as exc:      # no list, or an unreadable one
+        report.problems.append(str(exc))
+        return []
+    report.problems.extend(problems)
+    return pairs
+
+
 def check_dataset(root: str, splits=("train", "val"), workers: int | None = None) -> DatasetReport:
     """Scan every pair of ``splits`` under ``root``; never raises for a data problem.
 
@@ -164,18 +182,29 @@ def check_dataset(root: str, splits=("train", "val"), workers: int | None = None
     root = os.fspath(root)
     report = DatasetReport(root=root)
     if not os.path.isdir(root):
-        report.problems.append(f"Cityscapes root {root!r} does not exist or is not a folder")
+        report.problems.append(f"data root {root!r} does not exist or is not a folder")
         return report
     all_pairs = []
+    check, folder = _check_pair, is_folder_layout(root)
+    if folder:
+        try:
+            table = class_table_of(root)
+        except DatasetLayoutError as exc:       # a bad classes.yaml: nothing can be checked against it
+            report.problems.append(str(exc))
+            return report
+        invalid = np.ones(256, dtype=bool)
+        invalid[sorted(table.valid_ids)] = False
+        what = f"ids of {CLASSES_FILE} (nor its ignore_id {table.ignore_id})"
+        check = functools.partial(_check_pair, invalid=invalid, what=what)
     for split in splits:
-        pairs = _scan_split(root, split, report)
+        pairs = (_scan_folder_split if folder else _scan_split)(root, split, report)
         report.pairs[split] = len(pairs)
         all_pairs.extend(pairs)
     if workers > 1:
         with ThreadPoolExecutor(workers) as pool:
-            results = list(pool.map(_check_pair, all_pairs))
+            results = list(pool.map(check, all_pairs))
     else:
-        results = [_check_pair(p) for p in all_pairs]
+        results = [check(p) for p in all_pairs]
     for problems in results:
         report.problems.extend(problems)
     return report
@@ -184,8 +213,10 @@ def check_dataset(root: str, splits=("train", "val"), workers: int | None = None
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ifbf_fast.data.check",
-        description="Check a Cityscapes tree (layout, pairing, decodability, sizes, label values).")
-    parser.add_argument("root", help="folder holding leftImg8bit/ and gtFine/")
+        description="Check a dataset, a Cityscapes tree or the folder layout (layout, pairing, decodability, "
+                    "sizes, label values).")
+    parser.add_argument("root", help="folder holding leftImg8bit/ and gtFine/ (Cityscapes), or classes.yaml, "
+                                     "images/, masks/ and splits/ (the folder layout)")
     parser.add_argument("--splits", nargs="+", default=["train", "val"])
     parser.add_argument("--workers", type=int, default=None,
                         help="decoding threads (default: min(8, CPU count))")

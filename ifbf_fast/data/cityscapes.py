@@ -74,7 +74,8 @@ def check_layout(root: str, split: str) -> tuple[str, str]:
             raise DatasetLayoutError(
                 f"{root!r} is not a Cityscapes layout for split {split!r}: expected the folder "
                 f"{folder!r} (ROOT/{IMAGE_DIR}/{split}/CITY/*{IMAGE_SUFFIX} and "
-                f"ROOT/{LABEL_DIR}/{split}/CITY/*{LABEL_SUFFIX})")
+                f"ROOT/{LABEL_DIR}/{split}/CITY/*{LABEL_SUFFIX}), or, for your own data, the folder "
+                f"layout's ROOT/classes.yaml")
     return image_dir, label_dir
 
 
@@ -178,6 +179,13 @@ class CityscapesDataset:
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.samples]
+
+    @property
+    def classes(self):
+        """The class table (``ifbf_fast.data.classes.CITYSCAPES``), as ``FolderDataset.classes``."""
+        from .classes import CITYSCAPES
+
+        return CITYSCAPES
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
         """The raw pair (RGB uint8 image, uint8 trainIds) and its name, without the transform."""

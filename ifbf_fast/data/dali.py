@@ -1,4 +1,5 @@
-"""DALI loader for Cityscapes: the reference loader's batches, with the pixel work in DALI.
+"""DALI loader for Cityscapes and the folder layout (``ifbf_fast.data.folder``): the reference loader's
+batches, with the pixel work in DALI.
 
 ``build_dali_loader`` takes ``build_loader``'s arguments (plus ``device`` and ``dtype``) and returns
 a ``DaliLoader`` with the same batch contract and the same sampler:
@@ -17,7 +18,7 @@ parameters in the same order.
 **Graph** (training; ``transforms`` module docstring for the conventions), per sample:
 
     decode image (RGB) and label (as stored)      fn.decoders.image
-    labelIds -> trainIds                          fn.lookup_table (LABEL_TO_TRAIN)
+    labelIds -> trainIds                          fn.lookup_table (LABEL_TO_TRAIN; folder layout: classes.lut)
     resize to int(H*s+0.5) x int(W*s+0.5)         fn.resize: image linear, no antialias, float out;
                                                   label nearest (floor((j+0.5)*H/h), see below)
     crop the valid window                         fn.slice (start: offsets, shape: min(crop, size))
@@ -64,6 +65,7 @@ import numpy as np
 import torch
 
 from .cityscapes import DataReadError, _read_bytes, find_pairs
+from .folder import class_table_of, find_samples, is_folder_layout
 from .labels import IGNORE_INDEX, LABEL_TO_TRAIN
 from .loader import ShardedSampler, params_for
 from .prepare import detect_form, find_prepared_pairs, load_array
@@ -99,12 +101,14 @@ def _device_id(device) -> int | None:
 
 def build_pipeline(train: bool, batch_size: int, crop_size=DEFAULT_CROP, form: str = "png",
                    threads: int = 2, device_id: int | None = None, mean=IMAGENET_MEAN,
-                   std=IMAGENET_STD, out_dtype=torch.float32, seed: int = 0, image_layout: str = "CHW"):
+                   std=IMAGENET_STD, out_dtype=torch.float32, seed: int = 0, image_layout: str = "CHW",
+                   lut=None):
     """The DALI graph (module docstring), fed by name: ``image``, ``label`` (encoded bytes for
     ``form="png"``, uint8 HWC arrays for ``"npy"``; labels as labelIds) and in training ``size``
     (float32 [h, w]), ``start`` ([crop_y, crop_x]), ``shape`` ([vh, vw]), ``flip`` (int32).
     ``image_layout="HWC"`` leaves the normalised image channels-innermost: the torch batch is then a
-    channels_last view of it, with no transposition in DALI and no layout copy in torch."""
+    channels_last view of it, with no transposition in DALI and no layout copy in torch. ``lut``: the
+    mask value -> train id table (the dataset's ``classes.lut``; default Cityscapes' ``LABEL_TO_TRAIN``)."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
@@ -112,6 +116,7 @@ def build_pipeline(train: bool, batch_size: int, crop_size=DEFAULT_CROP, form: s
     ch, cw = crop_hw(crop_size)
     mean255, std255 = _norm_constants(mean, std)
     dali_dtype = types.FLOAT16 if out_dtype == torch.float16 else types.FLOAT
+    lut_values = LABEL_TO_TRAIN if lut is None else lut
 
     # prefetch_queue_depth=1: DaliLoader keeps its own runs in flight (the dynamic executor lets
     # several scheduled runs overlap), so DALI's first-run prefetch must not ask for extra batches.
@@ -133,7 +138,7 @@ def build_pipeline(train: bool, batch_size: int, crop_size=DEFAULT_CROP, form: s
         else:
             if gpu:
                 image, label = image.gpu(), label.gpu()
-        label = fn.lookup_table(label, keys=list(range(256)), values=LABEL_TO_TRAIN.tolist(),
+        label = fn.lookup_table(label, keys=list(range(256)), values=np.asarray(lut_values).tolist(),
                                 default_value=IGNORE_INDEX, dtype=types.UINT8, device=op_dev)
         if not train:
             image = fn.crop_mirror_normalize(image, mean=mean255.tolist(), std=std255.tolist(),
@@ -171,6 +176,30 @@ def _png_hw(data: np.ndarray, path: str) -> tuple[int, int]:
         raise DataReadError(f"cannot read the size of {path!r}: not a PNG file")
     head = data[16:24].tobytes()
     return int.from_bytes(head[4:8], "big"), int.from_bytes(head[0:4], "big")
+
+
+def _jpeg_hw(data: np.ndarray, path: str) -> tuple[int, int]:
+    """(H, W) from a JPEG's first start-of-frame marker (SOF0..SOF15 except DHT, JPG, DAC)."""
+    raw, i = data.tobytes(), 2
+    while i + 9 <= len(raw):
+        if raw[i] != 0xFF:
+            break
+        marker = raw[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:     # no length field
+            i += 2
+            continue
+        length = int.from_bytes(raw[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(raw[i + 5:i + 7], "big"), int.from_bytes(raw[i + 7:i + 9], "big")
+        i += 2 + length
+    raise DataReadError(f"cannot read the size of {path!r}: no JPEG frame header")
+
+
+def _image_hw(data: np.ndarray, path: str) -> tuple[int, int]:
+    """(H, W) of an encoded PNG or JPEG (the folder layout takes both), from its header."""
+    if data[:2].tobytes() == b"\xff\xd8":
+        return _jpeg_hw(data, path)
+    return _png_hw(data, path)
 
 
 _PNG_COLOR_TYPES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale + alpha", 6: "RGBA"}
@@ -234,10 +263,15 @@ class DaliLoader:
                  channels_last: bool = False):
         self.root, self.split = root, split
         self.channels_last = bool(channels_last)
-        self.form = form or detect_form(root, split)
+        self.classes = class_table_of(root)         # its lut maps the mask values to train ids
+        folder = is_folder_layout(root)
+        # the folder layout has encoded files only (PNG or JPEG images: "png" means "encoded" here)
+        self.form = "png" if folder and form is None else (form or detect_form(root, split))
         if self.form not in ("png", "npy"):
             raise ValueError(f"form must be 'png' or 'npy', got {self.form!r}")
-        self.samples = (find_pairs(root, split) if self.form == "png"
+        if folder and self.form != "png":
+            raise ValueError("the folder layout has no prepared (.npy) form")
+        self.samples = (find_samples(root, split) if folder else find_pairs(root, split) if self.form == "png"
                         else find_prepared_pairs(root, split))
         self.batch_size, self.train, self.seed = int(batch_size), bool(train), int(seed)
         self.crop_size = crop_hw(crop_size)
@@ -255,7 +289,7 @@ class DaliLoader:
                 f"batch_size or world_size")
         self.pipe = build_pipeline(self.train, self.batch_size, self.crop_size, self.form,
                                    threads, self.device_id, mean, std, dtype, seed,
-                                   "HWC" if self.channels_last else "CHW")
+                                   "HWC" if self.channels_last else "CHW", self.classes.lut)
         self._in_flight = 0
         self._scheduled = deque()       # the dataset indices of each run in flight, oldest first
 
@@ -275,7 +309,7 @@ class DaliLoader:
         s = self.samples[index]
         if self.form == "png":
             image, label = _read_bytes(s.image_path), _read_bytes(s.label_path)
-            hw, label_hw = _png_hw(image, s.image_path), _png_hw(label, s.label_path)
+            hw, label_hw = _image_hw(image, s.image_path), _png_hw(label, s.label_path)
             _check_label_png(label, s.label_path)
         else:
             image, label = load_array(s.image_path, 3), load_array(s.label_path, 2)

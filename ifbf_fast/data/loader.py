@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .cityscapes import CityscapesDataset
+from .folder import open_dataset
 from .transforms import (DEFAULT_CROP, DEFAULT_SCALES, IMAGENET_MEAN, IMAGENET_STD, AugParams,
                          TrainTransform, eval_transform, sample_params)
 
@@ -114,9 +115,9 @@ class ShardedSampler(Sampler):
 
 
 class SegmentationSet(Dataset):
-    """Wraps ``CityscapesDataset``: training applies ``TrainTransform`` with the per-sample
-    generator, evaluation ``eval_transform``. Items are dicts of torch tensors plus the name;
-    a key is ``(index, epoch)`` or a bare index (epoch 0)."""
+    """Wraps ``CityscapesDataset`` or ``FolderDataset`` (``base.classes``: its class table): training
+    applies ``TrainTransform`` with the per-sample generator, evaluation ``eval_transform``. Items
+    are dicts of torch tensors plus the name; a key is ``(index, epoch)`` or a bare index (epoch 0)."""
 
     def __init__(self, base: CityscapesDataset, transform: TrainTransform | None, seed: int = 0,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -180,7 +181,8 @@ def build_loader(root, split: str, batch_size: int | None = None, crop_size=DEFA
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, pin_memory: bool = False,
                  persistent_workers: bool = False, prefetch_factor: int | None = None
                  ) -> SegmentationLoader:
-    """The reference loader over ``root/{leftImg8bit,gtFine}/split`` (see the module docstring).
+    """The reference loader over ``split`` of ``root``, a Cityscapes or a folder layout
+    (``ifbf_fast.data.folder``; see the module docstring).
 
     ``train`` defaults to ``split == "train"``; ``batch_size`` (per rank) to 4 in training and 1 in
     evaluation (docs/DESIGN.md section 3). ``crop_size``, ``scales`` and ``flip_prob`` only matter in
@@ -191,7 +193,7 @@ def build_loader(root, split: str, batch_size: int | None = None, crop_size=DEFA
         train = split == "train"
     if batch_size is None:
         batch_size = 4 if train else 1
-    base = CityscapesDataset(root, split)
+    base = open_dataset(root, split)
     transform = TrainTransform(scales, crop_size, flip_prob, mean, std) if train else None
     dataset = SegmentationSet(base, transform, seed, mean, std)
     sampler = ShardedSampler(len(base), rank, world_size, shuffle=train, seed=seed,

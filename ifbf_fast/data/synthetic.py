@@ -1,10 +1,15 @@
-"""A small synthetic city in the exact Cityscapes layout, for tests and the built-in default run.
+"""A small synthetic city in the exact Cityscapes layout (or the folder layout), for tests and the default run.
 
     python -m ifbf_fast.data.synthetic --out DIR [--train 24 --val 8 --height 256 --width 512 --seed 0]
+        [--layout cityscapes|folder]
 
 writes ``DIR/leftImg8bit/{train,val}/{city}/{city}_{seq:06d}_000019_leftImg8bit.png`` (RGB) with
 ``DIR/gtFine/.../*_gtFine_labelIds.png`` (uint8 official labelIds) and ``*_gtFine_color.png`` (the
 official colours), train split over two cities and val over a third, plus ``manifest.json``.
+``--layout folder`` writes the same scenes as your own data would be (``ifbf_fast.data.folder``):
+``DIR/images/STEM.png``, ``DIR/masks/STEM.png``, ``DIR/splits/{train,val}.txt`` and ``DIR/classes.yaml``
+listing the nine classes the city has (Cityscapes names, colours and labelIds as ids, train ids 0..8 in
+Cityscapes' order); the void pixels ('unlabeled', 'ego vehicle', 'static') get the ignore_id 255.
 
 Scenes: sky on top, a skyline of buildings, a road converging to a vanishing point with sidewalks
 on both sides, trees (vegetation), poles carrying traffic signs, cars on the road, persons on the
@@ -34,6 +39,7 @@ import tempfile
 import cv2
 import numpy as np
 
+from .classes import write_class_table
 from .labels import LABEL_COLORS, LABEL_ID
 
 GENERATOR = "ifbf_fast.data.synthetic"
@@ -245,20 +251,43 @@ def _plan(n_train, n_val):
     return out
 
 
+#: the classes of the city, in Cityscapes' train-id order: the folder layout's classes.yaml
+FOLDER_CLASSES = ("road", "sidewalk", "building", "pole", "traffic sign", "vegetation", "sky", "person", "car")
+LAYOUTS = ("cityscapes", "folder")
+
+
 def _write_all(out_dir, params):
-    files = []
+    files, lists = [], {"train": [], "val": []}
+    folder = params["layout"] == "folder"
+    to_mask = np.full(256, 255, np.uint8)        # folder layout: labelIds of the nine classes, void -> 255
+    to_mask[[_ID[n] for n in FOLDER_CLASSES]] = [_ID[n] for n in FOLDER_CLASSES]
     for split, code, i, city, stem in _plan(params["n_train"], params["n_val"]):
         rng = np.random.default_rng([params["seed"], code, i])
         image, label = render_scene(params["height"], params["width"], rng)
-        rel = {"img": f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png",
-               "ids": f"gtFine/{split}/{city}/{stem}_gtFine_labelIds.png",
-               "col": f"gtFine/{split}/{city}/{stem}_gtFine_color.png"}
+        if folder:
+            rel = {"img": f"images/{stem}.png", "ids": f"masks/{stem}.png"}
+            label = to_mask[label]
+            lists[split].append(stem)
+        else:
+            rel = {"img": f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png",
+                   "ids": f"gtFine/{split}/{city}/{stem}_gtFine_labelIds.png",
+                   "col": f"gtFine/{split}/{city}/{stem}_gtFine_color.png"}
         for path in rel.values():
             os.makedirs(os.path.dirname(os.path.join(out_dir, path)), exist_ok=True)
         cv2.imwrite(os.path.join(out_dir, rel["img"]), image[:, :, ::-1])
         cv2.imwrite(os.path.join(out_dir, rel["ids"]), label)
-        cv2.imwrite(os.path.join(out_dir, rel["col"]), LABEL_COLORS[label][:, :, ::-1])
+        if not folder:
+            cv2.imwrite(os.path.join(out_dir, rel["col"]), LABEL_COLORS[label][:, :, ::-1])
         files.extend(rel.values())
+    if folder:
+        os.makedirs(os.path.join(out_dir, "splits"))
+        for split, stems in lists.items():
+            with open(os.path.join(out_dir, "splits", f"{split}.txt"), "w") as f:
+                f.write("".join(f"{stem}\n" for stem in stems))
+            files.append(f"splits/{split}.txt")
+        ids = [_ID[n] for n in FOLDER_CLASSES]
+        write_class_table(os.path.join(out_dir, "classes.yaml"), FOLDER_CLASSES, ids, LABEL_COLORS[ids])
+        files.append("classes.yaml")
     manifest = {"generator": GENERATOR, "version": VERSION, "params": params, "files": files}
     with open(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
@@ -280,8 +309,9 @@ def _is_complete(out_dir, params) -> bool:
 
 
 def generate_city(out_dir, n_train: int = 24, n_val: int = 8, height: int = 256,
-                  width: int = 512, seed: int = 0, force: bool = False) -> str:
-    """Build (or reuse) the synthetic city in ``out_dir``; returns ``out_dir``.
+                  width: int = 512, seed: int = 0, force: bool = False, layout: str = "cityscapes") -> str:
+    """Build (or reuse) the synthetic city in ``out_dir``; returns ``out_dir``. ``layout``:
+    ``"cityscapes"`` or ``"folder"`` (module docstring).
 
     Reused when ``out_dir/manifest.json`` records the same parameters and generator version and
     every listed file exists (``force`` regenerates anyway). An existing non-empty ``out_dir``
@@ -289,7 +319,9 @@ def generate_city(out_dir, n_train: int = 24, n_val: int = 8, height: int = 256,
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
     params = {"n_train": int(n_train), "n_val": int(n_val), "height": int(height),
-              "width": int(width), "seed": int(seed)}
+              "width": int(width), "seed": int(seed), "layout": str(layout)}
+    if layout not in LAYOUTS:
+        raise ValueError(f"generate_city: layout must be one of {LAYOUTS}, got {layout!r}")
     if min(params["height"], params["width"]) < 16 or min(n_train, n_val) < 0:
         raise ValueError(f"generate_city: need height, width >= 16 and counts >= 0, got {params}")
     if not force and _is_complete(out_dir, params):
@@ -331,13 +363,16 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="regenerate even if complete")
+    p.add_argument("--layout", choices=LAYOUTS, default="cityscapes",
+                   help="cityscapes: leftImg8bit/ + gtFine/; folder: classes.yaml, images/, masks/, splits/ "
+                        "(the layout for your own data)")
     a = p.parse_args(argv)
     try:
-        out = generate_city(a.out, a.train, a.val, a.height, a.width, a.seed, a.force)
+        out = generate_city(a.out, a.train, a.val, a.height, a.width, a.seed, a.force, a.layout)
     except (FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{out}: synthetic Cityscapes layout, train {a.train}, val {a.val}, "
+    print(f"{out}: synthetic city, {a.layout} layout, train {a.train}, val {a.val}, "
           f"{a.height}x{a.width}, seed {a.seed}")
     return 0
 

@@ -2,7 +2,10 @@
 synthetic city. The DALI pipeline (``ifbf_fast.data.dali``, another module) must match
 ``transforms.augment`` given the same ``AugParams``.
 
-Modules: ``labels`` (tables from cityscapesscripts), ``cityscapes`` (layout + reader),
+Modules: ``labels`` (tables from cityscapesscripts), ``cityscapes`` (layout + reader), ``classes``
+(``ClassTable``: names, colours, mask value -> train id; ``CITYSCAPES``; ``classes.yaml``), ``folder``
+(your own data: the folder layout + reader, and ``open_dataset`` / ``list_samples`` / ``class_table_of``
+for a root in either layout),
 ``check`` (preflight, ``python -m ifbf_fast.data.check DIR``), ``transforms`` (augmentation spec),
 ``loader`` (``build_loader``), ``synthetic`` (``python -m ifbf_fast.data.synthetic --out DIR``),
 ``dali`` (``build_dali_loader``, same batches with the pixel work in DALI), ``prepare``
@@ -11,6 +14,9 @@ Modules: ``labels`` (tables from cityscapesscripts), ``cityscapes`` (layout + re
 
 from .cityscapes import (CityscapesDataset, DataReadError, DatasetLayoutError, Sample, find_pairs,
                          png_size, read_image, read_label, read_label_ids)
+from .classes import CITYSCAPES, ClassTable, ClassTableError, load_class_table
+from .folder import (FolderDataset, class_table_of, detect_layout, is_folder_layout, list_samples,
+                     open_dataset)
 from .labels import (CLASS_NAMES, IGNORE_INDEX, LABEL_COLORS, LABEL_ID, LABEL_TO_TRAIN,
                      NUM_CLASSES, PALETTE, TRAIN_TO_LABEL, VALID_LABEL_IDS, colorize,
                      to_label_ids, to_train_ids)
@@ -44,5 +50,7 @@ __all__ = [
     "read_image", "read_label", "read_label_ids", "render_scene", "Sample", "sample_generator",
     "sample_params", "scaled_size", "SegmentationLoader", "SegmentationSet", "ShardedSampler",
     "to_label_ids", "to_train_ids", "TRAIN_TO_LABEL", "TrainTransform", "VALID_LABEL_IDS",
-    "build_dali_loader", "DaliLoader", "dali_available",
+    "build_dali_loader", "DaliLoader", "dali_available", "CITYSCAPES", "ClassTable", "ClassTableError",
+    "load_class_table", "FolderDataset", "class_table_of", "detect_layout", "is_folder_layout",
+    "list_samples", "open_dataset",
 ]

@@ -25,14 +25,13 @@ import sys
 from typing import Dict, Optional
 
 import torch
-import torch.distributed as dist
 
 from ifbf_fast import ops
 from ifbf_fast.engine import checkpoint as ck
 from ifbf_fast.inference import (InferenceError, add_inference_options, check_inference_options, existing_file,
                                  load_model, options, parser, report, window, write_submission)
 from ifbf_fast.utils import dist as du
-from ifbf_fast.utils.runtime import check_gpus, resolve_amp, select_device
+from ifbf_fast.utils.runtime import resolve_amp, select_device
 
 PROG = "python -m ifbf_fast.evaluate"
 EvaluationError = InferenceError    # bad input or set-up; the message is one line
@@ -146,36 +145,25 @@ def write_json(path: str, result: Dict[str, object], names, a: argparse.Namespac
     os.replace(tmp, path)
 
 
-def _worker(local_rank: int, a: argparse.Namespace, world: int, port: int, backend: str) -> None:
-    with du.local_group(local_rank, world, port, backend):
-        if backend == "gloo":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        run(a, local_rank)
-    du.exit_worker()
-
-
 def launch(a: argparse.Namespace) -> Optional[Dict[str, object]]:
-    """Run ``run`` in as many processes as asked: torchrun's, ``--gpus N``, or ``--procs N``.
-    Returns the result in a single process (and under torchrun), ``None`` after a spawn."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        backend = "nccl" if (a.gpus != 0 and torch.cuda.is_available()) else "gloo"
-        with du.group(lambda: dist.init_process_group(backend)):
-            return run(a, local_rank)
-    gpus = check_gpus(a.gpus)         # SetupError (exit 2) for GPUs this machine does not have
-    world, backend = (gpus, "nccl") if gpus > 1 else (a.procs if gpus == 0 else 1, "gloo")
-    if world <= 1:
-        return run(a)
-    # Fail on bad input here, once, rather than in every spawned rank.
+    """Run ``run`` in as many processes as asked: torchrun's, ``--gpus N``, or ``--procs N``
+    (:func:`ifbf_fast.engine.launch.launch`). Returns the result in a single process (and under
+    torchrun), ``None`` after a spawn."""
+    from ifbf_fast.engine.launch import launch as launch_ranks
+    from ifbf_fast.engine.preflight import user_errors
+
+    return launch_ranks(run, a, a.gpus, a.procs, user_errors(InferenceError), before_spawn=lambda backend:
+                        _before_spawn(a, backend))
+
+
+def _before_spawn(a: argparse.Namespace, backend: str) -> None:
+    """Fail on bad input here, once, rather than in every spawned rank."""
     from ifbf_fast.data.cityscapes import find_pairs
 
     find_pairs(a.data, a.split)
     if backend == "gloo":
         resolve_amp(a.amp, torch.device("cpu"))        # --amp fp16 on the CPU: SetupError (exit 2)
-    saved = ck.load(a.checkpoint).get("args")
-    window(a.mode, a.crop, a.stride, saved.get("crop_size") if isinstance(saved, dict) else None)
-    torch.multiprocessing.spawn(_worker, args=(a, world, du.free_port(), backend), nprocs=world, join=True)
-    return None
+    window(a.mode, a.crop, a.stride, ck.read(a.checkpoint).args.get("crop_size"))
 
 
 def main(argv=None) -> int:

@@ -79,18 +79,15 @@ def load_checkpoint(path: Union[str, os.PathLike], device: Union[str, torch.devi
     from ifbf_fast.engine.config import model_meta
 
     path = os.fspath(path)
-    state = ck.load(path, map_location="cpu")
-    saved = state.get("args")
-    if not isinstance(saved, dict) or not isinstance(state.get("meta"), dict):
-        raise ck.CheckpointError(f"checkpoint {path} is not an ifbf_fast checkpoint (no 'args'/'meta' entries)")
-    args = argparse.Namespace(**saved)
+    checkpoint = ck.read(path, map_location="cpu")
+    args = argparse.Namespace(**checkpoint.args)
     args.pretrained = None          # the ImageNet file of the training machine is neither needed nor there
     if channels_last is not None:
         args.channels_last = channels_last
     try:
-        ck.check_meta(state["meta"], model_meta(args), path)
+        ck.check_meta(checkpoint.meta, model_meta(args), path)
         model = model_from_args(args, device)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(checkpoint.model)
     except ck.CheckpointMismatch as exc:
         # Here both sides come from the file (its meta vs its own saved arguments): no option fixes
         # it, so it is a bad checkpoint (exit code 1), not train.py's usage error (exit code 2).

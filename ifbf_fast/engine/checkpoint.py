@@ -1,9 +1,25 @@
-"""Checkpoints: written atomically, loaded with ``weights_only=True``, checked for compatibility.
+"""Checkpoints: one layout, written atomically, loaded with ``weights_only=True``, checked for compatibility.
 
-A checkpoint is a dict of tensors and plain Python values only (so ``weights_only=True`` can load it):
-``model``, ``optimizer``, ``scheduler``, ``scaler`` state dicts, ``iteration``, ``epoch``, the loader
-position, the RNG states, the resolved arguments and a ``meta`` block describing the model (backbone,
-classes, ablation switches) that is compared before anything is loaded.
+The layout (:class:`TrainingCheckpoint`, the only place that names its keys) is a dict of tensors and
+plain Python values (so ``weights_only=True`` can load it):
+
+==================  =====================================================================
+``model``           the model's state_dict
+``optimizer``       the optimizer's state_dict (momentum buffers, learning-rate groups)
+``step``            :meth:`ifbf_fast.engine.step.TrainStep.state_dict`: the schedule position,
+                    fp16 loss scale, skip counters
+``iteration``       steps taken so far (the next step's index)
+``epoch``           the epoch of the next batch, ``batches_in_epoch`` how many of its batches
+                    were consumed (the loader skips them on resume)
+``best_miou``       the best validation mIoU so far (-1 before the first evaluation)
+``rng``             :func:`rng_state` of the primary process
+``meta``            what must match for the weights to fit (``engine.config.model_meta``)
+``args``            every resolved train.py argument (evaluate/predict/export rebuild the model
+                    from it)
+==================  =====================================================================
+
+The trainer writes it (:meth:`TrainingCheckpoint.save`), resume reads it (:func:`read`), and
+inference (evaluate, predict, export) reads the same object.
 
 Crash safety: a checkpoint is written to ``.NAME.tmp.PID`` beside its final name and renamed, so a
 kill at any moment leaves the old file or the new one. A kill during the write leaves the temporary
@@ -11,13 +27,13 @@ file; ``remove_stale_temporaries`` deletes those (ours only, by name, and only w
 process is gone) when a run starts. ``load_newest`` skips a latest checkpoint that does not load
 (cut short by a full disk, say) and falls back to the newest one that does.
 """
-
 from __future__ import annotations
 
 import glob
 import os
 import random
 import re
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -204,3 +220,48 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- the layout ---------------------------------------------------------------------------------
+
+@dataclass
+class TrainingCheckpoint:
+    """What train.py saves and reads back (the module text lists the fields)."""
+
+    model: dict
+    meta: dict
+    args: dict
+    optimizer: Optional[dict] = None
+    step: dict = field(default_factory=dict)
+    iteration: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    best_miou: float = -1.0
+    rng: Optional[dict] = None
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in _FIELDS}
+
+    def save(self, path: str) -> None:
+        """Write atomically (:func:`save_atomic`)."""
+        save_atomic(self.to_dict(), path)
+
+    @classmethod
+    def from_dict(cls, state: dict, path: str, resume: bool = False) -> "TrainingCheckpoint":
+        """The checkpoint in ``state`` (as :func:`load` returned it). ``CheckpointError`` naming ``path``
+        when it has no ``args``/``meta`` (not written by train.py), or, with ``resume``, no
+        ``iteration``/``optimizer`` to continue from."""
+        if not isinstance(state.get("args"), dict) or not isinstance(state.get("meta"), dict):
+            raise CheckpointError(f"checkpoint {path} is not an ifbf_fast checkpoint (no 'args'/'meta' entries)")
+        if resume and (not isinstance(state.get("iteration"), int) or not isinstance(state.get("optimizer"), dict)):
+            raise CheckpointError(f"checkpoint {path} is not a train.py checkpoint (no 'iteration'/'optimizer' "
+                                  f"entries to resume from)")
+        return cls(**{k: state[k] for k in _FIELDS if k in state})
+
+
+_FIELDS = tuple(TrainingCheckpoint.__dataclass_fields__)
+
+
+def read(path: str, map_location="cpu", resume: bool = False) -> TrainingCheckpoint:
+    """:func:`load` + :meth:`TrainingCheckpoint.from_dict`: a train.py checkpoint or one line naming the file."""
+    return TrainingCheckpoint.from_dict(load(path, map_location), path, resume)

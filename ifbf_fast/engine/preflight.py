@@ -141,11 +141,11 @@ def prepare_output(args: argparse.Namespace, model: torch.nn.Module,
 # --- resume -------------------------------------------------------------------------------------
 
 def resume_state(args: argparse.Namespace, map_location,
-                 log: Callable[[str], None] = print) -> Tuple[Optional[str], Optional[dict]]:
-    """(path, state) of the checkpoint to resume from, or (None, None) without ``--resume``.
+                 log: Callable[[str], None] = print) -> Tuple[Optional[str], Optional[ck.TrainingCheckpoint]]:
+    """(path, checkpoint) to resume from, or (None, None) without ``--resume``.
 
     ``--resume`` alone takes the newest ``iter_*.pt`` in ``--out`` that loads, logging each newer one
-    it skipped; ``--resume CKPT`` takes that file. The state is checked against this run (module
+    it skipped; ``--resume CKPT`` takes that file. The checkpoint is checked against this run (module
     docstring) before anything is loaded into the model."""
     if not args.resume:
         return None, None
@@ -160,16 +160,15 @@ def resume_state(args: argparse.Namespace, map_location,
             log(f"--resume: falling back to {path}, the newest checkpoint that loads")
     else:
         path, state = args.resume, ck.load(args.resume, map_location)
-    check_resumable(state, args, path)
-    return path, state
+    checkpoint = ck.TrainingCheckpoint.from_dict(state, path, resume=True)
+    check_resumable(checkpoint, args, path)
+    return path, checkpoint
 
 
-def check_resumable(state: dict, args: argparse.Namespace, path: str) -> None:
+def check_resumable(checkpoint: ck.TrainingCheckpoint, args: argparse.Namespace, path: str) -> None:
     """Refuse a checkpoint this run cannot continue exactly (``CheckpointMismatch``, one line)."""
-    if not isinstance(state.get("meta"), dict) or "iteration" not in state:
-        raise ck.CheckpointError(f"checkpoint {path} is not a train.py checkpoint (no 'meta'/'iteration')")
-    ck.check_meta(state["meta"], model_meta(args), path)
-    saved = state.get("args") if isinstance(state.get("args"), dict) else {}
+    ck.check_meta(checkpoint.meta, model_meta(args), path)
+    saved = checkpoint.args
     norm = saved.get("norm")
     if norm is not None and norm_family(norm) != norm_family(args.norm):
         affine = {"abn": "InPlace-ABN's |w| + eps", "bn": "BatchNorm's w"}
@@ -181,7 +180,7 @@ def check_resumable(state: dict, args: argparse.Namespace, path: str) -> None:
         raise ck.CheckpointMismatch(
             f"--batch-size {args.batch_size}: checkpoint {path} was made with --batch-size {batch} (its position "
             f"in the epoch counts batches of {batch}); resume with --batch-size {batch}")
-    if state["iteration"] >= args.iters:
+    if checkpoint.iteration >= args.iters:
         raise ck.CheckpointMismatch(
-            f"--iters {args.iters}: checkpoint {path} is already at step {state['iteration']}; nothing to train "
-            f"(pass --iters above {state['iteration']} to train on)")
+            f"--iters {args.iters}: checkpoint {path} is already at step {checkpoint.iteration}; nothing to train "
+            f"(pass --iters above {checkpoint.iteration} to train on)")

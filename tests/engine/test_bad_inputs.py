@@ -257,7 +257,7 @@ def test_bad_resume(case, trained, tiny_city, tmp_path, capfd, tally):
 
 def test_truncated_latest_falls_back(trained, tiny_city, tmp_path, tally):
     """The newest checkpoint cut short (a full disk, a copy interrupted): --resume takes the newest one
-    that loads and says which it skipped (what ``_train`` calls, on real files)."""
+    that loads and says which it skipped (what ``build_run`` calls, on real files)."""
     out = tmp_path / "o"
     out.mkdir()
     os.link(os.path.join(trained, "iter_00000001.pt"), out / "iter_00000001.pt")
@@ -266,7 +266,7 @@ def test_truncated_latest_falls_back(trained, tiny_city, tmp_path, tally):
     args = parse_args(words_for(tiny_city, out, resume="latest", iters=4))
     logs = []
     path, state = preflight.resume_state(args, "cpu", logs.append)
-    assert path == str(out / "iter_00000001.pt") and state["iteration"] == 1
+    assert path == str(out / "iter_00000001.pt") and state.iteration == 1
     assert len(logs) == 2 and "iter_00000002.pt could not be read" in logs[0], logs
     assert f"falling back to {path}, the newest checkpoint that loads" in logs[1]
     tally(True)

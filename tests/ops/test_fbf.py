@@ -1,8 +1,9 @@
 """The fused FBF (kernels/fbf.py + the custom ops in ifbf_fast/ops/fbf.py) against ``fbf_ref``.
 
 Runs the Triton kernels under the interpreter on CPU tensors (tests/conftest.py), or compiled on CUDA
-with IFBF_TEST_GPU=1. Every buffer the launchers allocate is poisoned with NaN (``poison`` fixture), so
-an element a kernel fails to write shows up as a mismatch.
+with IFBF_TEST_GPU=1. Every buffer allocated during a test is poisoned with NaN (the ``poison``
+fixture, tests/ops/_compare.py), so an element a kernel fails to write shows up as a mismatch; the
+comparison and its tolerance are tests/ops/_compare.py's (``TOLERANCE["fbf"]``).
 """
 import importlib
 import os
@@ -13,34 +14,27 @@ import torch
 from ifbf_fast import ops
 from ifbf_fast.nn.fbf import FBF
 
+from ._compare import DTYPES, compare, run
+
 K = importlib.import_module("ifbf_fast.kernels.fbf")
 OPS = importlib.import_module("ifbf_fast.ops.fbf")   # the module (ifbf_fast.ops.fbf is the function)
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# atol of the flash-attention rule, relative to the largest magnitude of the fp32 reference value
-ATOL = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
-NAMES = ("out", "grad_high", "grad_low", "grad_weight", "grad_bias")
+WRT = {0: "grad_high", 1: "grad_low", 2: "grad_weight", 3: "grad_bias"}
+NAMES = ("out",) + tuple(WRT.values())
+
+pytestmark = pytest.mark.usefixtures("poison")
 
 
 @pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    """NaN-fill every buffer the launchers allocate (outputs, gradients, partial sums)."""
-    def _nan_empty(shape, dtype, device, memory_format=torch.contiguous_format):
-        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device).contiguous(
-            memory_format=memory_format)
-    monkeypatch.setattr(K, "_empty", _nan_empty)
-    monkeypatch.setattr(K, "_empty_like", lambda t: torch.full_like(t, float("nan")))
-    # fresh (poisoned) scratch and fresh plans per test; the counters start zeroed as in a new process
+def fresh_workspaces(monkeypatch):
+    """Fresh (so poisoned) scratch and fresh plans per test; the counters start zeroed as in a new process."""
     monkeypatch.setattr(K, "_WORKSPACES", {})
     monkeypatch.setattr(K, "_PLANS", {})
 
 
 def _run(fn, high, low, weight, bias, grad):
-    """out and the four gradients of ``fn``; inputs keep their strides (detach() keeps the view)."""
-    leaves = [t.detach().requires_grad_() for t in (high, low, weight, bias)]
-    out = fn(*leaves)
-    grads = torch.autograd.grad(out, leaves, grad)
-    return [out.detach()] + list(grads)
+    """{out, grad_high, grad_low, grad_weight, grad_bias} of ``fn``; inputs keep their strides."""
+    return run(fn, (high, low, weight, bias), grad, WRT)
 
 
 def _fast(*args):
@@ -77,19 +71,14 @@ def _inputs(device, dtype, n, ch, cl, h, w, layout="nchw", conv_weight=False, wd
 
 
 def _check_against_reference(args, fast_res, dtype):
-    """err(fast, ref_fp32) <= 2 * err(ref_lowp, ref_fp32) + atol, per output; reports the worst element."""
+    """Every result against the fp32 reference (tests/ops/_compare.py, ``TOLERANCE["fbf"]``), in its
+    input's dtype and shape."""
     ref32 = _run(lambda *a: OPS.fbf_ref(*a), *[t.float() for t in args])
-    lowp = _run(lambda *a: OPS.fbf_ref(*a, upcast=False), *args) if dtype != torch.float32 else ref32
-    for name, f, r, lp, inp in zip(NAMES, fast_res, ref32, lowp, (None,) + tuple(args[:4])):
-        if inp is not None:
-            assert f.dtype == inp.dtype and f.shape == inp.shape, f"{name}: {f.dtype} {tuple(f.shape)}"
-        assert torch.isfinite(f).all(), f"{name}: non-finite values (an unwritten, poisoned element?)"
-        err = (f.float() - r).abs()
-        bound = 2 * (lp.float() - r).abs().max() + ATOL[dtype] * (1 + r.abs().max())
-        if err.max() > bound:
-            idx = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
-            pytest.fail(f"{name} {dtype}: max error {err.max():.3g} at {idx} (fast {f.float()[idx]:.6g}, "
-                        f"ref {r[idx]:.6g}) > bound {bound:.3g}")
+    lowp = _run(lambda *a: OPS.fbf_ref(*a, upcast=False), *args) if dtype != torch.float32 else None
+    for name, inp in zip(NAMES[1:], args[:4]):
+        f = fast_res[name]
+        assert f.dtype == inp.dtype and f.shape == inp.shape, f"{name}: {f.dtype} {tuple(f.shape)}"
+    compare("fbf", fast_res, ref32, dtype, lowp=lowp)
 
 
 # name: (n, ch, cl, h, w, layout, conv_weight, path): path is the (block path, FLAT_HW) of all four
@@ -125,7 +114,7 @@ def test_forward_and_gradients_match_reference(case, dtype, device, monkeypatch)
     expected = path if isinstance(path, list) else [path] * 4
     assert paths == expected, f"launch paths {paths}, expected {expected}"
     _check_against_reference(args, res, dtype)
-    out = res[0]
+    out = res["out"]
     assert out.is_contiguous(memory_format=K.memory_format_of(args[0])), "out not in high's memory format"
     if layout in ("channels_last", "sliced_cl") and h * w > 1:
         assert out.is_contiguous(memory_format=torch.channels_last)
@@ -137,11 +126,10 @@ def test_autocast_bf16_with_fp32_parameters(device):
                                             wdtype=torch.float32)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
         res = _run(_fast, high, low, weight, bias, grad)
-    assert [t.dtype for t in res] == [torch.bfloat16] * 3 + [torch.float32] * 2
-    assert res[3].shape == weight.shape
+    assert [t.dtype for t in res.values()] == [torch.bfloat16] * 3 + [torch.float32] * 2
+    assert res["grad_weight"].shape == weight.shape
     ref32 = _run(lambda *a: OPS.fbf_ref(*a), *[t.float() for t in (high, low, weight, bias, grad)])
-    for name, f, r in zip(NAMES, res, ref32):
-        torch.testing.assert_close(f.float(), r, atol=2e-2 * (1 + r.abs().max().item()), rtol=1e-2, msg=name)
+    compare("fbf_autocast", res, ref32, torch.bfloat16)
 
 
 def test_launcher_into_poisoned_buffers_writes_everything(device):
@@ -266,7 +254,7 @@ def test_switch_reaches_kernel_only_when_fast(device, monkeypatch):
     with ops.use_impl("auto"):   # auto takes the kernel wherever it can run (here: it can)
         auto = _run(ops.fbf, *args)
     assert calls == {"fwd": 2, "bwd": 2}
-    torch.testing.assert_close(auto[0], ref[0])
+    torch.testing.assert_close(auto["out"], ref["out"])
 
 
 def test_where_the_fast_path_cannot_run(device, monkeypatch):

@@ -3,7 +3,8 @@
 Values are compared whatever the ties; gradients only on inputs whose k-th largest loss is separated
 from its neighbours (the reference's ``topk`` picks arbitrary tied pixels), except in the tie test,
 which checks the documented tie-symmetric weights. Ahead-of-time compile of every launched kernel
-configuration lives in test_ohem_ce_aot.py.
+configuration lives in test_ohem_ce_aot.py. Every buffer allocated during a test is poisoned with NaN
+(the ``poison`` fixture); comparisons and tolerances are tests/ops/_compare.py's (``TOLERANCE["ohem_ce"]``).
 """
 import math
 import struct
@@ -18,12 +19,9 @@ from ifbf_fast.kernels import ohem_ce as K
 from ifbf_fast.ops import ohem_ce as O
 from ifbf_fast.ops.ohem_ce import num_kept, ohem_cross_entropy_fast, ohem_cross_entropy_ref
 
-# Both paths compute the per-pixel loss in fp32 from the same logits; the low-precision gradients
-# differ by the final rounding to the logits' dtype.
-LOSS_TOL = dict(atol=1e-5, rtol=1e-5)
-GRAD_TOL = {torch.float32: dict(atol=1e-6, rtol=1e-4), torch.float16: dict(atol=1e-6, rtol=2e-3),
-            torch.bfloat16: dict(atol=1e-5, rtol=1.6e-2)}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+from ._compare import DTYPES, assert_close, check, compare, run
+
+pytestmark = pytest.mark.usefixtures("poison")
 
 
 def _inputs(shape, dtype, device, ignore_frac=0.2, scale=2.0, ignore_index=255):
@@ -35,10 +33,17 @@ def _inputs(shape, dtype, device, ignore_frac=0.2, scale=2.0, ignore_index=255):
 
 
 def _run(fn, logits, target, *args, grad_out=1.0, **kwargs):
-    x = logits.detach().clone().requires_grad_(True)
-    loss = fn(x, target, *args, **kwargs)
-    (loss * grad_out).backward()
-    return loss.detach(), x.grad
+    """(loss, grad_logits) of one call on a fresh leaf (a view keeps its strides)."""
+    r = run(fn, (logits, target) + args, grad_out, {0: "grad_logits"}, out_name="loss", **kwargs)
+    return r["loss"], r["grad_logits"]
+
+
+def _check_loss(got, want, what="loss"):
+    check("ohem_ce", "loss", got, want, torch.float32, what=what)
+
+
+def _check_grad(got, want, dtype, what="grad_logits"):
+    check("ohem_ce", "grad_logits", got, want, dtype, what=what)
 
 
 def _ref_losses(logits, target, ignore_index=255):
@@ -56,23 +61,13 @@ def _separated_at_kth(logits, target, keep_ratio, ignore_index=255, gap=1e-4):
     return bool(losses[k - 1] - losses[k] > gap * max(1.0, float(losses[k - 1])))
 
 
-def _assert_close(got, want, what, **tol):
-    try:
-        torch.testing.assert_close(got, want, **tol)
-    except AssertionError as exc:
-        err = (got.float() - want.float()).abs()
-        where = tuple(int(i) for i in torch.nonzero(err == err.max())[0]) if err.dim() else ()
-        raise AssertionError(f"{what}: largest error {float(err.max()):.3g} at {where}\n{exc}") from None
-
-
 def _check_against_ref(logits, target, keep_ratio=0.75, thresh=None, dtype=None, grad_out=1.0):
     dtype = dtype or logits.dtype
     got, g_got = _run(ohem_cross_entropy_fast, logits, target, keep_ratio, thresh, grad_out=grad_out)
     want, g_want = _run(ohem_cross_entropy_ref, logits, target, keep_ratio, thresh, grad_out=grad_out)
     assert got.dtype == torch.float32 and got.shape == ()
-    _assert_close(got, want, "loss", **LOSS_TOL)
     assert g_got.dtype == logits.dtype and g_got.shape == logits.shape
-    _assert_close(g_got, g_want, "grad_logits", **GRAD_TOL[dtype])
+    compare("ohem_ce", {"loss": got, "grad_logits": g_got}, {"loss": want, "grad_logits": g_want}, dtype)
 
 
 def _fresh_separated(shape, dtype, device, keep_ratio, thresh=None, **kw):
@@ -119,8 +114,8 @@ def test_keep_all_is_plain_cross_entropy(device, dtype):
     logits, target = _inputs((2, 19, 7, 13), dtype, device)
     got, g_got = _run(ohem_cross_entropy_fast, logits, target, 1.0)
     want, g_want = _run(lambda x, t: F.cross_entropy(x.float(), t, ignore_index=255), logits, target)
-    _assert_close(got, want, "loss", **LOSS_TOL)
-    _assert_close(g_got, g_want, "grad_logits", **GRAD_TOL[dtype])
+    _check_loss(got, want, "loss")
+    _check_grad(g_got, g_want, dtype, "grad_logits")
     _check_against_ref(logits, target, 1.0)
 
 
@@ -135,8 +130,8 @@ def test_tiny_valid_sets(device, n_valid, keep_ratio):
     if _separated_at_kth(logits, target, keep_ratio):
         _check_against_ref(logits, target, keep_ratio)
     else:
-        torch.testing.assert_close(ohem_cross_entropy_fast(logits, target, keep_ratio),
-                                   ohem_cross_entropy_ref(logits, target, keep_ratio), **LOSS_TOL)
+        _check_loss(ohem_cross_entropy_fast(logits, target, keep_ratio),
+                    ohem_cross_entropy_ref(logits, target, keep_ratio))
 
 
 @pytest.mark.parametrize("shape", [(2, 19, 7, 13), (0, 19, 3, 3), (2, 19, 0, 5)], ids=str)
@@ -155,10 +150,9 @@ def test_equal_losses_value_matches_whatever_the_tie(device, keep_ratio):
     # Every pixel has the same loss log(C): the k-th value is tied with all others.
     logits = torch.zeros(2, 19, 7, 13, device=device)
     target = torch.randint(0, 19, (2, 7, 13), device=device)
-    torch.testing.assert_close(ohem_cross_entropy_fast(logits, target, keep_ratio),
-                               ohem_cross_entropy_ref(logits, target, keep_ratio), **LOSS_TOL)
-    torch.testing.assert_close(ohem_cross_entropy_fast(logits, target, keep_ratio),
-                               torch.tensor(math.log(19), device=device), **LOSS_TOL)
+    _check_loss(ohem_cross_entropy_fast(logits, target, keep_ratio), ohem_cross_entropy_ref(logits, target, keep_ratio))
+    _check_loss(ohem_cross_entropy_fast(logits, target, keep_ratio), torch.tensor(math.log(19), device=device),
+                "loss vs log(19)")
 
 
 def test_ties_at_kth_value_and_tie_symmetric_gradient(device):
@@ -178,14 +172,14 @@ def test_ties_at_kth_value_and_tie_symmetric_gradient(device):
         flat_logits[:, p] = torch.tensor([6.0, 0.0, 0.0, 0.0, 0.0])        # loss ~ 0: easy
     target.view(-1)[12:] = 255
     loss, grad = _run(ohem_cross_entropy_fast, logits, target, 0.5)
-    torch.testing.assert_close(loss, ohem_cross_entropy_ref(logits, target, 0.5), **LOSS_TOL)
+    _check_loss(loss, ohem_cross_entropy_ref(logits, target, 0.5))
     prob = torch.softmax(logits.view(c, 15).t(), 1)
     onehot = F.one_hot(target.view(-1).clamp_max(c - 1), c).float()
     weight = torch.zeros(15, device=device)
     weight[:4] = 1.0
     weight[tied] = 2.0 / 6.0                                   # (k - n_greater) / n_tied
     expected = ((prob - onehot) * weight[:, None] / 6.0).t().reshape(1, c, 3, 5)
-    _assert_close(grad, expected, "tie-symmetric grad", atol=1e-6, rtol=1e-5)
+    assert_close(grad, expected, "tie-symmetric grad", atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
@@ -214,8 +208,8 @@ def test_layouts(device, dtype, layout):
         # compare with the same labels laid out contiguously.
         got, g_got = _run(ohem_cross_entropy_fast, logits, target)
         want, g_want = _run(ohem_cross_entropy_ref, logits, target.contiguous())
-        _assert_close(got, want, "loss", **LOSS_TOL)
-        _assert_close(g_got, g_want, "grad_logits", **GRAD_TOL[dtype])
+        _check_loss(got, want, "loss")
+        _check_grad(g_got, g_want, dtype, "grad_logits")
         return
     _check_against_ref(logits, target, 0.75)
     if layout == "channels_last":
@@ -234,7 +228,7 @@ def test_every_grad_element_written(device, layout):
     assert out is poisoned and not torch.isnan(out).any()
     _, want = _run(ohem_cross_entropy_ref, logits, target)
     if _separated_at_kth(logits, target, 0.75):
-        _assert_close(out, want, "grad_logits", **GRAD_TOL[torch.float32])
+        _check_grad(out, want, torch.float32, "grad_logits")
 
 
 @pytest.mark.parametrize("n_valid,keep_ratio", [(25, 0.28), (50, 0.56), (25, 0.6), (50, 0.54), (3, 1 / 3),
@@ -286,7 +280,7 @@ def test_switch_routes_to_the_fast_path(device):
         with ops.use_impl(impl), count_launches() as seen:
             loss = ops.ohem_cross_entropy(logits, target)
         assert (seen.by_name["triton:_ohem_ce_fwd_kernel"] == 1) == expect_fast, impl
-        torch.testing.assert_close(loss, ohem_cross_entropy_ref(logits, target), **LOSS_TOL)
+        _check_loss(loss, ohem_cross_entropy_ref(logits, target))
     with ops.use_impl("fast"), pytest.raises(ops.FastPathUnavailable, match="float64"):
         ops.ohem_cross_entropy(logits.double(), target)
     with ops.use_impl("auto"):        # fp64 logits: the reference, not an error
@@ -358,11 +352,11 @@ def test_compile_fullgraph_no_graph_breaks(device, backend):
         compiled = torch.compile(step, fullgraph=True, backend=backend)
         loss, grad = _run(compiled, logits, target)
         want, g_want = _run(step, logits, target)
-    _assert_close(loss, want, "compiled loss", **LOSS_TOL)
-    _assert_close(grad, g_want, "compiled grad", **GRAD_TOL[torch.float32])
+    _check_loss(loss, want, "compiled loss")
+    _check_grad(grad, g_want, torch.float32, "compiled grad")
     ref, g_ref = _run(lambda x, t: ohem_cross_entropy_ref(x * 1.5, t, 0.75, 0.7) * 2.0, logits, target)
-    _assert_close(loss, ref, "compiled loss vs reference", **LOSS_TOL)
-    _assert_close(grad, g_ref, "compiled grad vs reference", **GRAD_TOL[torch.float32])
+    _check_loss(loss, ref, "compiled loss vs reference")
+    _check_grad(grad, g_ref, torch.float32, "compiled grad vs reference")
 
 
 def test_bench_helpers_count_bytes_and_run(device):
@@ -402,7 +396,7 @@ def test_under_autocast_grad_in_logits_dtype(device):
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     loss.backward()
     assert seen["dtype"] == torch.bfloat16 and torch.isfinite(conv.weight.grad).all()
-    torch.testing.assert_close(loss, ohem_cross_entropy_ref(logits.detach(), target), **LOSS_TOL)
+    _check_loss(loss, ohem_cross_entropy_ref(logits.detach(), target))
 
 
 def test_saves_nothing_of_logits_size_beyond_the_logits(device):

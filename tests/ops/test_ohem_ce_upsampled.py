@@ -1,5 +1,6 @@
 """Optional fused variant: bilinear upsampling of the logits inside the OHEM loss, against
-``F.interpolate`` + the reference (under the interpreter unless IFBF_TEST_GPU=1)."""
+``F.interpolate`` + the reference (under the interpreter unless IFBF_TEST_GPU=1); buffers poisoned with
+NaN, comparisons and tolerances from tests/ops/_compare.py (``TOLERANCE["ohem_ce"]``)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,10 @@ from ifbf_fast.ops.ohem_ce import ohem_cross_entropy_ref
 from ifbf_fast.ops.ohem_ce_upsampled import (ohem_cross_entropy_upsampled, ohem_cross_entropy_upsampled_fast,
                                              ohem_cross_entropy_upsampled_ref)
 
-from .test_ohem_ce import GRAD_TOL, LOSS_TOL, _assert_close, _run, _separated_at_kth
+from ._compare import DTYPES, assert_within
+from .test_ohem_ce import _check_grad, _check_loss, _run, _separated_at_kth
+
+pytestmark = pytest.mark.usefixtures("poison")
 
 # (N, C, h, w) -> (H, W): the exact x4 of the network, a non-integer factor, one class, odd sizes.
 CASES = [((2, 19, 5, 9), (20, 36)), ((1, 19, 4, 4), (13, 17)), ((1, 1, 3, 3), (12, 12)), ((2, 5, 3, 7), (11, 29))]
@@ -34,7 +38,7 @@ def _ref_fp32_interp(x, t, *args):
                                                 align_corners=False), t, *args)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("thresh", [None, 0.7])
 def test_matches_interpolate_then_reference(device, dtype, case, thresh):
@@ -42,15 +46,15 @@ def test_matches_interpolate_then_reference(device, dtype, case, thresh):
     logits, target = _fresh(shape, size, dtype, device)
     got, g_got = _run(ohem_cross_entropy_upsampled_fast, logits, target, 0.75, thresh)
     want, g_want = _run(_ref_fp32_interp, logits, target, 0.75, thresh)
-    _assert_close(got, want, "loss", **LOSS_TOL)
+    _check_loss(got, want, "loss")
     assert g_got.dtype == dtype and g_got.shape == logits.shape
-    _assert_close(g_got, g_want, "grad_logits", **GRAD_TOL[dtype])
+    _check_grad(g_got, g_want, dtype, "grad_logits")
     if dtype != torch.float32:
         # Against the unfused low-precision path (upsampled logits rounded to bf16/fp16): no worse than
         # that path's own distance to fp32, plus a small slack.
         ref_lowp = ohem_cross_entropy_upsampled_ref(logits, target, 0.75, thresh)
         ref_fp32 = ohem_cross_entropy_upsampled_ref(logits.float(), target, 0.75, thresh)
-        assert (got - ref_fp32).abs() <= 2 * (ref_lowp - ref_fp32).abs() + 1e-5
+        assert_within(got, ref_fp32, ref_lowp, "loss vs the unfused low-precision path", atol=0.0, extra_atol=1e-5)
 
 
 def test_layouts_all_ignored_and_switch(device):
@@ -58,8 +62,8 @@ def test_layouts_all_ignored_and_switch(device):
     cl = logits.contiguous(memory_format=torch.channels_last)
     got, g_got = _run(ohem_cross_entropy_upsampled_fast, cl, target)
     want, g_want = _run(ohem_cross_entropy_upsampled_ref, logits, target)
-    _assert_close(got, want, "loss", **LOSS_TOL)
-    _assert_close(g_got, g_want, "grad_logits", **GRAD_TOL[torch.float32])
+    _check_loss(got, want, "loss")
+    _check_grad(g_got, g_want, torch.float32, "grad_logits")
     assert g_got.is_contiguous(memory_format=torch.channels_last)
     ignored = torch.full_like(target, 255)
     loss, grad = _run(ohem_cross_entropy_upsampled_fast, logits, ignored)
@@ -98,8 +102,8 @@ def test_opcheck_and_compile(device):
         assert explain.graph_break_count == 0 and explain.graph_count == 1, explain
         got, g_got = _run(torch.compile(step, fullgraph=True, backend="aot_eager"), logits, target)
     want, g_want = _run(lambda x, t: ohem_cross_entropy_upsampled_ref(x * 2.0, t, 0.75) + 1.0, logits, target)
-    _assert_close(got, want, "compiled loss", **LOSS_TOL)
-    _assert_close(g_got, g_want, "compiled grad", **GRAD_TOL[torch.float32])
+    _check_loss(got, want, "compiled loss")
+    _check_grad(g_got, g_want, torch.float32, "compiled grad")
 
 
 def test_bench_helpers(device):

@@ -211,8 +211,39 @@ def test_copy_bandwidth(benchmark, dtype):
 HOST_SHAPE = (2, 16, 8, 48, 48)       # N, Ch, Cl, H, W: small, the host cost does not depend on it
 
 
+class _FloorFunction(torch.autograd.Function):
+    """FBF's signature with no work: the outputs allocated, nothing computed. Its fwd+bwd is what any
+    fused op written as a Python autograd.Function pays the autograd engine (the "autograd_floor"
+    provider): the fast path's host time minus this is the part the op's own code costs."""
+
+    @staticmethod
+    def forward(ctx, high, low, weight, bias):
+        ctx.save_for_backward(high, low, weight)
+        n, ch, h, w = high.shape
+        return high.new_empty((n, ch + low.shape[1], h, w))
+
+    @staticmethod
+    def backward(ctx, grad):
+        high, low, weight = ctx.saved_tensors
+        return (torch.empty_like(high), torch.empty_like(low), torch.empty_like(weight),
+                weight.new_empty(weight.shape[0]))
+
+
+def _floor_case(layout: str) -> Callable[[], object]:
+    n, ch, cl, h, w = HOST_SHAPE
+    high, low = torch.randn(n, ch, h, w), torch.randn(n, cl, h, w)
+    if layout == "channels_last":
+        high, low = (t.contiguous(memory_format=torch.channels_last) for t in (high, low))
+    inputs = [t.requires_grad_() for t in (high, low, torch.randn(ch + cl, ch + cl, 1, 1), torch.randn(ch + cl))]
+    grad = torch.randn(n, ch + cl, h, w)
+
+    def run():
+        return torch.autograd.grad(_FloorFunction.apply(*inputs), inputs, grad)
+    return run
+
+
 @pytest.mark.benchmark(group="fbf host", warmup=True)
-@pytest.mark.parametrize("provider", ("reference", "fast"))
+@pytest.mark.parametrize("provider", ("reference", "fast", "autograd_floor"))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fbf_host(benchmark, monkeypatch, layout, provider):
     """Host microseconds of one fwd+bwd (``torch.autograd.grad`` of all four inputs) with the Triton
@@ -225,8 +256,11 @@ def test_fbf_host(benchmark, monkeypatch, layout, provider):
         monkeypatch.setattr(kernels, "INTERPRETER", True)     # CPU tensors take the (stubbed) fast path
     n, ch, cl, h, w = HOST_SHAPE
     torch.manual_seed(0)
-    run = make_case("reference" if provider == "reference" else "fast_set", "fwd_bwd", n, ch, cl, h, w,
-                    torch.float32, layout, "cpu" if cpu else "cuda")
+    if provider == "autograd_floor":
+        run = _floor_case(layout)
+    else:
+        run = make_case("reference" if provider == "reference" else "fast_set", "fwd_bwd", n, ch, cl, h, w,
+                        torch.float32, layout, "cpu" if cpu else "cuda")
     # One intra-op thread: the reference's CPU ops on these small tensors otherwise fan out to threads
     # that, on a shared 2-core machine, made its timings swing 300x between runs.
     threads = torch.get_num_threads()

@@ -19,9 +19,8 @@ Forward and backward in three launches, no host synchronisation, no fill:
 
 The histograms and counters live in a persistent per-device scratch buffer (:func:`scratch`, zeroed
 once at allocation, outside any CUDA graph capture): each region is zeroed by a later pass of the
-same call once it has been read (the first histogram by the select pass, the counters and tickets
-by the last programs) or before it is used (the second histogram by the forward kernel), so a call
-starts from zeros and needs no fill. Calls on one device must therefore not overlap (one stream, as
+same call once it has been read (the first histogram by the select pass, the second histogram, the
+counters and tickets by the last programs), so a call leaves it zero and needs no fill. Calls on one device must therefore not overlap (one stream, as
 in training).
 
 ``k = ceil(keep_ratio * n_valid)`` is computed on the device in fp64, exactly as ``num_kept`` does
@@ -62,7 +61,7 @@ import triton.language as tl
 from .ohem_ce_select import (N_PROGRAM_SLOT, RED_BLOCK, SCRATCH_SIZE, STATE_CUT, STATE_INV_N,
                              STATE_K, STATE_KTH, STATE_N_BAD, STATE_N_NAN, STATE_N_VALID, STATE_SIZE,
                              STATE_TIE_W, _STATE_CUT, _STATE_INV_N, _STATE_TIE_W, _ohem_ce_fwd_epilogue,
-                             _ohem_ce_select_kernel, scratch, select_launch, zero_steps, SLOTS, FINE2)
+                             _ohem_ce_select_kernel, scratch, select_launch)
 
 __all__ = ["ohem_ce_fwd", "ohem_ce_bwd", "block_sizes", "thresh_bits", "bytes_model", "scratch",
            "STATE_SIZE", "STATE_N_VALID", "STATE_N_BAD", "STATE_N_NAN", "STATE_CUT", "STATE_INV_N",
@@ -140,7 +139,6 @@ def _ohem_ce_fwd_kernel(
     ignore_index,   # label of ignored pixels
     keep_hi, keep_lo,   # int32 halves of keep_ratio's fp64 bit pattern (for the epilogue's k)
     n_programs,     # grid size (both axes)
-    zero_steps,     # grid-stride steps that zero the second histogram (ohem_ce_select.zero_steps)
     BLOCK_P: tl.constexpr,   # pixels per tile
     BLOCK_C: tl.constexpr,   # next power of two >= C
     TILES: tl.constexpr,     # tiles per program
@@ -177,8 +175,7 @@ def _ohem_ce_fwd_kernel(
         n_valid += tl.sum(valid.to(tl.int32))
         n_bad += tl.sum(bad.to(tl.int32))
         n_nan += tl.sum(is_nan.to(tl.int32))
-    _ohem_ce_fwd_epilogue(scratch_ptr, coarse, n_valid, n_bad, n_nan, keep_hi, keep_lo,
-                          tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), n_programs, zero_steps)
+    _ohem_ce_fwd_epilogue(scratch_ptr, coarse, n_valid, n_bad, n_nan, keep_hi, keep_lo, n_programs)
 
 
 @triton.jit
@@ -313,7 +310,7 @@ def _fwd_meta(logits: torch.Tensor, target: torch.Tensor) -> tuple:
         n_prog = grid[0] * grid[1]
         meta = _FWD_META[key] = (p, _ohem_ce_fwd_kernel[grid], _cdiv(p, RED_BLOCK) if p else 1,
                                  (c, h * w, w) + tuple(logits.stride()) + tuple(target.stride()),
-                                 (n_prog, zero_steps(SLOTS - FINE2, max(n_prog, 1))),
+                                 (n_prog,),
                                  dict(BLOCK_P=block_p, BLOCK_C=block_c, TILES=FWD_TILES,
                                       FLAT_HW=_flat_hw(logits, target), num_warps=warps))
     return meta

@@ -12,13 +12,14 @@ program in fp64 and the per-program sums in a fixed order by the last program; i
 bin every loss is ``base + low * ulp`` (one exponent), so their sum is ``count * base + sum(low) *
 ulp`` from integer counts and sums, with no rounding besides the final fp64 ones.
 
-Scratch layout (int32 words; zero between calls except the second histogram, which the forward
-kernel zeroes before the select pass uses it):
+Scratch layout (int32 words; all zero between calls: each pass resets what it used, without a fill
+launch):
 
     FINE1    65,536  top-16-bit histogram        (forward kernel adds; select pass zeroes)
     COARSE1     256  exponent histogram          (forward kernel adds; select pass zeroes)
-    FINE2    32,768  low-15-bit histogram        (forward kernel zeroes; select pass adds)
-    C2_CNT      128  its coarse level (7 bits)   (same)
+    FINE2    32,768  low-15-bit histogram        (select pass adds; its last program zeroes the
+                                                  256-word rows whose coarse count is not 0)
+    C2_CNT      128  its coarse level (7 bits)   (select pass adds; its last program zeroes)
     C2_SUM      256  128 int64 sums of low bits  (same)
     SLOTS        16  counters, tickets, the first digit (epilogues read and reset them)
 """
@@ -111,19 +112,14 @@ def _ohem_ce_ticket(scratch_ptr, slot):
 
 
 @triton.jit
-def _ohem_ce_fwd_epilogue(scratch_ptr, coarse, n_valid, n_bad, n_nan, keep_hi, keep_lo, pid, n_programs,
-                          zero_steps):
-    """End of a forward program: flush its counters, zero its share of the second histogram; the last
-    program picks the top-16-bit bin of the k-th largest loss (slots D1, NG1)."""
+def _ohem_ce_fwd_epilogue(scratch_ptr, coarse, n_valid, n_bad, n_nan, keep_hi, keep_lo, n_programs):
+    """End of a forward program: flush its counters; the last program picks the top-16-bit bin of the
+    k-th largest loss (slots D1, NG1)."""
     bins = tl.arange(0, 256)
     tl.atomic_add(scratch_ptr + _COARSE1 + bins, coarse, mask=coarse != 0, sem="relaxed")
     tl.atomic_add(scratch_ptr + _S_N_VALID, n_valid, mask=n_valid != 0, sem="relaxed")
     tl.atomic_add(scratch_ptr + _S_N_BAD, n_bad, mask=n_bad != 0, sem="relaxed")
     tl.atomic_add(scratch_ptr + _S_N_NAN, n_nan, mask=n_nan != 0, sem="relaxed")
-    zoffs = tl.arange(0, _ZERO_BLOCK)
-    for j in range(zero_steps):                  # grid-stride; zero_steps from the launcher
-        start = _FINE2 + (pid + j * n_programs) * _ZERO_BLOCK
-        tl.store(scratch_ptr + start + zoffs, tl.zeros([_ZERO_BLOCK], tl.int32), mask=start + zoffs < _SLOTS)
     if _ohem_ce_ticket(scratch_ptr, _S_TICKET1) == n_programs - 1:
         n_tot = tl.load(scratch_ptr + _S_N_VALID, cache_modifier=".cg")
         k = _ohem_ce_num_kept(n_tot, keep_hi, keep_lo)
@@ -182,7 +178,8 @@ def _ohem_ce_select_kernel(
 @triton.jit
 def _ohem_ce_finalize(scratch_ptr, partial_ptr, state_ptr, result_ptr, bad_ptr, n_programs, d1,
                       keep_hi, keep_lo, thresh_bits):
-    """The last select program: the exact k-th loss, the kept sum, the state; resets the slots."""
+    """The last select program: the exact k-th loss, the kept sum, the state; resets the slots and the
+    second histogram (so that a call leaves the whole scratch zero)."""
     n_valid = tl.load(scratch_ptr + _S_N_VALID, cache_modifier=".cg")
     n_bad = tl.load(scratch_ptr + _S_N_BAD, cache_modifier=".cg")
     n_nan = tl.load(scratch_ptr + _S_N_NAN, cache_modifier=".cg")
@@ -241,6 +238,18 @@ def _ohem_ce_finalize(scratch_ptr, partial_ptr, state_ptr, result_ptr, bad_ptr, 
     tl.store(state_ptr + _STATE_KTH, kth_bits)
     sl = tl.arange(0, 16)
     tl.store(scratch_ptr + _SLOTS + sl, tl.zeros([16], tl.int32))     # counters, tickets, digit
+    # The second histogram back to zero: the other select programs are done (ticket), and this
+    # program's reads of it above come first (barrier). Only rows that received a loss are written:
+    # the losses of the k-th's top bin, usually far fewer than the 32,768 words.
+    tl.debug_barrier()
+    rows = tl.arange(0, 16)
+    for r0 in range(0, 128, 16):
+        cnt = tl.load(scratch_ptr + _C2_CNT + r0 + rows, cache_modifier=".cg")
+        words = (r0 + rows)[:, None] * 256 + fbins[None, :]
+        tl.store(scratch_ptr + _FINE2 + words, tl.zeros([16, 256], tl.int32), mask=(cnt != 0)[:, None])
+    tl.debug_barrier()
+    tl.store(scratch_ptr + _C2_CNT + cbins, tl.zeros([128], tl.int32))
+    tl.store((scratch_ptr + _C2_SUM).to(tl.pointer_type(tl.int64)) + cbins, tl.zeros([128], tl.int64))
 
 
 def zero_steps(words: int, n_programs: int) -> int:

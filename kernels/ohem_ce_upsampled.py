@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .ohem_ce import (FWD_TILES, RED_BLOCK, _STATE_CUT, _STATE_INV_N, _STATE_TIE_W, _cdiv, _check_offsets,
                       _flat_hw, _ohem_ce_fwd_epilogue, _ohem_ce_labels, _ohem_ce_pixel_offsets, _ohem_ce_tile_histogram,
-                      _ohem_ce_tile_loss, _scalars, block_sizes, scratch, select_launch, zero_steps, SLOTS, FINE2)
+                      _ohem_ce_tile_loss, _scalars, block_sizes, scratch, select_launch)
 
 
 # --- kernels: the x4 bilinear upsampling of the logits fused into the loss -----------------------
@@ -87,7 +87,7 @@ def _ohem_ce_up_fwd_kernel(
     stride_ln, stride_lc, stride_lh, stride_lw,
     stride_tn, stride_th, stride_tw,
     ignore_index,
-    keep_hi, keep_lo, n_programs, zero_steps,
+    keep_hi, keep_lo, n_programs,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr,
     FLAT_HW: tl.constexpr,   # the target's H x W plane is dense
 ):
@@ -116,8 +116,7 @@ def _ohem_ce_up_fwd_kernel(
         n_valid += tl.sum(valid.to(tl.int32))
         n_bad += tl.sum(bad.to(tl.int32))
         n_nan += tl.sum(is_nan.to(tl.int32))
-    _ohem_ce_fwd_epilogue(scratch_ptr, coarse, n_valid, n_bad, n_nan, keep_hi, keep_lo,
-                          tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), n_programs, zero_steps)
+    _ohem_ce_fwd_epilogue(scratch_ptr, coarse, n_valid, n_bad, n_nan, keep_hi, keep_lo, n_programs)
 
 
 @triton.jit
@@ -307,7 +306,7 @@ def ohem_ce_up_fwd(logits_lr: torch.Tensor, target: torch.Tensor, keep_ratio: fl
             p, _ohem_ce_up_fwd_kernel[grid], max(_cdiv(p, RED_BLOCK), 1),
             (c, h * w, w, h_in, w_in) + _scales((h_in, w_in), (h, w)) + tuple(logits_lr.stride())
             + tuple(target.stride()),
-            (n_prog, zero_steps(SLOTS - FINE2, max(n_prog, 1))),
+            (n_prog,),
             # four gathered tiles live at once: twice the threads
             dict(BLOCK_P=block_p, BLOCK_C=block_c, TILES=FWD_TILES, FLAT_HW=_flat_hw(target), num_warps=2 * warps))
     p, launch, n_sel, args, tail, consts = meta

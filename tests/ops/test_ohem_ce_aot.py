@@ -37,7 +37,7 @@ def kernel_specs(num_classes, logits_dtype, target_dtype=torch.int64, channels_l
     consts = {"stride_tw": 1, unit: 1, "BLOCK_P": block_p, "BLOCK_C": block_c, "FLAT_HW": True}
     div = ["logits_ptr", "target_ptr", "HW", "stride_ln", "stride_tn"] + ([] if channels_last else ["stride_lc"])
     fwd_sig = dict(common, logits_ptr=f"*{lt}", target_ptr=f"*{tt}", loss_ptr="*fp32", scratch_ptr="*i32",
-                   ignore_index="i32", keep_hi="i32", keep_lo="i32", n_programs="i32", zero_steps="i32",
+                   ignore_index="i32", keep_hi="i32", keep_lo="i32", n_programs="i32",
                    TILES="constexpr")
     gunit = "stride_gc" if channels_last else "stride_gw"
     bwd_sig = dict(common, grad_out_ptr="*fp32", logits_ptr=f"*{lt}", target_ptr=f"*{tt}", loss_ptr="*fp32",
@@ -77,7 +77,7 @@ def upsample_kernel_specs(num_classes, logits_dtype, size_in=(219, 219), size_ou
     div = ("lr_ptr", "target_ptr", "loss_ptr", "stride_ln", "stride_tn")
     fwd = KernelSpec(KU.__name__, "_ohem_ce_up_fwd_kernel",
                      dict(common, scratch_ptr="*i32", HW="i32", ignore_index="i32", keep_hi="i32", keep_lo="i32",
-                          n_programs="i32", zero_steps="i32", BLOCK_P="constexpr", TILES="constexpr",
+                          n_programs="i32", BLOCK_P="constexpr", TILES="constexpr",
                           FLAT_HW="constexpr"),
                      dict(consts, BLOCK_P=block_p, BLOCK_C=block_c, TILES=K.FWD_TILES, FLAT_HW=True),
                      divisible_by_16=div + ("scratch_ptr", "HW"), num_warps=2 * warps)

@@ -220,11 +220,11 @@ def test_torch_compile_default_backend_forward_and_backward(device):
         module.bias.normal_()
     high, low, _, _, grad = _inputs(device, torch.float32, 2, 3, 2, 3, 4)
     results = []
-    for run in (module, torch.compile(module, fullgraph=True)):
+    for call in (module, torch.compile(module, fullgraph=True)):
         h, l = high.clone().requires_grad_(), low.clone().requires_grad_()
         module.zero_grad()
         with ops.use_impl("fast"):
-            out = run(h, l)
+            out = call(h, l)
             out.backward(grad)
         results.append([out.detach(), h.grad, l.grad, module.weight.grad.clone(), module.bias.grad.clone()])
     for name, a, b in zip(NAMES, *results):

@@ -1,8 +1,9 @@
 """The C++/CUDA InPlace-ABN(-Sync) against ``inplace_abn_ref`` (the specification).
 
-Tolerance (flash-attention's rule): with the reference in float64 as the truth,
-``err(fast, truth) <= 2 * err(ref in the same dtype, truth) + atol``. Freshly allocated outputs are
-poisoned with NaN (``fill_uninitialized_memory``) so that an element a kernel forgets to write fails.
+Tolerance (flash-attention's rule, tests/ops/_compare.py ``TOLERANCE["inplace_abn"]``): with the
+reference in float64 as the truth, ``err(fast, truth) <= 2 * err(ref in the same dtype, truth) + atol``.
+Freshly allocated outputs are poisoned with NaN (``fill_uninitialized_memory``) so that an element a
+kernel forgets to write fails.
 On a GPU machine, ``IFBF_TEST_GPU=1`` runs the same tests on CUDA tensors (the ``device`` fixture).
 """
 import os
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from ifbf_fast.ops import inplace_abn, inplace_abn_ref, use_impl
 from tests._multiproc import spawn_ranks
+from tests.ops._compare import compare, largest_error, poisoned
 
 _ext = pytest.importorskip("ifbf_fast.ops._ext", reason="ifbf_fast._C is not built")
 from ifbf_fast.ops.inplace_abn import inplace_abn_fast  # noqa: E402
@@ -25,19 +27,14 @@ ops = torch.ops.ifbf_fast
 ACTS = ("leaky_relu", "elu", "identity")
 OP_NAMES = ("inplace_abn", "inplace_abn_backward", "inplace_abn_statistics", "inplace_abn_forward",
             "inplace_abn_backward_reduce", "inplace_abn_backward_dx")
-ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 TIMEOUT_S = 150
 
 
 @pytest.fixture(autouse=True)
 def _poison_empty():
     """Every torch.empty* (C++ at::empty included) comes back filled with NaN during the test."""
-    det, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(det)
-    torch.utils.deterministic.fill_uninitialized_memory = fill
+    with poisoned():
+        yield
 
 
 def _layout(x, layout):
@@ -66,20 +63,15 @@ def _run(fn, x, w, b, dy, training=True, act="leaky_relu", slope=0.01, rm=None, 
 
 
 def _max_err(a, b):
-    d = (a.double() - b.double()).abs()
-    return d.max().item(), tuple(int(i) for i in torch.unravel_index(d.argmax(), d.shape)) if d.numel() else ()
+    """(largest |a - b|, its index)."""
+    err, where, _, _ = largest_error(a, b)
+    return err, where
 
 
 def _compare(fast, ref, truth, dtype, extra_atol=0.0):
-    for k in fast:
-        if fast[k] is None:
-            assert ref[k] is None and truth[k] is None, k
-            continue
-        assert not fast[k].isnan().any(), f"{k}: NaN in the fast result (an element left unwritten?)"
-        e_fast, where = _max_err(fast[k], truth[k])
-        e_ref, _ = _max_err(ref[k], truth[k])
-        bound = 2 * e_ref + ATOL[dtype] * max(1.0, truth[k].abs().max().item()) + extra_atol
-        assert e_fast <= bound, f"{k} {dtype}: max error {e_fast:.3g} at {where} > 2 * {e_ref:.3g} + atol"
+    """tests/ops/_compare.py's rule ``TOLERANCE["inplace_abn"]``: ``ref`` is the reference in ``dtype``,
+    ``truth`` in float64."""
+    compare("inplace_abn", fast, truth, dtype, lowp=ref, extra_atol=extra_atol)
 
 
 def _ref_in_dtype(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, slope):

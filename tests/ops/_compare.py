@@ -51,6 +51,9 @@ TOLERANCE: Dict[str, Dict[str, Dict[torch.dtype, Rule]]] = {
     "inplace_abn": {"*": {F64: Relative(1e-10), F32: Relative(2e-5), F16: Relative(2e-3), BF16: Relative(1e-2)}},
     # both paths compute the per-pixel loss in fp32 from the same logits; the low-precision gradients
     # differ by the final rounding to the logits' dtype
+    # a reference against plain PyTorch or a hand computation: torch.testing.assert_close's defaults
+    "reference": {"*": {F64: Close(1e-7, 1e-7), F32: Close(1e-5, 1.3e-6), F16: Close(1e-5, 1e-3),
+                        BF16: Close(1e-5, 1.6e-2)}},
     "ohem_ce": {"loss": {d: Close(1e-5, 1e-5) for d in DTYPES},
                 "*": {F32: Close(1e-6, 1e-4), F16: Close(1e-6, 2e-3), BF16: Close(1e-5, 1.6e-2)}},
 }
@@ -129,6 +132,11 @@ def check(op: str, name: str, got: torch.Tensor, want: torch.Tensor, dtype: torc
           lowp: Optional[torch.Tensor] = None, what: Optional[str] = None) -> None:
     """One result of ``op`` against its reference under ``TOLERANCE[op][name][dtype]``."""
     compare(op, {name: got}, {name: want}, dtype, None if lowp is None else {name: lowp}, what=what)
+
+
+def same(got: torch.Tensor, want: torch.Tensor, what: str = "value") -> None:
+    """A reference against plain PyTorch or a hand-computed value (``TOLERANCE["reference"]``)."""
+    check("reference", "*", got, want, want.dtype, what=what)
 
 
 def run(fn: Callable, args: Sequence, grad_out, wrt: Dict[int, str], out_name: str = "out",

@@ -1,4 +1,5 @@
-"""The three reference ops (the specifications) on hand-computed cases and against plain PyTorch."""
+"""The three reference ops (the specifications) on hand-computed cases and against plain PyTorch
+(``same``: tests/ops/_compare.py, ``TOLERANCE["reference"]``)."""
 import math
 
 import pytest
@@ -6,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from ifbf_fast.ops import fbf_ref, inplace_abn_ref, ohem_cross_entropy_ref
+
+from ._compare import same
 
 
 # --- FBF ------------------------------------------------------------------------------------------
@@ -19,7 +22,7 @@ def test_fbf_ref_hand_computed():
     g0 = 1 / (1 + math.exp(-(0.5 * 2)))               # sigmoid(1)
     g1 = 1 / (1 + math.exp(-(2 - 1 - 1)))             # sigmoid(0) = 0.5
     expected = torch.tensor([[[[1 * (1 + g0), 3 * (1 + g0)]], [[-2 * (1 + g1), 0.0]]]])
-    torch.testing.assert_close(out, expected)
+    same(out, expected)
 
 
 def test_fbf_ref_conv_weight_and_layout():
@@ -29,10 +32,10 @@ def test_fbf_ref_conv_weight_and_layout():
     out = fbf_ref(high, low, w, b)
     x = torch.cat([high, low], 1)
     gate = torch.sigmoid(F.conv2d(F.adaptive_avg_pool2d(x, 1), w, b))
-    torch.testing.assert_close(out, x + x * gate)
+    same(out, x + x * gate)
     out_cl = fbf_ref(high.to(memory_format=torch.channels_last), low.to(memory_format=torch.channels_last), w, b)
     assert out_cl.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(out_cl, out)
+    same(out_cl, out)
 
 
 def test_fbf_ref_dtype_and_errors():
@@ -56,7 +59,7 @@ def test_ohem_ref_keeps_top_three_quarters():
     losses = _pixel_losses(logits, target).flatten()
     k = math.ceil(0.75 * 24)
     expected = losses.sort(descending=True).values[:k].mean()
-    torch.testing.assert_close(ohem_cross_entropy_ref(logits, target), expected)
+    same(ohem_cross_entropy_ref(logits, target), expected)
 
 
 def test_ohem_ref_keep_all_is_plain_cross_entropy_with_ignore():
@@ -64,7 +67,7 @@ def test_ohem_ref_keep_all_is_plain_cross_entropy_with_ignore():
     target = torch.randint(0, 4, (2, 5, 3))
     target[0, :2] = 255
     got = ohem_cross_entropy_ref(logits, target, keep_ratio=1.0)
-    torch.testing.assert_close(got, F.cross_entropy(logits, target, ignore_index=255))
+    same(got, F.cross_entropy(logits, target, ignore_index=255))
 
 
 def test_ohem_ref_threshold_union():
@@ -75,18 +78,17 @@ def test_ohem_ref_threshold_union():
     losses = -torch.log(probs)
     # keep_ratio 0.25: k = 1 (the largest loss only); thresh 0.7 adds every p < 0.7: 3 pixels.
     got = ohem_cross_entropy_ref(logits, target, keep_ratio=0.25, thresh=0.7)
-    torch.testing.assert_close(got, losses[1:].mean())
+    same(got, losses[1:].mean())
     # Without thresh only the top one remains.
-    torch.testing.assert_close(ohem_cross_entropy_ref(logits, target, keep_ratio=0.25), losses[3])
+    same(ohem_cross_entropy_ref(logits, target, keep_ratio=0.25), losses[3])
     # When the top-k is larger than the hard set the union is the top-k.
-    torch.testing.assert_close(ohem_cross_entropy_ref(logits, target, keep_ratio=1.0, thresh=0.55),
-                               losses.mean())
+    same(ohem_cross_entropy_ref(logits, target, keep_ratio=1.0, thresh=0.55), losses.mean())
 
 
 def test_ohem_ref_ties_value_is_tie_independent():
     logits = torch.zeros(1, 3, 2, 3)          # every pixel has loss log(3)
     target = torch.randint(0, 3, (1, 2, 3))
-    torch.testing.assert_close(ohem_cross_entropy_ref(logits, target), torch.tensor(math.log(3)))
+    same(ohem_cross_entropy_ref(logits, target), torch.tensor(math.log(3)))
 
 
 def test_ohem_ref_all_ignored_gives_zero_and_zero_grads():
@@ -144,9 +146,9 @@ def test_abn_ref_matches_batch_norm_with_abs_weight(training):
     rm2, rv2 = rm.clone(), rv.clone()
     y = inplace_abn_ref(x, w, b, rm, rv, training)
     y2 = _bn_leaky(x, w, b, rm2, rv2, training)
-    torch.testing.assert_close(y, y2)
-    torch.testing.assert_close(rm, rm2)     # running mean
-    torch.testing.assert_close(rv, rv2)     # running var with the unbiased variance
+    same(y, y2)
+    same(rm, rm2)     # running mean
+    same(rv, rv2)     # running var with the unbiased variance
 
 
 def test_abn_ref_activations_and_hand_case():
@@ -157,13 +159,13 @@ def test_abn_ref_activations_and_hand_case():
     scale = (2 + eps) / math.sqrt(1 + eps)
     pre = torch.tensor([-scale + 0.5, scale + 0.5])
     y = inplace_abn_ref(x, w, b, rm, rv, True, eps=eps, activation="identity")
-    torch.testing.assert_close(y.flatten(), pre)
+    same(y.flatten(), pre)
     y = inplace_abn_ref(x, w, b, rm.clone(), rv.clone(), True, eps=eps, activation="leaky_relu", slope=0.1)
-    torch.testing.assert_close(y.flatten(), F.leaky_relu(pre, 0.1))
+    same(y.flatten(), F.leaky_relu(pre, 0.1))
     y = inplace_abn_ref(x, w, b, rm.clone(), rv.clone(), True, eps=eps, activation="elu")
-    torch.testing.assert_close(y.flatten(), F.elu(pre))
+    same(y.flatten(), F.elu(pre))
     # Running var takes the unbiased variance: 2 samples of +-1 -> 2.
-    torch.testing.assert_close(rv, torch.tensor([0.9 + 0.1 * 2.0]))
+    same(rv, torch.tensor([0.9 + 0.1 * 2.0]))
 
 
 def test_abn_ref_low_precision_and_errors():
@@ -183,5 +185,4 @@ def test_abn_ref_low_precision_and_errors():
 def test_ohem_ref_accepts_any_target_strides():
     logits = torch.randn(2, 3, 4, 5)
     target = torch.randint(0, 3, (2, 5, 4)).transpose(1, 2)      # not row-major
-    torch.testing.assert_close(ohem_cross_entropy_ref(logits, target),
-                               ohem_cross_entropy_ref(logits, target.contiguous()))
+    same(ohem_cross_entropy_ref(logits, target), ohem_cross_entropy_ref(logits, target.contiguous()))

@@ -1,4 +1,5 @@
-"""Evaluate a train.py checkpoint on Cityscapes (or the synthetic city): per-class IoU, mIoU, accuracy.
+"""Evaluate a train.py checkpoint on Cityscapes, the synthetic city or your own data (the folder layout,
+``ifbf_fast.data.folder``): per-class IoU, mIoU, accuracy.
 
     python -m ifbf_fast.evaluate --checkpoint runs/ifbfnet/best.pt --data DIR [--split val]
         [--mode whole|slide --crop H W --stride H W] [--scales 0.5 0.75 1.0 1.25 1.5 1.75] [--flip]
@@ -28,8 +29,9 @@ import torch
 
 from ifbf_fast import ops
 from ifbf_fast.engine import checkpoint as ck
-from ifbf_fast.inference import (InferenceError, add_inference_options, check_inference_options, existing_file,
-                                 load_model, options, parser, report, window, write_submission)
+from ifbf_fast.inference import (InferenceError, InferenceUsageError, add_inference_options, check_inference_options,
+                                 existing_file, load_model, options, parser, report, window, write_mask,
+                                 write_submission)
 from ifbf_fast.utils import dist as du
 from ifbf_fast.utils.runtime import resolve_amp, select_device
 
@@ -43,12 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "Cityscapes-layout split.")
     p.add_argument("--checkpoint", required=True, metavar="CKPT",
                    help="iter_XXXXXXXX.pt or best.pt written by train.py")
-    p.add_argument("--data", required=True, metavar="DIR", help="Cityscapes root (leftImg8bit/ and gtFine/)")
-    p.add_argument("--split", default="val", help="split with ground truth (gtFine/SPLIT)")
+    p.add_argument("--data", required=True, metavar="DIR", help="Cityscapes root (leftImg8bit/ and gtFine/), or "
+                   "the folder layout (classes.yaml, images/, masks/, splits/) with the checkpoint's classes")
+    p.add_argument("--split", default="val", help="split with ground truth (gtFine/SPLIT, or splits/SPLIT.txt)")
     p.add_argument("--out", metavar="JSON", default=None,
                    help="also write the results to this JSON file; default: print the table only")
     p.add_argument("--save-predictions", metavar="DIR", default=None,
-                   help="also write labelIds PNGs (DIR/CITY/STEM_leftImg8bit.png) for cityscapesscripts")
+                   help="also write labelIds PNGs (DIR/CITY/STEM_leftImg8bit.png) for cityscapesscripts; for the "
+                        "folder layout, masks DIR/NAME.png holding the ids of classes.yaml")
     add_inference_options(p)
     g = p.add_argument_group("processes")
     g.add_argument("--gpus", type=int, default=None,
@@ -75,7 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--procs is for CPU runs (--gpus 0); with GPUs there is one process per GPU")
     existing_file(p, "--checkpoint", a.checkpoint, "iter_XXXXXXXX.pt or best.pt written by train.py")
     if not os.path.isdir(a.data):
-        p.error(f"--data {a.data}: no such directory (expected a Cityscapes root with leftImg8bit/ and gtFine/)")
+        p.error(f"--data {a.data}: no such directory (expected a Cityscapes root with leftImg8bit/ and gtFine/, "
+                f"or the folder layout with classes.yaml)")
     # found here, not after the whole evaluation when the results are written
     if a.out is not None and os.path.isdir(a.out):
         p.error(f"--out {a.out}: is a folder; give a JSON file name")
@@ -94,13 +99,13 @@ def run(a: argparse.Namespace, local_rank: int = 0) -> Dict[str, object]:
 
 
 def _run(a: argparse.Namespace, local_rank: int) -> Dict[str, object]:
-    from ifbf_fast.data import build_loader
-    from ifbf_fast.data.cityscapes import find_pairs
+    from ifbf_fast.data import build_loader, class_table_of, list_samples
     from ifbf_fast.engine.metrics import format_table
 
     device = select_device(a.gpus, local_rank)
-    find_pairs(a.data, a.split)         # layout errors before the model is built
+    list_samples(a.data, a.split)       # layout errors before the model is built
     model = load_model(a.checkpoint, device, channels_last=a.channels_last or None)
+    check_classes(model.classes, class_table_of(a.data), a.data)
     crop, stride = model.settings(a.mode, a.crop, a.stride)
     rank, world = du.rank(), du.world_size()
     loader = build_loader(a.data, a.split, a.batch_size, train=False, workers=a.workers, rank=rank,
@@ -112,8 +117,12 @@ def _run(a: argparse.Namespace, local_rank: int) -> Dict[str, object]:
         progress = lambda it: tqdm(it, desc=f"evaluate (rank 0 of {world})", dynamic_ncols=True)  # noqa: E731
     writer = None
     if a.save_predictions:
-        writer = lambda names, pred: [write_submission(a.save_predictions, n, p)  # noqa: E731
-                                      for n, p in zip(names, pred.cpu().numpy())]
+        if model.classes.layout == "cityscapes":
+            writer = lambda names, pred: [write_submission(a.save_predictions, n, p)  # noqa: E731
+                                          for n, p in zip(names, pred.cpu().numpy())]
+        else:
+            writer = lambda names, pred: [write_mask(a.save_predictions, n, p, model.classes)  # noqa: E731
+                                          for n, p in zip(names, pred.cpu().numpy())]
     result = model.evaluate(loader, **{**options(a), "crop": crop, "stride": stride}, progress=progress,
                             on_prediction=writer)
     if du.is_primary():
@@ -125,6 +134,22 @@ def _run(a: argparse.Namespace, local_rank: int) -> Dict[str, object]:
             write_json(a.out, result, model.class_names, a, crop, stride, world)
             print(f"results written to {a.out}")
     return result
+
+
+def check_classes(model_classes, data_classes, data: str) -> None:
+    """The data's classes must be the checkpoint's (the same names for the same train ids), else the
+    confusion matrix compares unrelated classes: ``InferenceUsageError`` (exit 2) naming both."""
+    if tuple(model_classes.names) == tuple(data_classes.names):
+        return
+
+    def describe(t):
+        names = ", ".join(t.names[:4]) + (", ..." if t.num_classes > 4 else "")
+        return f"{t.num_classes} classes: {names}"
+
+    where = data_classes.source or "Cityscapes' table"
+    raise InferenceUsageError(f"--data {data}: its classes ({where}, {describe(data_classes)}) are not the "
+                              f"checkpoint's ({describe(model_classes)}); evaluate on data with the checkpoint's "
+                              f"class table")
 
 
 def write_json(path: str, result: Dict[str, object], names, a: argparse.Namespace, crop, stride, world: int) -> None:
@@ -158,9 +183,9 @@ def launch(a: argparse.Namespace) -> Optional[Dict[str, object]]:
 
 def _before_spawn(a: argparse.Namespace, backend: str) -> None:
     """Fail on bad input here, once, rather than in every spawned rank."""
-    from ifbf_fast.data.cityscapes import find_pairs
+    from ifbf_fast.data import list_samples
 
-    find_pairs(a.data, a.split)
+    list_samples(a.data, a.split)
     if backend == "gloo":
         resolve_amp(a.amp, torch.device("cpu"))        # --amp fp16 on the CPU: SetupError (exit 2)
     window(a.mode, a.crop, a.stride, ck.read(a.checkpoint).args.get("crop_size"))

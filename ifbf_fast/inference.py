@@ -124,18 +124,19 @@ class Segmenter:
     """A model in eval mode with its preprocessing and test-time settings (see the module docstring).
 
     Attributes: ``model`` (the ``torch.nn.Module``), ``args`` (the checkpoint's saved arguments),
-    ``device``, ``num_classes``, ``class_names``, ``mean`` / ``std`` (per RGB channel, 0..1 scale, as
+    ``device``, ``num_classes``, ``classes`` (the class table the checkpoint records, see
+    :func:`class_table`), ``class_names``, ``mean`` / ``std`` (per RGB channel, 0..1 scale, as
     ``ifbf_fast.data.IMAGENET_MEAN`` / ``IMAGENET_STD``), ``crop_size`` (the training crop, the
     sliding-window default) and ``channels_last``.
     """
 
     def __init__(self, model: torch.nn.Module, args: argparse.Namespace, device: torch.device):
-        from ifbf_fast.data import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD
+        from ifbf_fast.data import IMAGENET_MEAN, IMAGENET_STD
 
         self.model, self.args, self.device = model, args, torch.device(device)
         self.num_classes = int(args.num_classes)
-        self.class_names = list(CLASS_NAMES) if self.num_classes == len(CLASS_NAMES) else \
-            [str(i) for i in range(self.num_classes)]
+        self.classes = class_table(args)
+        self.class_names = list(self.classes.names)
         self.mean, self.std = tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
         self.channels_last = bool(getattr(args, "channels_last", False))
         c = getattr(args, "crop_size", None)
@@ -240,14 +241,39 @@ class Segmenter:
                            stride=stride_hw, max_batch=max_batch or None, on_prediction=on_prediction)
 
     # colours
-    @staticmethod
-    def colorize(train_ids: np.ndarray) -> np.ndarray:
-        """(H, W) train ids -> (H, W, 3) uint8 RGB in the Cityscapes palette (ignore: black)."""
-        return colorize(train_ids)
+    def colorize(self, train_ids: np.ndarray) -> np.ndarray:
+        """(H, W) train ids -> (H, W, 3) uint8 RGB in the colours of the checkpoint's class table (the
+        Cityscapes palette for Cityscapes and the synthetic city; ignore: black)."""
+        return self.classes.colorize(train_ids)
 
     def overlay(self, image: ImageLike, train_ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:
         """The colour mask of ``train_ids`` blended over ``image`` (array or path) with weight ``alpha``."""
-        return overlay(self._read(image, "image"), colorize(train_ids), alpha)
+        return overlay(self._read(image, "image"), self.colorize(train_ids), alpha)
+
+
+def class_table(args: argparse.Namespace):
+    """The class table a checkpoint's saved arguments record (``args.classes``, written by train.py from
+    the dataset's table); for a checkpoint from before tables were recorded: Cityscapes' with 19
+    classes, else names "0", "1", ... in grey levels."""
+    from ifbf_fast.data.classes import CITYSCAPES, ClassTable, generic_table
+
+    record = getattr(args, "classes", None)
+    if isinstance(record, dict):
+        try:
+            table = ClassTable.from_dict(record, "the class table of the checkpoint's arguments")
+        except ValueError as exc:
+            raise ck.CheckpointError(str(exc)) from None
+        if table.num_classes == int(args.num_classes):
+            return table
+    return CITYSCAPES if int(args.num_classes) == CITYSCAPES.num_classes else generic_table(args.num_classes)
+
+
+def write_mask(out_dir: str, name: str, train_ids: np.ndarray, classes) -> str:
+    """Write (H, W) train ids as the dataset's mask PNG ``OUT/NAME.png`` (mask values of ``classes``,
+    the folder layout's ids; ignore as its ignore_id); returns the path."""
+    path = os.path.join(out_dir, name + ".png")
+    write_png(path, classes.to_mask_ids(np.asarray(train_ids)))
+    return path
 
 
 def _check_image(image, what: str) -> np.ndarray:

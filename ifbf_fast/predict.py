@@ -5,8 +5,9 @@
 
 Folders are searched recursively for ``*.png``, ``*.jpg``, ``*.jpeg``. Formats (several allowed):
 
-* ``color``      ``DIR/REL/STEM_color.png``: the prediction in the official Cityscapes palette
-                 (``ifbf_fast.data.PALETTE``; ignore would be black);
+* ``color``      ``DIR/REL/STEM_color.png``: the prediction in the colours of the class table the
+                 checkpoint records (the official Cityscapes palette, ``ifbf_fast.data.PALETTE``, for
+                 Cityscapes and the synthetic city; classes.yaml's for the folder layout);
 * ``overlay``    ``DIR/REL/STEM_overlay.png``: the colours blended over the input (``--alpha``);
 * ``panel``      ``DIR/REL/STEM_panel.png``: input, colour mask and overlay side by side;
 * ``submission`` ``DIR/CITY/CITY_SEQ_FRAME_leftImg8bit.png``: 8-bit single-channel **labelIds**
@@ -14,7 +15,8 @@ Folders are searched recursively for ``*.png``, ``*.jpg``, ``*.jpeg``. Formats (
                  Cityscapes benchmark for the test split: the server (and ``cityscapesscripts``'
                  ``evalPixelLevelSemanticLabeling``) finds the prediction of ``CITY_SEQ_FRAME`` by
                  the pattern ``CITY_SEQ_FRAME*.png`` anywhere under the results folder. Zip ``DIR``'s
-                 content to submit. Input names must follow the Cityscapes pattern for this format.
+                 content to submit. Input names must follow the Cityscapes pattern for this format, and
+                 the checkpoint must have Cityscapes' classes.
 
 ``REL`` is the image's folder relative to the folder given on the command line (empty for files
 given directly), so a directory tree of inputs keeps its shape in the output.
@@ -30,7 +32,7 @@ from typing import Iterable, List, Sequence, Tuple
 import numpy as np
 
 from ifbf_fast.inference import (EXTENSIONS, InferenceError, InferenceUsageError, add_inference_options,
-                                 check_inference_options, colorize, existing_file, load_model, options, overlay,
+                                 check_inference_options, existing_file, load_model, options, overlay,
                                  parser, report, submission_name, write_png, write_submission)
 
 PROG = "python -m ifbf_fast.predict"
@@ -118,9 +120,11 @@ def _run(a: argparse.Namespace) -> List[str]:
             except InferenceError as exc:   # the input does not fit the option: a usage error
                 raise InferenceUsageError(str(exc)) from None
     model = load_model(a.checkpoint, select_device(a.gpus, 0), channels_last=a.channels_last or None)
-    if model.num_classes != 19:
-        raise PredictError(f"the checkpoint predicts {model.num_classes} classes; the Cityscapes palette "
-                           f"and labelIds need 19")
+    if "submission" in a.format and model.classes.layout != "cityscapes":
+        names = ", ".join(model.class_names[:4]) + (", ..." if model.num_classes > 4 else "")
+        raise InferenceUsageError(f"--format submission needs a checkpoint with Cityscapes' classes; {a.checkpoint} "
+                                  f"predicts the {model.num_classes} classes of its own table ({names}); use color, "
+                                  f"overlay or panel")
     settings = options(a)
     model.settings(a.mode, a.crop, a.stride)        # a missing sliding-window crop fails before any work
     written = []
@@ -129,7 +133,7 @@ def _run(a: argparse.Namespace) -> List[str]:
         pred = model.predict(image, **settings)
         stem = os.path.splitext(os.path.basename(path))[0]
         folder = os.path.normpath(os.path.join(a.out, rel))
-        color = colorize(pred)
+        color = model.colorize(pred)
         outputs = {"color": lambda: color, "overlay": lambda: overlay(image, color, a.alpha),
                    "panel": lambda: np.concatenate([image, color, overlay(image, color, a.alpha)], axis=1)}
         for fmt in a.format:

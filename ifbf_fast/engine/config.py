@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "with underscores), e.g. configs/ifbfnet_r101_cityscapes.yaml")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", metavar="DIR", help="Cityscapes root (leftImg8bit/ and gtFine/); omitted: "
+    g.add_argument("--data", metavar="DIR", help="Cityscapes root (leftImg8bit/ and gtFine/) or your own data in "
+                   "the folder layout (classes.yaml, images/, masks/, splits/; README 'Your own data'); omitted: "
                    "generate the synthetic city into --synthetic-dir and train the CPU default")
     g.add_argument("--synthetic-dir", metavar="DIR", default=os.path.join(".cache", "synthetic_city"),
                    help="where the synthetic city is generated (reused when already complete)")
@@ -104,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backbone", choices=BACKBONES, default="resnet101", help="ResNet backbone")
     g.add_argument("--output-stride", type=int, choices=(8, 16), default=16,
                    help="backbone output stride (dilated last stages)")
-    g.add_argument("--num-classes", type=int, default=NUM_TRAIN_IDS,
-                   help=f"classes predicted; the labels are Cityscapes train ids, so {NUM_TRAIN_IDS}")
+    g.add_argument("--num-classes", type=int, default=None,
+                   help=f"classes predicted; must be the dataset's: when omitted, taken from its class table "
+                        f"({NUM_TRAIN_IDS} for Cityscapes and the synthetic city, the classes listed in DIR/classes.yaml "
+                        f"for the folder layout)")
     g.add_argument("--spatial-channels", type=int, default=128, help="spatial stream width (paper Table 3)")
     g.add_argument("--norm", choices=NORMS, default="inplace_abn_sync",
                    help="norm-activation layers: InPlace-ABN-Sync (paper), InPlace-ABN, the reference ABN, "
@@ -338,6 +341,32 @@ def _check_batch_and_crop(parser: argparse.ArgumentParser, args: argparse.Namesp
                      f"minimum at output stride {os_} is --crop-size {os_ + 1} (or use --batch-size 2 or more)")
 
 
+def resolve_classes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``args.classes``: the dataset's class table as plain values (``ClassTable.to_dict``: recorded in
+    every checkpoint, so evaluate, predict and TensorBoard name and colour the classes as the data
+    does), and ``args.num_classes`` from it when not given. The table is the folder layout's
+    ``DIR/classes.yaml`` when there is one, else Cityscapes' (also the synthetic city's). A bad
+    classes.yaml is bad data: one line and exit code 1; a --num-classes the table contradicts, a
+    usage error (exit 2)."""
+    from ifbf_fast.data import CITYSCAPES, ClassTableError, class_table_of
+
+    table = CITYSCAPES
+    if args.data is not None:
+        try:
+            table = class_table_of(args.data)
+        except ClassTableError as exc:
+            parser.exit(1, f"{parser.prog}: error: {exc}\n")
+    args.classes = table.to_dict()
+    if args.num_classes is None:
+        args.num_classes = table.num_classes
+    elif args.num_classes > 0 and args.num_classes != table.num_classes:
+        if table.layout == "cityscapes":
+            parser.error(f"--num-classes {args.num_classes}: the labels are Cityscapes train ids (the synthetic "
+                         f"city's too), {NUM_TRAIN_IDS} classes; only --num-classes {NUM_TRAIN_IDS} is valid")
+        parser.error(f"--num-classes {args.num_classes}: {table.source} lists {table.num_classes} classes; omit "
+                     f"--num-classes (it follows the class table) or give {table.num_classes}")
+
+
 def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Checks that need no work: paths exist, numbers are finite and in range."""
     def err(option: str, rule: str) -> None:
@@ -345,7 +374,7 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
     if args.data is not None and not os.path.isdir(args.data):
         parser.error(f"--data {args.data}: no such directory (expected a Cityscapes root with "
-                     f"leftImg8bit/ and gtFine/)")
+                     f"leftImg8bit/ and gtFine/, or the folder layout with classes.yaml)")
     if args.pretrained is not None and not os.path.isfile(args.pretrained):
         parser.error(f"--pretrained {args.pretrained}: no such file (expected a torchvision ResNet "
                      f"state_dict saved with torch.save)")
@@ -357,6 +386,7 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             for v in (value if isinstance(value, list) else [value]):
                 if v is not None and not math.isfinite(v):
                     err(action.dest, "must be a finite number")
+    resolve_classes(parser, args)
     for name in ("crop_size", "batch_size", "iters", "num_classes", "spatial_channels", "log_every",
                  "max_nonfinite"):
         if getattr(args, name) is None or getattr(args, name) <= 0:
@@ -364,9 +394,6 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("warmup_iters", "workers", "eval_every", "ckpt_every", "keep_last", "seed"):
         if getattr(args, name) < 0:
             err(name, "must be >= 0")
-    if args.num_classes != NUM_TRAIN_IDS:
-        parser.error(f"--num-classes {args.num_classes}: the labels are Cityscapes train ids (the synthetic "
-                     f"city's too), {NUM_TRAIN_IDS} classes; only --num-classes {NUM_TRAIN_IDS} is valid")
     if args.warmup_iters >= args.iters:
         parser.error(f"--warmup-iters ({args.warmup_iters}) must be smaller than --iters ({args.iters})")
     for name, ok, rule in (("lr", args.lr > 0, "must be > 0"), ("lr_mult", args.lr_mult > 0, "must be > 0"),

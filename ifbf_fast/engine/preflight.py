@@ -80,10 +80,13 @@ def check_pretrained(args: argparse.Namespace) -> None:
 
 def check_train_size(args: argparse.Namespace, root: str, world: int) -> None:
     """One full batch per process must fit in the train split (training drops the short last batch)."""
-    from ifbf_fast.data import find_pairs
+    from ifbf_fast.data import find_pairs, is_folder_layout, list_samples
     from ifbf_fast.data.prepare import detect_form, find_prepared_pairs
 
-    find = find_pairs if detect_form(root, "train") == "png" else find_prepared_pairs
+    if is_folder_layout(root):
+        find = list_samples
+    else:
+        find = find_pairs if detect_form(root, "train") == "png" else find_prepared_pairs
     n = len(find(root, "train"))
     per_rank = n // world
     if per_rank < args.batch_size:

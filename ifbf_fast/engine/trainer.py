@@ -110,14 +110,14 @@ class Loop:
             self.meter.restart(it)              # images/s counts the steps and their data, not evaluation
 
     def evaluate(self) -> float:
-        from ifbf_fast.data import CLASS_NAMES
+        from ifbf_fast.inference import class_table
 
         r, args = self.r, self.args
         # The unwrapped model: DDP would broadcast buffers at every forward, and ranks may hold
         # different numbers of validation images.
         self.result = evaluate(r.model, r.val_loader, args.num_classes, r.device, args.eval_scales, args.eval_flip,
                                r.autocast, args.channels_last)
-        r.log.eval(self.it, self.result, CLASS_NAMES if args.num_classes == len(CLASS_NAMES) else None,
+        r.log.eval(self.it, self.result, class_table(args).names,
                    preview(r.model, args, r.device, r.root) if r.log.board is not None else None)
         return self.result["miou"]
 
@@ -137,14 +137,14 @@ class Loop:
 
 def preview(model: torch.nn.Module, args: argparse.Namespace, device: torch.device, root: str,
             n: int = 2, width: int = 512) -> list:
-    """(H, W, 3) uint8 panels (image | prediction in the Cityscapes palette) of the first ``n``
-    validation images, for TensorBoard; the model is left in training mode."""
+    """(H, W, 3) uint8 panels (image | prediction in the colours of the dataset's class table) of the
+    first ``n`` validation images, for TensorBoard; the model is left in training mode."""
     import cv2
 
-    from ifbf_fast.data.cityscapes import list_images
+    from ifbf_fast.data import list_samples
     from ifbf_fast.inference import Segmenter
 
-    paths = list_images(root, "val")[:n]
+    paths = [s.image_path for s in list_samples(root, "val")[:n]]
     if not paths:
         return []
     try:

@@ -39,32 +39,17 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
 from typing import Dict, Optional
 
 import torch
 
+from ifbf_fast.engine.config import parse_memory  # noqa: F401  (the --gpu-memory type; also this module's API)
+
 ALLOCATOR_FACTOR = 1.18
 CONTEXT_BYTES = 512 * 2 ** 20
 SAFETY = 0.10
 GiB = 2.0 ** 30
-
-_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
-          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
-
-
-def parse_memory(text: str) -> int:
-    """argparse type of ``--gpu-memory``: ``11GiB``, ``80GB``, ``24000MiB``, ``1.5TiB`` -> bytes
-    (GB = 10^9, GiB = 2^30; a unit is required, so that ``24`` is not read as 24 bytes)."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([kmgt]i?b)\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"expected a size such as 11GiB, 80GB or 24000MiB, got {text!r}")
-    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if value < 2 ** 20:
-        raise argparse.ArgumentTypeError(f"expected a GPU memory of at least 1MiB, got {text!r}")
-    return int(value)
-
 
 def _settings(args: argparse.Namespace) -> Dict[str, object]:
     """What the plan accounts, resolved as a GPU run resolves ``auto``: bf16 (fp16 on a GPU without

@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from typing import Optional, Sequence
 
 import yaml
 
 from ifbf_fast.ops import IMPLS
-from ifbf_fast.plan import parse_memory
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 CPU_DEFAULT = os.path.join(CONFIG_DIR, "cpu_default.yaml")
@@ -35,6 +35,22 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 NUM_TRAIN_IDS = 19        # Cityscapes' train ids (ifbf_fast.data.labels.NUM_CLASSES); the synthetic city has them too
 ABN_FAMILY = ("inplace_abn_sync", "inplace_abn", "abn")   # one affine (|w| + eps) and one state_dict
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_memory(text: str) -> int:
+    """argparse type of ``--gpu-memory``: ``11GiB``, ``80GB``, ``24000MiB``, ``1.5TiB`` -> bytes
+    (GB = 10^9, GiB = 2^30; a unit is required, so that ``24`` is not read as 24 bytes)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([kmgt]i?b)\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a size such as 11GiB, 80GB or 24000MiB, got {text!r}")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value < 2 ** 20:
+        raise argparse.ArgumentTypeError(f"expected a GPU memory of at least 1MiB, got {text!r}")
+    return int(value)
 
 
 def finite_float(text: str) -> float:

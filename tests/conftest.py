@@ -1,8 +1,13 @@
-"""Test-wide set-up.
+"""Test-wide set-up and the fixtures built once per session.
 
 TRITON_INTERPRET=1 must be set before any Triton kernel is imported, so that the kernels run on CPU
 tensors under Triton's interpreter on machines without a GPU (docs/DESIGN.md section 7). On a GPU
 machine set IFBF_TEST_GPU=1 to leave it off and test the compiled kernels on CUDA tensors.
+
+Session fixtures (read-only: copy before changing anything in them): ``tiny_city``, a synthetic city;
+``tiny_checkpoint``, a train.py checkpoint written without training (tests/_tiny_checkpoint.py);
+``trained_run``, the --out folder of one 2-step training run on ``tiny_city``. The tests in
+tests/nn and tests/models run the reference ops (``_reference_ops_for_module_tests``).
 """
 
 import os
@@ -33,3 +38,56 @@ def device():
             pytest.skip("IFBF_TEST_GPU=1 but no CUDA device")
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+#: tests in these folders check modules and models, not the fast paths (tests/ops does that against the
+#: references): they run the reference ops, because under TRITON_INTERPRET=1 the Triton kernels would
+#: make every forward pass slow, and a fast path under construction must not mask a module bug (nor the
+#: reverse). A test there that wants the switch's default says ``ops.use_impl("auto")``.
+REFERENCE_OPS_FOLDERS = ("nn", "models")
+
+
+@pytest.fixture(autouse=True)
+def _reference_ops_for_module_tests(request):
+    from ifbf_fast import ops
+
+    if request.path.parent.name in REFERENCE_OPS_FOLDERS and request.path.parent.parent.name == "tests":
+        with ops.use_impl("reference"):
+            yield
+    else:
+        yield
+
+
+#: the session's synthetic city: 8 train images (batch 9 is larger than the split, two --procs ranks
+#: get 4 each) and 3 val images (two processes evaluate an uneven 2 + 1), 64x128
+TINY_CITY = dict(n_train=8, n_val=3, height=64, width=128, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_city(tmp_path_factory):
+    """The path of the session's synthetic city (``TINY_CITY``)."""
+    from ifbf_fast.data import generate_city
+    return generate_city(str(tmp_path_factory.mktemp("tiny_city")), **TINY_CITY)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A ResNet-18 train.py checkpoint with crop 48 and non-trivial norm/FBF weights, no training."""
+    from ._tiny_checkpoint import write_tiny_checkpoint
+    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_checkpoint")), crop=48)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_city, tmp_path_factory):
+    """--out of one 2-step run on ``tiny_city`` (crop 64, batch 4, reference ops, the end-of-training
+    evaluation): ``iter_00000002.pt`` and ``best.pt``."""
+    from ifbf_fast.engine.config import parse_args
+    from ifbf_fast.engine.trainer import train
+
+    from ._cli import args_list
+    out = str(tmp_path_factory.mktemp("trained_run"))
+    words = args_list(dict(data=tiny_city, out=out, backbone="resnet18", crop_size=64, scales=[1.0], batch_size=4,
+                           workers=0, iters=2, warmup_iters=1, eval_every=0, ckpt_every=2, gpus=0, seed=1,
+                           impl="reference")) + ["--no-progress"]
+    train(parse_args(words))
+    return out

@@ -12,14 +12,13 @@ from ifbf_fast import ops
 from ifbf_fast.data import render_scene
 from ifbf_fast.export import Logits, exportable, main
 
-from ._tiny_checkpoint import write_tiny_checkpoint
-
 SIZE = (32, 64)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")), norm="inplace_abn_sync", crop=48, seed=3)
+@pytest.fixture
+def ckpt(tiny_checkpoint):
+    """The session's tiny checkpoint (tests/conftest.py): InPlace-ABN-Sync, crop 48."""
+    return tiny_checkpoint
 
 
 def picture(seed=1):

@@ -14,8 +14,6 @@ from ifbf_fast.data import normalize, read_image, render_scene
 from ifbf_fast.engine.evaluate import predict as engine_predict
 from ifbf_fast.inference import InferenceError
 
-from ._tiny_checkpoint import write_tiny_checkpoint
-
 
 @pytest.fixture(autouse=True)
 def _reference_ops():
@@ -27,8 +25,9 @@ def _reference_ops():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")), crop=48)
+def ckpt(tiny_checkpoint):
+    """The session's tiny checkpoint (tests/conftest.py): crop 48."""
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,9 @@ import numpy as np
 import pytest
 from cityscapesscripts.helpers.labels import trainId2label
 
-from ifbf_fast.data import generate_city, read_image
-from ifbf_fast.engine.config import parse_args
-from ifbf_fast.engine.trainer import train
+from ifbf_fast.data import read_image
 from ifbf_fast.predict import PredictError, main, overlay, submission_name, write_submission
 
-from ._cli import args_list
 from .engine.test_evaluate_official import official_evaluation
 
 
@@ -61,19 +58,16 @@ def test_colour_mask_palette_and_overlay(tmp_path):
     assert np.array_equal(overlay(image, color, 0.0), image) and np.array_equal(overlay(image, color, 1.0), color)
 
 
-@pytest.fixture(scope="module")
-def city(tmp_path_factory):
-    return generate_city(str(tmp_path_factory.mktemp("city")), n_train=4, n_val=2, height=64, width=128, seed=4)
+@pytest.fixture
+def city(tiny_city):
+    """The session's synthetic city (tests/conftest.py)."""
+    return tiny_city
 
 
-@pytest.fixture(scope="module")
-def checkpoint(city, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("run"))
-    words = args_list(dict(data=city, out=out, backbone="resnet18", crop_size=64, scales=[1.0], batch_size=4,
-                           workers=0, iters=2, warmup_iters=1, eval_every=0, ckpt_every=2, gpus=0, seed=2,
-                           impl="reference")) + ["--no-progress"]
-    train(parse_args(words))
-    return os.path.join(out, "best.pt")
+@pytest.fixture
+def checkpoint(trained_run):
+    """best.pt of the session's 2-step training run (tests/conftest.py)."""
+    return os.path.join(trained_run, "best.pt")
 
 
 def test_cli_pictures(checkpoint, city, tmp_path):
@@ -84,7 +78,7 @@ def test_cli_pictures(checkpoint, city, tmp_path):
     assert main(["--checkpoint", checkpoint, val, "--out", out, "--format", "color", "overlay", "panel",
                  "--impl", "reference", "--gpus", "0", "--flip", "--scales", "0.75", "1.0"]) == 0
     images = sorted(glob.glob(os.path.join(val, "*", "*.png")))
-    assert len(images) == 2
+    assert len(images) == 3       # the session city's val images (tests/conftest.py TINY_CITY)
     palette = {tuple(c) for c in PALETTE}
     for path in images:
         stem = os.path.splitext(os.path.basename(path))[0]
@@ -110,7 +104,7 @@ def test_cli_submission_matches_evaluate(checkpoint, city, tmp_path, capsys):
     assert main(common + [val, "--out", sub, "--format", "submission"]) == 0
     files = sorted(glob.glob(os.path.join(sub, "*", "*")))
     assert [os.path.relpath(f, sub) for f in files] == \
-        [f"gammaheim/gammaheim_00000{i}_000019_leftImg8bit.png" for i in range(2)]
+        [f"gammaheim/gammaheim_00000{i}_000019_leftImg8bit.png" for i in range(3)]   # the 3 val images
     assert evaluate_main(common + ["--data", city, "--workers", "0", "--no-progress",
                                    "--out", str(tmp_path / "e.json")]) == 0
     ours = json.load(open(tmp_path / "e.json"))

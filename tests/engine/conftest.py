@@ -1,19 +1,11 @@
-"""Fixtures of the engine tests: a tiny synthetic city built once per session, and the tally of the
-table of bad inputs (tests/engine/test_bad_inputs*.py), printed at the end of the session."""
+"""Fixtures of the engine tests: the tally of the table of bad inputs (tests/engine/test_bad_inputs*.py),
+printed at the end of the session. The synthetic city and the checkpoints are tests/conftest.py's."""
 
 import pytest
 
 #: filled by tests/engine/test_bad_inputs*.py (the ``tally`` fixture): every case counts as tried when
 #: it starts, as handled when its one-line message, exit code and "no traceback" checks all passed
 BAD_INPUTS = {"tried": 0, "handled": 0}
-
-
-@pytest.fixture(scope="session")
-def tiny_city(tmp_path_factory):
-    """8 train and 2 val street scenes of 64x128 (read-only: copy it before planting problems)."""
-    from ifbf_fast.data import generate_city
-    return generate_city(str(tmp_path_factory.mktemp("tiny_city")), n_train=8, n_val=2, height=64, width=128,
-                         seed=3)
 
 
 @pytest.fixture

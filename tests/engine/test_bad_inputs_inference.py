@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from .._tiny_checkpoint import write_tiny_checkpoint
 from ._bad_inputs import first_file, one_error_line
 
 
 # The inference command lines. Words are added to the tool's BASE words (a later option wins); in them
-# {ckpt} is the tiny checkpoint (crop 64), {city} the tiny city, {image} one of its val images, {tmp} an
+# {ckpt} is the session's tiny checkpoint (crop 48), {city} the tiny city, {image} one of its val images, {tmp} an
 # empty folder, {garbage} a file that is not a checkpoint, {broken} a PNG cut short, {photo} a PNG whose
 # name is not a Cityscapes name, {none} a path that does not exist, {nocrop} the tiny checkpoint without
 # a saved training crop. No row runs a forward.
@@ -53,8 +52,8 @@ INFERENCE = [  # (tool, words, expected text, exit code)
     ("evaluate", ["--gpus", "2"], "--gpus 2 but CUDA is not available here", 2),
     ("evaluate", ["--amp", "fp16"], "--amp fp16 needs a GPU", 2),
     ("evaluate", ["--amp", "fp16", "--procs", "2"], "--amp fp16 needs a GPU", 2),
-    ("evaluate", ["--mode", "slide", "--stride", "100", "100"], "--stride 100 100 must not exceed the crop 64x64", 2),
-    ("evaluate", ["--mode", "slide", "--stride", "100", "100", "--procs", "2"], "must not exceed the crop 64x64", 2),
+    ("evaluate", ["--mode", "slide", "--stride", "100", "100"], "--stride 100 100 must not exceed the crop 48x48", 2),
+    ("evaluate", ["--mode", "slide", "--stride", "100", "100", "--procs", "2"], "must not exceed the crop 48x48", 2),
     ("evaluate", ["--checkpoint", "{nocrop}", "--mode", "slide"], "mode slide: give a crop (--crop H W)", 2),
     ("evaluate", ["--checkpoint", "{garbage}"], "could not be read", 1),
     ("evaluate", ["--data", "{tmp}"], "is not a Cityscapes layout for split 'val'", 1),
@@ -77,7 +76,7 @@ INFERENCE = [  # (tool, words, expected text, exit code)
     ("predict", ["{tmp}"], "no .png/.jpg/.jpeg images in this folder", 2),
     ("predict", ["{photo}", "--format", "submission"], "not a Cityscapes file name", 2),
     ("predict", ["{image}", "--gpus", "1"], "--gpus 1 but CUDA is not available here", 2),
-    ("predict", ["{image}", "--mode", "slide", "--stride", "65", "8"], "--stride 65 8 must not exceed the crop 64x64",
+    ("predict", ["{image}", "--mode", "slide", "--stride", "49", "8"], "--stride 49 8 must not exceed the crop 48x48",
      2),
     ("predict", ["{image}", "--checkpoint", "{nocrop}", "--mode", "slide"], "the checkpoint records no training crop",
      2),
@@ -98,14 +97,14 @@ INFERENCE = [  # (tool, words, expected text, exit code)
 
 
 @pytest.fixture(scope="module")
-def inference_inputs(tiny_city, tmp_path_factory):
+def inference_inputs(tiny_city, tiny_checkpoint, tmp_path_factory):
     """The files the INFERENCE rows name (see there); {tmp} is made per row."""
     folder = tmp_path_factory.mktemp("inference_inputs")
     garbage, broken, photo = folder / "garbage.pt", folder / "broken.png", folder / "photo.png"
     garbage.write_bytes(b"not a checkpoint")
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     cv2.imwrite(str(photo), np.zeros((8, 8, 3), np.uint8))
-    ckpt = write_tiny_checkpoint(str(folder / "ckpt"), crop=64)
+    ckpt = tiny_checkpoint
     state = torch.load(ckpt, weights_only=True)
     state["args"]["crop_size"] = None
     torch.save(state, folder / "nocrop.pt")

@@ -11,30 +11,24 @@ import sys
 import pytest
 import torch
 
-from ifbf_fast.data import LABEL_TO_TRAIN, generate_city, read_label_ids
-from ifbf_fast.engine.config import parse_args
-from ifbf_fast.engine.trainer import train
+from ifbf_fast.data import LABEL_TO_TRAIN, read_label_ids
 from ifbf_fast.evaluate import main
 
-from .._cli import args_list
 from .test_evaluate_official import assert_same_as_official, official_evaluation
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module")
-def city(tmp_path_factory):
-    return generate_city(str(tmp_path_factory.mktemp("city")), n_train=4, n_val=3, height=64, width=128, seed=3)
+@pytest.fixture
+def city(tiny_city):
+    """The session's synthetic city (tests/conftest.py): 3 val images."""
+    return tiny_city
 
 
-@pytest.fixture(scope="module")
-def checkpoint(city, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("run"))
-    words = args_list(dict(data=city, out=out, backbone="resnet18", crop_size=64, scales=[1.0], batch_size=4,
-                           workers=0, iters=2, warmup_iters=1, eval_every=0, ckpt_every=2, gpus=0, seed=1,
-                           impl="reference")) + ["--no-progress"]
-    train(parse_args(words))
-    return os.path.join(out, "iter_00000002.pt")
+@pytest.fixture
+def checkpoint(trained_run):
+    """The last checkpoint of the session's 2-step training run (tests/conftest.py)."""
+    return os.path.join(trained_run, "iter_00000002.pt")
 
 
 def cli(checkpoint, city, *words):

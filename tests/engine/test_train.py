@@ -16,10 +16,10 @@ from .._cli import args_list
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module")
-def city(tmp_path_factory):
-    from ifbf_fast.data import generate_city
-    return generate_city(str(tmp_path_factory.mktemp("city")), n_train=8, n_val=2, height=64, width=128, seed=3)
+@pytest.fixture
+def city(tiny_city):
+    """The session's synthetic city (tests/conftest.py)."""
+    return tiny_city
 
 
 def tiny(city, out, **overrides):

@@ -61,12 +61,11 @@ def test_use_impl_none_keeps_the_current_choice():
     assert not _impl._stack
 
 
-def test_train_does_not_leak_its_impl(tmp_path):
-    """train(args) with --impl scopes it to the call (module-scoped fixtures train outside tests)."""
-    from ifbf_fast.data import generate_city
+def test_train_does_not_leak_its_impl(tiny_city, tmp_path):
+    """train(args) with --impl scopes it to the call (session-scoped fixtures train outside tests)."""
     from ifbf_fast.engine.config import parse_args
     from ifbf_fast.engine.trainer import train
-    city = generate_city(str(tmp_path / "c"), n_train=4, n_val=1, height=32, width=64, seed=0)
+    city = tiny_city
     before = (_impl._global, list(_impl._stack))
     train(parse_args(["--data", city, "--out", str(tmp_path / "o"), "--backbone", "resnet18", "--crop-size",
                       "32", "--batch-size", "2", "--workers", "0", "--iters", "1", "--warmup-iters", "0",

@@ -119,6 +119,8 @@ def scan_split(root, split: str) -> tuple[list[Sample], list[str]]:
         mask = mask_path(root, name)
         if not images:
             problems.append(_missing_image(root, split_file, line, name))
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                continue        # the hint says it all: no second line about NAME.png.png's mask
         elif len(images) > 1:
             problems.append(f"{split_file}:{line}: {name!r} has several images {images}; keep one")
         if not os.path.isfile(mask):

@@ -204,7 +204,7 @@ def test_preflight_lists_every_problem(tmp_path):
                      "has values that are not ids of classes.yaml (nor its ignore_id 0): 99 (3 px)",
                      "has no split 'test': expected the list"):
         assert expected in text, (expected, text)
-    assert len(report.problems) == 11, text      # "missing" and "img.png" have neither image nor mask
+    assert len(report.problems) == 10, text      # "missing" has neither image nor mask (two lines)
     assert report.pairs == {"train": 3, "val": 0, "test": 0}
     shutil.copy(os.path.join(root, "classes.yaml"), tmp_path / "keep.yaml")
     with open(os.path.join(root, "classes.yaml"), "w") as f:

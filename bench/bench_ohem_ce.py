@@ -273,12 +273,15 @@ def host_mode():
     from ifbf_fast.utils.launches import stub_triton
 
     importlib.import_module("ifbf_fast.kernels.ohem_ce_upsampled")     # import-time mode left as it is
-    saved = os.environ.get("TRITON_INTERPRET")
+    kernels = importlib.import_module("ifbf_fast.kernels.ohem_ce")
+    saved, saved_flag = os.environ.get("TRITON_INTERPRET"), kernels.INTERPRETER
     os.environ["TRITON_INTERPRET"] = "1"
+    kernels.INTERPRETER = True            # the availability probe reads the module's flag
     try:
         with stub_triton():
             yield
     finally:
+        kernels.INTERPRETER = saved_flag
         if saved is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:

@@ -24,6 +24,7 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from . import SUPPORTED_DTYPES, cdiv as _cdiv
 from .fbf_jit import (_fbf_reduce_kernel, _fbf_scale_kernel, _chain_epilogue, _gate_epilogue,  # noqa: F401
                       _param_grads, _reduce_part, _reduce_row, _scale_part, _scale_rows)
 
@@ -31,7 +32,6 @@ from .fbf_jit import (_fbf_reduce_kernel, _fbf_scale_kernel, _chain_epilogue, _g
 # objects (CPU tensors) or compiled kernels (CUDA tensors).
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # (BLOCK_C, BLOCK_HW): 2048 elements per block; num_warps from the dtype (``_num_warps``).
 # ROWS: every tensor of the launch is NCHW-dense per sample (strides (*, H*W, W, 1)) and H*W >= 2048:
@@ -60,11 +60,6 @@ def _num_warps(elt: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # Layout helpers
 # ------------------------------------------------------------------------------------------------
-
-def _cdiv(a: int, b: int) -> int:
-    """Host-side ceil(a / b) for ints (triton.cdiv costs ~10 us a call through its constexpr wrapper)."""
-    return -(-a // b)
-
 
 def _empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
            memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:

@@ -52,16 +52,22 @@ The variant with the x4 bilinear upsampling of the logits fused in is in ``ohem_
 from __future__ import annotations
 
 import math
+import os
 import struct
 
 import torch
 import triton
 import triton.language as tl
 
+from . import cdiv as _cdiv
 from .ohem_ce_select import (N_PROGRAM_SLOT, RED_BLOCK, SCRATCH_SIZE, STATE_CUT, STATE_INV_N,
                              STATE_K, STATE_KTH, STATE_N_BAD, STATE_N_NAN, STATE_N_VALID, STATE_SIZE,
                              STATE_TIE_W, _STATE_CUT, _STATE_INV_N, _STATE_TIE_W, _ohem_ce_fwd_epilogue,
                              _ohem_ce_select_kernel, scratch, select_launch)
+
+# Recorded at import because @triton.jit decides at decoration time whether it builds interpreter
+# objects (CPU tensors) or compiled kernels (CUDA tensors); ohem_ce_upsampled.py shares it.
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 __all__ = ["ohem_ce_fwd", "ohem_ce_bwd", "block_sizes", "thresh_bits", "bytes_model", "scratch",
            "STATE_SIZE", "STATE_N_VALID", "STATE_N_BAD", "STATE_N_NAN", "STATE_CUT", "STATE_INV_N",
@@ -255,9 +261,6 @@ def _flat_hw(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
-def _cdiv(a: int, b: int) -> int:
-    """Host-side ceil(a / b) for ints (triton.cdiv costs ~10 us a call through its constexpr wrapper)."""
-    return -(-a // b)
 
 
 def _check_offsets(*tensors: torch.Tensor) -> None:

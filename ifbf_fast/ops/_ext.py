@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from ifbf_fast.kernels import SUPPORTED_DTYPES
+
 try:
     from ifbf_fast import _C  # noqa: F401  (registers torch.ops.ifbf_fast)
 except ImportError as exc:  # re-raised with the fix in the message
@@ -29,8 +31,8 @@ def has_cuda_kernels() -> bool:
     return _HAS_CUDA_KERNELS
 
 
-_DTYPES = {"cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-           "cuda": (torch.float32, torch.float16, torch.bfloat16)}
+# the fast ops' dtypes (ifbf_fast.kernels.SUPPORTED_DTYPES), and float64 on the CPU (gradcheck)
+_DTYPES = {"cpu": SUPPORTED_DTYPES + (torch.float64,), "cuda": SUPPORTED_DTYPES}
 # Devices and dtypes the kernels take, as one set lookup per call (this runs on every InPlace-ABN call).
 _RUNNABLE = frozenset((dev, dt) for dev, dts in _DTYPES.items() if dev == "cpu" or _HAS_CUDA_KERNELS for dt in dts)
 

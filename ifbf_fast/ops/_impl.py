@@ -101,22 +101,13 @@ def choose(op: str, reason_unavailable: Union[None, str, Callable[[], Optional[s
 
 # --- availability probes shared by the ops ---------------------------------------------------
 
-def triton_interpreting() -> bool:
-    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def triton_unavailable_reason(*tensors: torch.Tensor) -> Optional[str]:
-    """Why the Triton kernels cannot run on these tensors, or ``None`` if they can."""
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # pragma: no cover - triton ships with torch on Linux
-        return f"triton is not importable ({exc})"
+def triton_unavailable_reason(interpreter: bool, *tensors: torch.Tensor) -> Optional[str]:
+    """Why Triton kernels cannot run on these tensors, or ``None`` if they can. ``interpreter`` is the
+    kernel module's own ``INTERPRETER`` flag, recorded when it was imported (``@triton.jit`` decides
+    then, so the environment now does not matter): CPU tensors run only when it is set."""
     for t in tensors:
-        if t.device.type == "cuda":
-            continue
-        if t.device.type == "cpu" and triton_interpreting():
+        if t.device.type == "cuda" or (t.device.type == "cpu" and interpreter):
             continue
         return (f"Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
-                f"import); got a tensor on {t.device}")
+                f"the kernels were imported); got a tensor on {t.device}")
     return None

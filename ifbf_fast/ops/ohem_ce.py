@@ -38,6 +38,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ifbf_fast.kernels import SUPPORTED_DTYPES
+
 from ._impl import choose, get_impl, triton_unavailable_reason
 
 
@@ -116,7 +118,7 @@ def ohem_cross_entropy_ref(logits: torch.Tensor, target: torch.Tensor, keep_rati
 # small int32 state (counts, the cut and weights) and the bad-label count; only the loss is
 # differentiable (no zero gradients are materialised for the others).
 
-_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FAST_DTYPES = SUPPORTED_DTYPES
 _MAX_CLASSES = 256
 
 # Opt-in eager label check for the fast path: the kernels never read out of bounds for a label
@@ -286,15 +288,18 @@ _AVAILABLE: dict = {}
 def _fast_unavailable(logits: torch.Tensor) -> str | None:
     if logits.is_cuda:
         key = (logits.dtype, logits.dim() == 4 and logits.shape[1] > _MAX_CLASSES)
-    else:
-        key = (logits.dtype, logits.dim() == 4 and logits.shape[1] > _MAX_CLASSES, logits.device.type,
-               os.environ.get("TRITON_INTERPRET"))
+    else:   # CPU tensors: the kernels module's import-time interpreter flag decides
+        try:
+            interpreted = _kernels().INTERPRETER
+        except ImportError as exc:
+            return f"the Triton OHEM kernel is not available ({exc})"
+        key = (logits.dtype, logits.dim() == 4 and logits.shape[1] > _MAX_CLASSES, logits.device.type, interpreted)
     try:
         return _AVAILABLE[key]
     except KeyError:
         pass
     try:
-        _kernels()
+        kernels = _kernels()
     except ImportError as exc:
         return f"the Triton OHEM kernel is not available ({exc})"
     if logits.dtype not in _FAST_DTYPES:
@@ -302,7 +307,7 @@ def _fast_unavailable(logits: torch.Tensor) -> str | None:
     elif key[1]:
         reason = f"the Triton OHEM kernel holds at most {_MAX_CLASSES} classes; got {logits.shape[1]}"
     else:
-        reason = triton_unavailable_reason(logits)
+        reason = triton_unavailable_reason(kernels.INTERPRETER, logits)
     _AVAILABLE[key] = reason
     return reason
 

@@ -153,15 +153,15 @@ def fast_paths_assumed() -> Iterator[None]:
     so that their import-time mode (compiled or interpreted) is not changed for the rest of the process.
     """
     fbf_kernels = importlib.import_module("ifbf_fast.kernels.fbf")
-    importlib.import_module("ifbf_fast.kernels.ohem_ce")
+    ohem_kernels = importlib.import_module("ifbf_fast.kernels.ohem_ce")
     importlib.import_module("ifbf_fast.kernels.ohem_ce_upsampled")
-    saved = fbf_kernels.INTERPRETER, os.environ.get("TRITON_INTERPRET")
-    fbf_kernels.INTERPRETER = True
+    saved = fbf_kernels.INTERPRETER, os.environ.get("TRITON_INTERPRET"), ohem_kernels.INTERPRETER
+    fbf_kernels.INTERPRETER = ohem_kernels.INTERPRETER = True
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         yield
     finally:
-        fbf_kernels.INTERPRETER = saved[0]
+        fbf_kernels.INTERPRETER, ohem_kernels.INTERPRETER = saved[0], saved[2]
         if saved[1] is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:

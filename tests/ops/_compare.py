@@ -26,8 +26,10 @@ from typing import Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Uni
 
 import torch
 
+from ifbf_fast.kernels import SUPPORTED_DTYPES
+
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
-DTYPES = (F32, F16, BF16)     # the activation dtypes every fast op supports
+DTYPES = SUPPORTED_DTYPES     # the activation dtypes every fast op supports
 
 
 class Relative(NamedTuple):

@@ -47,11 +47,16 @@ def test_fast_requested_where_it_cannot_run_raises():
 
 
 def test_triton_availability_probe(monkeypatch):
+    """The kernel module's import-time flag decides, not the environment at the call."""
+    from ifbf_fast.kernels import ohem_ce as K
     cpu = torch.zeros(1)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert _impl.triton_unavailable_reason(cpu) is None
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert "CUDA" in _impl.triton_unavailable_reason(cpu)
+    assert _impl.triton_unavailable_reason(True, cpu) is None
+    assert "CUDA" in _impl.triton_unavailable_reason(False, cpu)
+    logits, target = torch.randn(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long)
+    monkeypatch.setattr(K, "INTERPRETER", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")          # set now, after the import: changes nothing
+    with ops.use_impl("fast"), pytest.raises(ops.FastPathUnavailable, match="TRITON_INTERPRET"):
+        ops.ohem_cross_entropy(logits, target)
 
 
 def test_use_impl_none_keeps_the_current_choice():

@@ -20,7 +20,7 @@ from ifbf_fast.ops.ohem_ce import ohem_cross_entropy_fast, ohem_cross_entropy_re
 from ifbf_fast.ops.ohem_ce_upsampled import ohem_cross_entropy_upsampled_fast
 from ifbf_fast.utils.launches import count_launches, forbid_host_reads
 
-from .test_ohem_ce import GRAD_TOL, LOSS_TOL, _assert_close, _fresh_separated, _run
+from .test_ohem_ce import _check_grad, _check_loss, _fresh_separated, _run
 
 NETWORK = (4, 19, 876, 876)
 NETWORK_LOWRES = (4, 19, 219, 219)
@@ -190,7 +190,7 @@ def test_eager_calls_bypass_the_custom_op_compiled_calls_use_it():
     got, g_got = _run(torch.compile(step, fullgraph=True, backend="aot_eager"), logits, target)
     want, g_want = _run(step, logits, target)
     assert torch.equal(got, want)
-    _assert_close(g_got, g_want, "compiled grad", **GRAD_TOL[torch.float32])
+    _check_grad(g_got, g_want, torch.float32, "compiled grad")
 
 
 def test_fused_backward_owns_tiles_across_the_image():
@@ -206,8 +206,8 @@ def test_fused_backward_owns_tiles_across_the_image():
     want = ohem_cross_entropy_ref(torch.nn.functional.interpolate(y, size=(37, 81), mode="bilinear",
                                                                   align_corners=False), target)
     g_want, = torch.autograd.grad(want, [y])
-    _assert_close(got, want, "loss", **LOSS_TOL)
-    _assert_close(g_got, g_want, "grad_logits", **GRAD_TOL[torch.float32])
+    _check_loss(got, want, "loss")
+    _check_grad(g_got, g_want, torch.float32, "grad_logits")
 
 
 @pytest.mark.parametrize("size_in,size_out", [((219, 219), (876, 876)), ((256, 512), (1024, 2048)),

@@ -149,22 +149,6 @@ def make_case(provider: str, pass_: str, n: int, ch: int, cl: int, h: int, w: in
     return run_bwd
 
 
-def _synced(fn: Callable) -> Callable:
-    def run():
-        fn()
-        torch.cuda.synchronize()
-    return run
-
-
-def _peak_bytes(fn: Callable) -> int:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
 @needs_cuda
 @pytest.mark.benchmark(group="fbf", warmup=False)
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -176,18 +160,19 @@ def _peak_bytes(fn: Callable) -> int:
 def test_fbf(benchmark, pass_, fbf, size, dtype, layout, provider):
     ch, cl = FBFS[fbf]
     h, w = SIZES[size]
+    from conftest import peak_bytes, synced     # bench/conftest.py (bench/ is on sys.path under pytest bench)
     torch.manual_seed(0)
-    run = _synced(make_case(provider, pass_, BATCH, ch, cl, h, w, DTYPES[dtype], layout))
+    run = synced(make_case(provider, pass_, BATCH, ch, cl, h, w, DTYPES[dtype], layout))
     for _ in range(3):      # compile (torch.compile, Triton) and warm the allocator outside the timing
         run()
-    peak = _peak_bytes(run)
+    peak = peak_bytes(run, torch.device("cuda"))
     benchmark.group = f"fbf {pass_} {fbf} {size} {dtype} {layout}"
     benchmark(run)
     nbytes = bytes_moved((BATCH, ch + cl, h, w), DTYPES[dtype], backward=pass_ == "fwd_bwd")
     median = benchmark.stats["median"]
     benchmark.extra_info.update(
         provider=provider, bytes_moved=nbytes, gb_per_s=nbytes / median / 1e9, median_ms=median * 1e3,
-        peak_mem_bytes=peak, device=torch.cuda.get_device_name())
+        peak_bytes=peak, device=torch.cuda.get_device_name())
 
 
 @needs_cuda
@@ -197,7 +182,8 @@ def test_copy_bandwidth(benchmark, dtype):
     """dst.copy_(src) on a tensor the size of FBF2's output at 256x512: the card's practical bandwidth."""
     src = torch.randn(BATCH, 384, 256, 512, device="cuda", dtype=DTYPES[dtype])
     dst = torch.empty_like(src)
-    run = _synced(lambda: dst.copy_(src))
+    from conftest import synced
+    run = synced(lambda: dst.copy_(src))
     for _ in range(3):
         run()
     benchmark(run)

@@ -134,22 +134,6 @@ def make_case(provider: str, pass_: str, shape: Sequence[int], dtype: torch.dtyp
     return run_bwd
 
 
-def _synced(fn: Callable) -> Callable:
-    def run():
-        fn()
-        torch.cuda.synchronize()
-    return run
-
-
-def _peak_bytes(fn: Callable) -> int:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
 @needs_cuda
 @pytest.mark.benchmark(group="ohem_ce", warmup=False)
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -157,11 +141,12 @@ def _peak_bytes(fn: Callable) -> int:
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("pass_", PASSES)
 def test_ohem_ce(benchmark, pass_, dtype, thresh, provider):
+    from conftest import peak_bytes, synced     # bench/conftest.py (bench/ is on sys.path under pytest bench)
     torch.manual_seed(0)
-    run = _synced(make_case(provider, pass_, SHAPE, DTYPES[dtype], THRESH[thresh]))
+    run = synced(make_case(provider, pass_, SHAPE, DTYPES[dtype], THRESH[thresh]))
     for _ in range(3):      # compile (torch.compile, Triton) and warm the allocator outside the timing
         run()
-    peak = _peak_bytes(run)
+    peak = peak_bytes(run, torch.device("cuda"))
     benchmark.group = f"ohem_ce {pass_} {'x'.join(map(str, SHAPE))} {dtype} {thresh}"
     benchmark(run)
     backward = pass_ == "fwd_bwd"
@@ -169,7 +154,7 @@ def test_ohem_ce(benchmark, pass_, dtype, thresh, provider):
     median = benchmark.stats["median"]
     benchmark.extra_info.update(
         provider=provider, bytes_moved=nbytes, fast_path_bytes=fast_path_bytes(SHAPE, DTYPES[dtype], backward=backward),
-        gb_per_s=nbytes / median / 1e9, median_ms=median * 1e3, peak_mem_bytes=peak,
+        gb_per_s=nbytes / median / 1e9, median_ms=median * 1e3, peak_bytes=peak,
         device=torch.cuda.get_device_name())
 
 
@@ -247,18 +232,19 @@ def make_upsampled_case(provider: str, pass_: str, lowres_shape: Sequence[int], 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("pass_", PASSES)
 def test_ohem_ce_upsampled(benchmark, pass_, dtype, provider):
+    from conftest import peak_bytes, synced     # bench/conftest.py (bench/ is on sys.path under pytest bench)
     torch.manual_seed(0)
-    run = _synced(make_upsampled_case(provider, pass_, LOWRES, UP_SIZE, DTYPES[dtype]))
+    run = synced(make_upsampled_case(provider, pass_, LOWRES, UP_SIZE, DTYPES[dtype]))
     for _ in range(3):
         run()
-    peak = _peak_bytes(run)
+    peak = peak_bytes(run, torch.device("cuda"))
     benchmark.group = f"ohem_ce_upsampled {pass_} {'x'.join(map(str, LOWRES))}->{UP_SIZE[0]}x{UP_SIZE[1]} {dtype}"
     benchmark(run)
     nbytes = bytes_moved_upsampled(LOWRES, UP_SIZE, DTYPES[dtype], backward=pass_ == "fwd_bwd")
     median = benchmark.stats["median"]
     benchmark.extra_info.update(
         provider=provider, bytes_moved=nbytes, gb_per_s=nbytes / median / 1e9, median_ms=median * 1e3,
-        peak_mem_bytes=peak, device=torch.cuda.get_device_name())
+        peak_bytes=peak, device=torch.cuda.get_device_name())
 
 
 # --- host time per call on the CPU, Triton launches stubbed (issue 13.2) ------------------------------

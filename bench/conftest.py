@@ -12,7 +12,7 @@
 * On a machine without CUDA the GPU-only benches skip with their reason; the CPU cases run.
 * ``copy_bandwidth_gbps()`` measures the present GPU's copy bandwidth once per session (the yardstick
   for "% of bandwidth"); the JSON written by ``--benchmark-json`` gets it in ``machine_info`` and a
-  ``pct_of_bandwidth`` next to every result's GB/s (``gb_per_s`` or ``gbps``, whichever the bench
+  ``pct_of_bandwidth`` next to every result's GB/s (``gb_per_s``; ``gbps`` in older files, whichever the bench
   records), so the older benches need no change.
 * The ``perf`` fixture records GB/s, % of bandwidth and peak memory into ``benchmark.extra_info``.
 """
@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # memory_account, impo
 from memory_account import LiveStorages  # noqa: E402
 
 GB = 1e9
-# Names of the GB/s entry in extra_info, per bench (bench_inplace_abn records "gbps").
+# Names of the GB/s entry in extra_info: every bench records "gb_per_s" (and peak memory as "peak_bytes");
+# "gbps" is what bench_inplace_abn wrote before, kept readable for older --benchmark-json files.
 GBPS_KEYS = ("gb_per_s", "gbps")
 
 
@@ -108,6 +109,14 @@ def matmul_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> Optiona
     b = torch.randn(n, n, device="cuda", dtype=dtype)
     seconds = _cuda_median_seconds(lambda: a @ b, reps=20)
     return 2 * n ** 3 / seconds / 1e12
+
+
+def synced(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` followed by a CUDA synchronisation: what the benches time, so that the time is the work's."""
+    def run():
+        fn()
+        torch.cuda.synchronize()
+    return run
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:

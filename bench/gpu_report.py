@@ -174,7 +174,9 @@ def _first(d: Dict, *keys):
 
 
 def collect_rows(bench_json: Dict, bandwidth_gbps: Optional[float] = None) -> List[Dict[str, object]]:
-    """Flatten a pytest-benchmark JSON into one row per result (the benches name a few things differently)."""
+    """Flatten a pytest-benchmark JSON into one row per result. The benches record GB/s as ``gb_per_s`` and
+    peak memory as ``peak_bytes``; ``gbps`` and ``peak_mem_bytes`` are read too, the names of files written
+    before (bench/results/nvidia-h200-ba7a6d620556.json keeps them)."""
     rows = []
     for b in bench_json.get("benchmarks", []):
         info, stats = b.get("extra_info", {}), b["stats"]

@@ -41,9 +41,9 @@ def fake_pytest_benchmark_json():
     return {
         "machine_info": {"copy_bandwidth_gbps": 3000.0},
         "benchmarks": [
-            _bench(fbf, "reference", 3e-3, provider="reference", gb_per_s=400.0, peak_mem_bytes=3 * 2 ** 20),
+            _bench(fbf, "reference", 3e-3, provider="reference", gb_per_s=400.0, peak_bytes=3 * 2 ** 20),
             _bench(fbf, "compiled_reference", 2e-3, provider="compiled_reference", gb_per_s=600.0),
-            _bench(fbf, "fast", 1e-3, provider="fast", gb_per_s=1200.0, peak_mem_bytes=2 ** 20),
+            _bench(fbf, "fast", 1e-3, provider="fast", gb_per_s=1200.0, peak_mem_bytes=2 ** 20),   # an older file's name
             _bench(abn, "bn_act", 4e-3, gbps=150.0, peak_bytes=5 * 2 ** 20),     # provider only in params
             _bench(abn, "reference", 8e-3, gbps=75.0),
             _bench(abn, "fast", 2e-3, gbps=300.0, pct_of_bandwidth=10.0),        # kept as recorded

@@ -82,12 +82,8 @@ def ohem_cross_entropy_ref(logits: torch.Tensor, target: torch.Tensor, keep_rati
     check_ohem_args(logits, target, keep_ratio, thresh, ignore_index)
     c = logits.shape[1]
     target = target.long()
+    _raise_on_bad_labels(target, c, ignore_index)
     valid = target != ignore_index
-    bad = valid & ((target < 0) | (target >= c))
-    if bool(bad.any()):
-        value = int(target[bad][0])
-        raise ValueError(f"ohem_cross_entropy: target holds label {value}, outside [0, {c}) and not "
-                         f"ignore_index={ignore_index}")
     logp = torch.log_softmax(logits.float(), dim=1)
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     loss = -logp.gather(1, safe_target.unsqueeze(1)).squeeze(1)             # (N, H, W) fp32
@@ -142,6 +138,8 @@ def _label_check_enabled() -> bool:
 
 
 def _raise_on_bad_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """The reference's check, also the fast path's opt-in one: ValueError naming the first label outside
+    ``[0, num_classes)`` that is not ``ignore_index`` (a host sync)."""
     valid = target != ignore_index
     bad = valid & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):

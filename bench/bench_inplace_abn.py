@@ -13,7 +13,8 @@ The providers of one case share a benchmark group, so they print side by side. `
 ``saved_bytes`` (activation bytes kept for backward, parameters and buffers not counted),
 ``bytes_moved`` (the minimum traffic of the fused algorithm, the same count for every provider: the
 forward reads x twice and writes y, the backward reads y and dy twice and writes dx: 8 x-sizes),
-``gbps`` at the median time, and on CUDA ``peak_bytes`` (allocated beyond the inputs).
+``fast_path_bytes`` (what the CUDA launches move by their bytes model, csrc/inplace_abn_plan.h),
+``gb_per_s`` at the median time, and on CUDA ``peak_bytes`` (allocated beyond the inputs).
 """
 
 from __future__ import annotations
@@ -42,8 +43,15 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def bytes_moved(n: int, c: int, h: int, w: int, dtype: torch.dtype) -> int:
-    """Minimum bytes of fused forward+backward: 3 x-sizes forward, 5 backward (module docstring)."""
+    """Minimum bytes of fused forward+backward: 3 x-sizes forward, 5 backward (module docstring;
+    ``ifbf_fast.ops.inplace_abn.min_bytes``, csrc/inplace_abn_plan.h)."""
     return 8 * n * c * h * w * torch.empty((), dtype=dtype).element_size()
+
+
+def fast_path_bytes(n: int, c: int, h: int, w: int, dtype: torch.dtype, layout: str) -> int:
+    """What the CUDA launches move by their bytes model (partial states and per-channel terms included)."""
+    from ifbf_fast.ops.inplace_abn import launch_model
+    return sum(m["read"] + m["written"] for m in launch_model((n, c, h, w), dtype, layout == "channels_last"))
 
 
 def _bn_act(x, w, b, rm, rv):
@@ -139,7 +147,8 @@ def _run(benchmark, provider, name, c, h, w, dtype, layout, device, rounds, warm
     benchmark.extra_info.update({
         "provider": provider, "layer": name, "shape": [n, c, h, w], "dtype": str(dtype), "layout": layout,
         "saved_bytes": saved_bytes(provider, n, c, h, w, dtype, layout, device), "bytes_moved": moved,
-        "gbps": moved / benchmark.stats.stats.median / 1e9})
+        "fast_path_bytes": fast_path_bytes(n, c, h, w, dtype, layout),
+        "gb_per_s": moved / benchmark.stats.stats.median / 1e9})
 
 
 @needs_cuda

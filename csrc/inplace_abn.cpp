@@ -19,10 +19,77 @@
 #include <sstream>
 
 #include "inplace_abn.h"
+#include "inplace_abn_plan.h"
 
 // The ops are reached through torch.ops.ifbf_fast.*; the module exists so that `import ifbf_fast._C`
-// loads the library and runs the registrations below.
-static struct PyModuleDef ifbf_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+// loads the library and runs the registrations below. Its functions expose the CUDA launch plans and
+// bytes model (inplace_abn_plan.h) to the CPU tests, whatever the build: the same code the launchers run.
+namespace {
+
+const char* kKindNames[] = {"reduce_ncs", "reduce_nsc", "combine", "map_ncs", "map_nsc", "eval"};
+
+// abn_launch_model(phase, channels_last, n, c, s, elt, vec, sms) -> [dict per launch] (plan::launch_model);
+// vec 0: the width plan::pick_vec gives 16-byte-aligned tensors (what fresh allocations are)
+PyObject* abn_launch_model(PyObject*, PyObject* args) {
+  int phase, channels_last, elt, vec, sms;
+  long long n, c, s;
+  if (!PyArg_ParseTuple(args, "ipLLLiii", &phase, &channels_last, &n, &c, &s, &elt, &vec, &sms)) return nullptr;
+  if (phase < 0 || phase > 4 || elt <= 0 || 16 % elt != 0 || vec < 0 || (vec > 0 && 16 % (vec * elt) != 0) || sms <= 0 ||
+      n < 0 || c <= 0 || s <= 0) {
+    PyErr_SetString(PyExc_ValueError, "abn_launch_model: phase in 0..4, elt and vec * elt dividing 16 (vec 0: chosen), sms > 0, "
+                                      "n >= 0, c > 0, s > 0");
+    return nullptr;
+  }
+  if (vec == 0) vec = ifbf::plan::pick_vec(channels_last != 0, c, elt, true);  // fresh (aligned) tensors
+  const auto launches = ifbf::plan::launch_model(phase, channels_last != 0, n, c, s, elt, vec, sms);
+  PyObject* out = PyList_New(0);
+  for (const auto& m : launches) {
+    const auto& L = m.launch;
+    PyObject* d = Py_BuildValue(
+        "{s:s,s:s,s:i,s:(LL),s:(ii),s:L,s:L,s:i,s:i,s:L,s:L,s:i}", "name", m.name, "kind", kKindNames[L.kind], "vec",
+        L.vec, "grid", (long long)L.grid_x, (long long)L.grid_y, "block", L.block_x, L.block_y, "chunks",
+        (long long)L.chunks, "groups", (long long)L.groups, "unroll", L.unroll, "tensors", L.tensors, "read",
+        (long long)m.read, "written", (long long)m.written, "blocks_per_sm", ifbf::plan::blocks_per_sm(L.kind));
+    if (d == nullptr || PyList_Append(out, d) != 0) {
+      Py_XDECREF(d);
+      Py_DECREF(out);
+      return nullptr;
+    }
+    Py_DECREF(d);
+  }
+  return out;
+}
+
+// abn_row_split(start, S, vec) -> (head, body, tail) (plan::row_split, int64 as with a large tensor)
+PyObject* abn_row_split(PyObject*, PyObject* args) {
+  long long start, S;
+  int vec;
+  if (!PyArg_ParseTuple(args, "LLi", &start, &S, &vec)) return nullptr;
+  if (vec <= 0 || (vec & (vec - 1)) != 0 || S < 0 || start < 0) {
+    PyErr_SetString(PyExc_ValueError, "abn_row_split: vec a power of two, S >= 0, start >= 0");
+    return nullptr;
+  }
+  const auto r = ifbf::plan::row_split<int64_t>(start, S, vec);
+  return Py_BuildValue("(LLL)", (long long)r.head, (long long)r.body, (long long)r.tail);
+}
+
+// abn_min_bytes(training, numel, elt) -> the op's minimum DRAM traffic, forward + backward
+PyObject* abn_min_bytes(PyObject*, PyObject* args) {
+  int training, elt;
+  long long numel;
+  if (!PyArg_ParseTuple(args, "pLi", &training, &numel, &elt)) return nullptr;
+  return PyLong_FromLongLong(ifbf::plan::min_bytes(training != 0, numel, elt));
+}
+
+PyMethodDef kMethods[] = {
+    {"abn_launch_model", abn_launch_model, METH_VARARGS, "InPlace-ABN CUDA launch plan and bytes of one phase"},
+    {"abn_row_split", abn_row_split, METH_VARARGS, "InPlace-ABN NCS row split: (head, body vectors, tail)"},
+    {"abn_min_bytes", abn_min_bytes, METH_VARARGS, "InPlace-ABN minimum bytes moved, forward + backward"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+static struct PyModuleDef ifbf_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, kMethods};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&ifbf_module); }
 
 #ifdef IFBF_WITH_CUDA

@@ -1,10 +1,13 @@
 // Raw CUDA kernels of InPlace-ABN (launched from inplace_abn_launch.cuh and the inplace_abn_*.cu units).
 //
 // Two layouts (inplace_abn.h Geometry): NCS, rows of S contiguous values per (n, c); NSC (channels
-// last), rows of C contiguous channels. Reductions write one partial state per (channel, block row)
-// and a second tiny kernel combines them (deterministic, no atomics) and runs the per-channel
-// epilogue; accumulation is fp32 for the backward sums, shifted float64 sums for the statistics. Elementwise passes load/store 16-byte vectors where the row length and the
-// pointers allow it. index_t is int where the tensor has fewer than 2^31 elements, else int64_t.
+// last), rows of C contiguous channels. The work decomposition (warp units over NCS rows with scalar
+// heads and tails, VEC channels x kUnroll rows per NSC thread) and the grids are in inplace_abn_plan.h,
+// where the CPU tests read them. Reductions write partial states and a second tiny kernel combines
+// them (deterministic, no atomics) and runs the per-channel epilogue; accumulation is fp32 for the
+// backward sums, shifted float64 sums for the statistics. Hot loops load and store 16-byte vectors in
+// both layouts wherever the pointers allow it (NCS: any row length). index_t is int where the tensor
+// has fewer than 2^31 elements, else int64_t.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -12,13 +15,14 @@
 #include <cstdint>
 
 #include "inplace_abn_common.h"
+#include "inplace_abn_plan.h"
 
 namespace ifbf {
 namespace cuda {
 
-constexpr int kThreads = 256;
-constexpr int kWarp = 32;
-constexpr int kUnroll = 4;  // independent loads in flight per thread in the NCS loops
+constexpr int kThreads = plan::kThreads;
+constexpr int kWarp = plan::kWarp;
+
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Vec {
@@ -82,6 +86,7 @@ __device__ __forceinline__ St block_reduce(St s) {
 template <typename scalar_t>
 struct StatsRed {
   using State = DPair;
+  static constexpr bool kTwoInputs = false;  // x only
   const scalar_t* x;
   int64_t k_stride;  // K of channel c is x[c * k_stride]: NCS S, NSC 1
   struct Ch {
@@ -98,6 +103,7 @@ struct StatsRed {
 template <Act A, typename scalar_t>
 struct BackwardRed {  // sums of dz and dz * (z - b); divided by g once per channel at the end
   using State = Pair;
+  static constexpr bool kTwoInputs = true;  // y and dy
   const float* bias;
   float slope, inv_slope;
   struct Ch {
@@ -115,6 +121,7 @@ struct BackwardRed {  // sums of dz and dz * (z - b); divided by g once per chan
 
 template <Act A, typename scalar_t>
 struct ForwardMap {  // y = act((x * pre - shift) * scale + b) (forward_constants, inplace_abn_common.h)
+  static constexpr bool kTwoInputs = false;  // x only
   const double *mean, *invstd;
   const float *weight, *bias;
   float eps, slope;
@@ -136,6 +143,7 @@ template <Act A, typename scalar_t>
 struct BackwardMap {
   // dx = g * invstd * (dz - mdz - xhat * mdzx) with xhat = (z - b) / g
   //    = a * dz - k * (z - b) + c0,  a = g * invstd, k = invstd * mdzx, c0 = -a * mdz
+  static constexpr bool kTwoInputs = true;  // y and dy
   const float *invstd, *weight, *bias, *mean_dz, *mean_dz_xhat;
   float eps, slope, inv_slope;
   struct Ch {
@@ -157,44 +165,65 @@ struct BackwardMap {
 
 // --- reductions -------------------------------------------------------------------------------------
 
-// NCS: grid (C, G). Block (c, g) takes the units g, g + G, ... of channel c, a unit being a chunk of
-// kThreads * kUnroll values of one row (n, c); partial[g * C + c] receives the block's state.
-template <typename Red, typename scalar_t, typename index_t>
-__global__ void __launch_bounds__(kThreads)
-    reduce_ncs_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, Red red, index_t n_rows,
-                      index_t C, index_t S, index_t chunks, typename Red::State* __restrict__ partial) {
+// NCS: a warp per unit (row, chunk of kWarp * U vectors), plan::plan_ncs; grid-stride over the units.
+// Each lane loads U independent vectors per tensor (4 loads in all), then reduces them; the row's unaligned head and
+// tail (plan::row_split; p0 = the offset of x from a 16-byte boundary, in elements, the same for dy)
+// go to the lanes of the row's first chunk. partial[(n * chunks + chunk) * C + c] receives the unit's state.
+template <typename Red, int VEC, typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kThreads, plan::blocks_per_sm(plan::kReduceNCS))
+    reduce_ncs_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, Red red, index_t rows,
+                      index_t C, index_t S, index_t chunks, index_t p0, typename Red::State* __restrict__ partial) {
   using St = typename Red::State;
-  const index_t c = blockIdx.x;
-  const auto ch = red.channel(c);
-  St s = St::zero();
-  const index_t units = n_rows * chunks;
-  for (index_t u = blockIdx.y; u < units; u += gridDim.y) {
-    const index_t n = u / chunks;
-    const index_t s0 = (u - n * chunks) * (kThreads * kUnroll) + threadIdx.x;
-    const index_t base = (n * C + c) * S;
-    scalar_t xv[kUnroll], dv[kUnroll];
+  using V = Vec<scalar_t, VEC>;
+  constexpr int U = plan::unroll_for(Red::kTwoInputs ? 2 : 1);
+  constexpr index_t kUnit = plan::unit_vecs(Red::kTwoInputs ? 2 : 1);
+  const int lane = threadIdx.x % kWarp;
+  const index_t units = rows * chunks;
+  for (index_t u = static_cast<index_t>(blockIdx.x) * plan::kWarps + threadIdx.x / kWarp; u < units;
+       u += static_cast<index_t>(gridDim.x) * plan::kWarps) {  // warp-uniform: the shuffles stay full-warp
+    const index_t row = u / chunks, chunk = u - row * chunks;
+    const index_t n = row / C, c = row - n * C;
+    const auto ch = red.channel(c);
+    const index_t base = row * S;
+    const auto sp = plan::row_split<index_t>(p0 + base, S, VEC);
+    const scalar_t* xr = x + base + sp.head;  // 16-byte aligned
+    const scalar_t* dr = Red::kTwoInputs ? dy + base + sp.head : nullptr;
+    St s = St::zero();
+    V xv[U], dv[U];
 #pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
-      const index_t i = s0 + k * kThreads;
-      xv[k] = i < S ? x[base + i] : scalar_t(0);
-      dv[k] = (dy != nullptr && i < S) ? dy[base + i] : scalar_t(0);
+    for (int k = 0; k < U; ++k) {
+      const index_t j = chunk * kUnit + k * kWarp + lane;
+      if (j < sp.body) {
+        xv[k] = reinterpret_cast<const V*>(xr)[j];
+        if (Red::kTwoInputs) dv[k] = reinterpret_cast<const V*>(dr)[j];
+      }
     }
 #pragma unroll
-    for (int k = 0; k < kUnroll; ++k)
-      if (s0 + k * kThreads < S) red.update(s, ch, xv[k], dv[k]);
+    for (int k = 0; k < U; ++k) {
+      if (chunk * kUnit + k * kWarp + lane < sp.body) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) red.update(s, ch, xv[k].v[e], Red::kTwoInputs ? dv[k].v[e] : scalar_t(0));
+      }
+    }
+    if (VEC > 1 && chunk == 0 && lane < sp.head + sp.tail) {  // the unaligned ends, one element per lane
+      const index_t i = lane < sp.head ? lane : S - sp.tail + (lane - sp.head);
+      red.update(s, ch, x[base + i], Red::kTwoInputs ? dy[base + i] : scalar_t(0));
+    }
+    s = warp_reduce(s);
+    if (lane == 0) partial[(n * chunks + chunk) * C + c] = s;
   }
-  s = block_reduce(s);
-  if (threadIdx.x == 0) partial[static_cast<index_t>(blockIdx.y) * C + c] = s;
 }
 
 // NSC: block (BX, BY) with BX * BY = kThreads, each thread owning VEC adjacent channels (one 16-byte
-// load per row when VEC > 1); grid (channel tiles, G) over row blocks.
+// access per row when VEC > 1) and U rows per iteration (rows r0 + k * BY of a tile of BY * U rows: 4
+// independent loads per thread in all); grid (channel tiles, G) grid-strides over the row tiles. partial[g * C + c] per block row g.
 template <typename Red, int VEC, typename scalar_t, typename index_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, plan::blocks_per_sm(plan::kReduceNSC))
     reduce_nsc_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, Red red, index_t M,
                       index_t C, typename Red::State* __restrict__ partial) {
   using St = typename Red::State;
   using V = Vec<scalar_t, VEC>;
+  constexpr int U = plan::unroll_for(Red::kTwoInputs ? 2 : 1);
   __shared__ St smem[kThreads];
   const index_t c0 = (static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   const bool active = c0 < C;  // VEC > 1 only when C % VEC == 0: a thread's channels are all valid
@@ -206,18 +235,26 @@ __global__ void __launch_bounds__(kThreads)
     s[j] = St::zero();
   }
   if (active) {
-    for (index_t r = static_cast<index_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < M;
-         r += static_cast<index_t>(gridDim.y) * blockDim.y) {
-      const V xv = *reinterpret_cast<const V*>(x + r * C + c0);
-      V dv;
-      if (dy != nullptr) {
-        dv = *reinterpret_cast<const V*>(dy + r * C + c0);
-      } else {
+    const index_t by = blockDim.y;
+    for (index_t r0 = static_cast<index_t>(blockIdx.y) * by * U + threadIdx.y; r0 < M;
+         r0 += static_cast<index_t>(gridDim.y) * by * U) {
+      V xv[U], dv[U];
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) dv.v[j] = scalar_t(0);
+      for (int k = 0; k < U; ++k) {
+        const index_t r = r0 + k * by;
+        if (r < M) {
+          xv[k] = *reinterpret_cast<const V*>(x + r * C + c0);
+          if (Red::kTwoInputs) dv[k] = *reinterpret_cast<const V*>(dy + r * C + c0);
+        }
       }
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) red.update(s[j], ch[j], xv.v[j], dv.v[j]);
+      for (int k = 0; k < U; ++k) {
+        if (r0 + k * by < M) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j)
+            red.update(s[j], ch[j], xv[k].v[j], Red::kTwoInputs ? dv[k].v[j] : scalar_t(0));
+        }
+      }
     }
   }
   const int t = threadIdx.y * blockDim.x + threadIdx.x;
@@ -234,15 +271,26 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One warp per channel merges the G partial states of that channel, then fin(c, state).
+// One warp per channel merges the G partial states of that channel (plan::kLoads independent loads
+// per lane in flight: the partials of a channels-last reduce are a few hundred per channel), then
+// fin(c, state).
 template <typename St, typename Fin>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, plan::blocks_per_sm(plan::kCombine))
     combine_kernel(const St* __restrict__ partial, int64_t G, int64_t C, Fin fin) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * (kThreads / kWarp) + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (c >= C) return;  // whole warps leave together: the shuffles below stay full-warp
   St s = St::zero();
-  for (int64_t g = lane; g < G; g += kWarp) s.merge(partial[g * C + c]);
+  for (int64_t g0 = lane; g0 < G; g0 += int64_t{kWarp} * plan::kLoads) {
+    St t[plan::kLoads];
+#pragma unroll
+    for (int k = 0; k < plan::kLoads; ++k) {
+      const int64_t g = g0 + int64_t{k} * kWarp;
+      t[k] = g < G ? partial[g * C + c] : St::zero();
+    }
+#pragma unroll
+    for (int k = 0; k < plan::kLoads; ++k) s.merge(t[k]);
+  }
   s = warp_reduce(s);
   if (lane == 0) fin(c, s);
 }
@@ -324,64 +372,88 @@ struct BackwardParamsFin {
 
 // --- elementwise passes -------------------------------------------------------------------------------
 
-// NCS: grid-stride over units (row, chunk of kThreads * VEC * kUnroll values). VEC > 1 only when
-// S % VEC == 0 and the pointers are 16-byte aligned, so a vector never straddles two rows.
+// NCS: the warp units of reduce_ncs_kernel (row, chunk of kWarp * U vectors): U independent vector
+// loads per lane and tensor (4 in all), then the stores; the row's unaligned head and tail in its first
+// chunk. a, b and out share p0, their offset from a 16-byte boundary in elements.
 template <typename Map, int VEC, typename scalar_t, typename index_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, plan::blocks_per_sm(plan::kMapNCS))
     map_ncs_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, scalar_t* __restrict__ out,
-                   Map f, index_t n_rows, index_t C, index_t S, index_t chunks) {
+                   Map f, index_t rows, index_t C, index_t S, index_t chunks, index_t p0) {
   using V = Vec<scalar_t, VEC>;
-  const index_t units = n_rows * chunks;
-  for (index_t u = blockIdx.x; u < units; u += gridDim.x) {
-    const index_t row = u / chunks;
+  constexpr int U = plan::unroll_for(Map::kTwoInputs ? 2 : 1);
+  constexpr index_t kUnit = plan::unit_vecs(Map::kTwoInputs ? 2 : 1);
+  const int lane = threadIdx.x % kWarp;
+  const index_t units = rows * chunks;
+  for (index_t u = static_cast<index_t>(blockIdx.x) * plan::kWarps + threadIdx.x / kWarp; u < units;
+       u += static_cast<index_t>(gridDim.x) * plan::kWarps) {
+    const index_t row = u / chunks, chunk = u - row * chunks;
     const auto ch = f.channel(row % C);
     const index_t base = row * S;
-    const index_t s0 = (u - row * chunks) * (kThreads * VEC * kUnroll);
+    const auto sp = plan::row_split<index_t>(p0 + base, S, VEC);
+    const V* ar = reinterpret_cast<const V*>(a + base + sp.head);  // 16-byte aligned
+    const V* br = Map::kTwoInputs ? reinterpret_cast<const V*>(b + base + sp.head) : nullptr;
+    V* orow = reinterpret_cast<V*>(out + base + sp.head);
+    V av[U], bv[U];
 #pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
-      const index_t i = s0 + (static_cast<index_t>(k) * kThreads + threadIdx.x) * VEC;
-      if (i < S) {
-        const V av = *reinterpret_cast<const V*>(a + base + i);
-        V bv, ov;
-        if (b != nullptr) {
-          bv = *reinterpret_cast<const V*>(b + base + i);
-        } else {
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) bv.v[j] = scalar_t(0);
-        }
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) ov.v[j] = f(ch, av.v[j], bv.v[j]);
-        *reinterpret_cast<V*>(out + base + i) = ov;
+    for (int k = 0; k < U; ++k) {
+      const index_t j = chunk * kUnit + k * kWarp + lane;
+      if (j < sp.body) {
+        av[k] = ar[j];
+        if (Map::kTwoInputs) bv[k] = br[j];
       }
+    }
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      const index_t j = chunk * kUnit + k * kWarp + lane;
+      if (j < sp.body) {
+        V ov;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) ov.v[e] = f(ch, av[k].v[e], Map::kTwoInputs ? bv[k].v[e] : scalar_t(0));
+        orow[j] = ov;
+      }
+    }
+    if (VEC > 1 && chunk == 0 && lane < sp.head + sp.tail) {  // the unaligned ends, one element per lane
+      const index_t i = base + (lane < sp.head ? lane : S - sp.tail + (lane - sp.head));
+      out[i] = f(ch, a[i], Map::kTwoInputs ? b[i] : scalar_t(0));
     }
   }
 }
 
-// NSC: the thread layout of reduce_nsc_kernel; per-channel constants computed once per thread.
+// NSC: the thread layout of reduce_nsc_kernel (VEC channels x U rows per thread and iteration);
+// per-channel constants computed once per thread, grid-stride over the row tiles.
 template <typename Map, int VEC, typename scalar_t, typename index_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, plan::blocks_per_sm(plan::kMapNSC))
     map_nsc_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, scalar_t* __restrict__ out,
                    Map f, index_t M, index_t C) {
   using V = Vec<scalar_t, VEC>;
+  constexpr int U = plan::unroll_for(Map::kTwoInputs ? 2 : 1);
   const index_t c0 = (static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (c0 >= C) return;
   typename Map::Ch ch[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) ch[j] = f.channel(c0 + j);
-  for (index_t r = static_cast<index_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < M;
-       r += static_cast<index_t>(gridDim.y) * blockDim.y) {
-    const index_t off = r * C + c0;
-    const V av = *reinterpret_cast<const V*>(a + off);
-    V bv, ov;
-    if (b != nullptr) {
-      bv = *reinterpret_cast<const V*>(b + off);
-    } else {
+  const index_t by = blockDim.y;
+  for (index_t r0 = static_cast<index_t>(blockIdx.y) * by * U + threadIdx.y; r0 < M;
+       r0 += static_cast<index_t>(gridDim.y) * by * U) {
+    V av[U], bv[U];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) bv.v[j] = scalar_t(0);
+    for (int k = 0; k < U; ++k) {
+      const index_t r = r0 + k * by;
+      if (r < M) {
+        av[k] = *reinterpret_cast<const V*>(a + r * C + c0);
+        if (Map::kTwoInputs) bv[k] = *reinterpret_cast<const V*>(b + r * C + c0);
+      }
     }
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) ov.v[j] = f(ch[j], av.v[j], bv.v[j]);
-    *reinterpret_cast<V*>(out + off) = ov;
+    for (int k = 0; k < U; ++k) {
+      const index_t r = r0 + k * by;
+      if (r < M) {
+        V ov;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) ov.v[j] = f(ch[j], av[k].v[j], Map::kTwoInputs ? bv[k].v[j] : scalar_t(0));
+        *reinterpret_cast<V*>(out + r * C + c0) = ov;
+      }
+    }
   }
 }
 

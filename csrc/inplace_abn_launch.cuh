@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include "inplace_abn.h"
 #include "inplace_abn_kernels.cuh"
@@ -23,7 +24,6 @@ namespace ifbf {
 namespace {
 
 using cuda::kThreads;
-using cuda::kUnroll;
 
 // fp32, fp16 and bf16 only on CUDA (inplace_abn.cpp rejects fp64 there).
 #define IFBF_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                 \
@@ -49,18 +49,38 @@ int num_sms() {
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using plan::ceil_div;
 
-// Channels-last thread block: BX threads across channel vectors (a power of two up to a warp),
-// BY = kThreads / BX across rows.
-dim3 nsc_block(int64_t c, int vec) {
-  const int64_t need = ceil_div(c, vec);
-  int bx = 1;
-  while (bx < cuda::kWarp && bx < need) bx *= 2;
-  return dim3(bx, kThreads / bx);
+// The vector width of a pass over tensors of `elt`-byte elements at these pointers (plan::pick_vec) and,
+// for NCS, their common offset from a 16-byte boundary in elements (p0).
+template <typename scalar_t>
+int vector_width(const Geometry& g, int64_t& p0, const scalar_t* a, const scalar_t* b = nullptr,
+                 const scalar_t* c = nullptr) {
+  const auto mis = [](const void* p) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) % 16); };
+  bool ok;
+  if (g.channels_last) {
+    ok = aligned16(a) && aligned16(b) && aligned16(c);
+    p0 = 0;
+  } else {
+    const int64_t m = mis(a);
+    ok = (b == nullptr || mis(b) == m) && (c == nullptr || mis(c) == m);
+    p0 = m / int64_t(sizeof(scalar_t));
+  }
+  const int vec = plan::pick_vec(g.channels_last, g.c, int(sizeof(scalar_t)), ok);
+  if (vec == 1) p0 = 0;
+  return vec;
 }
 
-constexpr int64_t kMaxGridY = 65535;
+// Calls f(std::integral_constant<int, V>{}) for the vector width chosen at run time.
+template <typename scalar_t, typename F>
+void dispatch_vec(int vec, F f) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  if (vec == kVec) {
+    f(std::integral_constant<int, kVec>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
 
 // Partial reduction states, then one combine kernel: fin(c, state) for every channel.
 template <typename Red, typename Fin, typename scalar_t>
@@ -69,86 +89,53 @@ void reduce(const Geometry& g, const scalar_t* x, const scalar_t* dy, const Red&
   using St = typename Red::State;
   static_assert(sizeof(St) % sizeof(float) == 0, "state must be a whole number of floats");
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t target = int64_t{num_sms()} * 4;  // resident blocks enough to saturate HBM
-  const int64_t numel = g.n * g.c * g.s;
-  int64_t G;
-  at::Tensor partial;
-  auto alloc = [&](int64_t groups) {
-    return at::empty({groups * g.c * int64_t(sizeof(St) / sizeof(float))}, opts.dtype(at::kFloat));
-  };
-  if (!g.channels_last) {
-    const int64_t chunks = ceil_div(g.s, kThreads * kUnroll);
-    G = std::clamp<int64_t>(target / g.c, 1, std::min(g.n * chunks, kMaxGridY));
-    partial = alloc(G);
-    St* pp = reinterpret_cast<St*>(partial.data_ptr<float>());
-    dispatch_index(numel, [&](auto idx) {
-      using index_t = decltype(idx);
-      cuda::reduce_ncs_kernel<Red, scalar_t, index_t><<<dim3(g.c, G), kThreads, 0, stream>>>(
-          x, dy, red, index_t(g.n), index_t(g.c), index_t(g.s), index_t(chunks), pp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  } else {
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    const bool vec = g.c % kVec == 0 && aligned16(x) && aligned16(dy);
-    const dim3 block = nsc_block(g.c, vec ? kVec : 1);
-    const int64_t gx = ceil_div(g.c, int64_t(block.x) * (vec ? kVec : 1));
-    G = std::clamp<int64_t>(target / gx, 1, std::min(ceil_div(g.n, block.y), kMaxGridY));
-    partial = alloc(G);
-    St* pp = reinterpret_cast<St*>(partial.data_ptr<float>());
-    dispatch_index(numel, [&](auto idx) {
-      using index_t = decltype(idx);
-      if (vec) {
-        cuda::reduce_nsc_kernel<Red, kVec, scalar_t, index_t>
-            <<<dim3(gx, G), block, 0, stream>>>(x, dy, red, index_t(g.n), index_t(g.c), pp);
+  int64_t p0;
+  const int vec = vector_width(g, p0, x, dy);
+  const plan::Launch L = plan::plan_reduce(g.channels_last, g.n, g.c, g.s, vec, Red::kTwoInputs ? 2 : 1, num_sms());
+  at::Tensor partial = at::empty({L.groups * g.c * int64_t(sizeof(St) / sizeof(float))}, opts.dtype(at::kFloat));
+  St* pp = reinterpret_cast<St*>(partial.data_ptr<float>());
+  dispatch_index(g.n * g.c * g.s, [&](auto idx) {
+    using index_t = decltype(idx);
+    dispatch_vec<scalar_t>(vec, [&](auto v) {
+      constexpr int V = decltype(v)::value;
+      if (!g.channels_last) {
+        cuda::reduce_ncs_kernel<Red, V, scalar_t, index_t><<<dim3(L.grid_x), kThreads, 0, stream>>>(
+            x, dy, red, index_t(g.n * g.c), index_t(g.c), index_t(g.s), index_t(L.chunks), index_t(p0), pp);
       } else {
-        cuda::reduce_nsc_kernel<Red, 1, scalar_t, index_t>
-            <<<dim3(gx, G), block, 0, stream>>>(x, dy, red, index_t(g.n), index_t(g.c), pp);
+        cuda::reduce_nsc_kernel<Red, V, scalar_t, index_t>
+            <<<dim3(L.grid_x, L.grid_y), dim3(L.block_x, L.block_y), 0, stream>>>(x, dy, red, index_t(g.n),
+                                                                                 index_t(g.c), pp);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  }
-  const int64_t per_block = kThreads / cuda::kWarp;
-  cuda::combine_kernel<St, Fin><<<ceil_div(g.c, per_block), kThreads, 0, stream>>>(
-      reinterpret_cast<const St*>(partial.data_ptr<float>()), G, g.c, fin);
+  });
+  const plan::Launch C = plan::plan_combine(g.c, L.groups);
+  cuda::combine_kernel<St, Fin><<<C.grid_x, kThreads, 0, stream>>>(reinterpret_cast<const St*>(pp), L.groups, g.c,
+                                                                   fin);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// out = f(a, b) elementwise with per-channel constants.
+// out = f(a, b) elementwise with per-channel constants (b unused when Map::kTwoInputs is false).
 template <typename Map, typename scalar_t>
 void map(const Geometry& g, const scalar_t* a, const scalar_t* b, scalar_t* out, const Map& f) {
   auto stream = c10::cuda::getCurrentCUDAStream();
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  const int64_t numel = g.n * g.c * g.s;
-  const bool ptrs = aligned16(a) && aligned16(b) && aligned16(out);
-  dispatch_index(numel, [&](auto idx) {
+  int64_t p0;
+  const int vec = vector_width(g, p0, a, b, static_cast<const scalar_t*>(out));
+  const plan::Launch L = plan::plan_map(g.channels_last, g.n, g.c, g.s, vec, Map::kTwoInputs ? 2 : 1, num_sms());
+  dispatch_index(g.n * g.c * g.s, [&](auto idx) {
     using index_t = decltype(idx);
-    if (!g.channels_last) {
-      const bool vec = ptrs && g.s % kVec == 0;
-      const int64_t per_unit = int64_t(kThreads) * kUnroll * (vec ? kVec : 1);
-      const int64_t chunks = ceil_div(g.s, per_unit);
-      const int64_t blocks = std::min<int64_t>(g.n * g.c * chunks, int64_t{num_sms()} * 16);
-      if (vec) {
-        cuda::map_ncs_kernel<Map, kVec, scalar_t, index_t><<<blocks, kThreads, 0, stream>>>(
-            a, b, out, f, index_t(g.n * g.c), index_t(g.c), index_t(g.s), index_t(chunks));
+    dispatch_vec<scalar_t>(vec, [&](auto v) {
+      constexpr int V = decltype(v)::value;
+      if (!g.channels_last) {
+        cuda::map_ncs_kernel<Map, V, scalar_t, index_t><<<dim3(L.grid_x), kThreads, 0, stream>>>(
+            a, b, out, f, index_t(g.n * g.c), index_t(g.c), index_t(g.s), index_t(L.chunks), index_t(p0));
       } else {
-        cuda::map_ncs_kernel<Map, 1, scalar_t, index_t><<<blocks, kThreads, 0, stream>>>(
-            a, b, out, f, index_t(g.n * g.c), index_t(g.c), index_t(g.s), index_t(chunks));
+        cuda::map_nsc_kernel<Map, V, scalar_t, index_t>
+            <<<dim3(L.grid_x, L.grid_y), dim3(L.block_x, L.block_y), 0, stream>>>(a, b, out, f, index_t(g.n),
+                                                                                 index_t(g.c));
       }
-    } else {
-      const bool vec = ptrs && g.c % kVec == 0;
-      const dim3 block = nsc_block(g.c, vec ? kVec : 1);
-      const int64_t gx = ceil_div(g.c, int64_t(block.x) * (vec ? kVec : 1));
-      const int64_t gy = std::clamp<int64_t>(int64_t{num_sms()} * 16 / gx, 1,
-                                             std::min(ceil_div(g.n, block.y), kMaxGridY));
-      if (vec) {
-        cuda::map_nsc_kernel<Map, kVec, scalar_t, index_t>
-            <<<dim3(gx, gy), block, 0, stream>>>(a, b, out, f, index_t(g.n), index_t(g.c));
-      } else {
-        cuda::map_nsc_kernel<Map, 1, scalar_t, index_t>
-            <<<dim3(gx, gy), block, 0, stream>>>(a, b, out, f, index_t(g.n), index_t(g.c));
-      }
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 

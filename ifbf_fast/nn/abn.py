@@ -28,30 +28,12 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ifbf_fast import ops
 from ifbf_fast.ops.inplace_abn import ACTIVATIONS as ABN_ACTIVATIONS  # the invertible ones
-from ifbf_fast.ops.inplace_abn import ELU_ALPHA
+from ifbf_fast.ops.inplace_abn import apply_activation as activation_fn  # the activation by name, functional
 
 BN_ACTIVATIONS = ("relu",) + ABN_ACTIVATIONS
-
-
-def activation_fn(x: torch.Tensor, activation: str, slope: float, inplace: bool = False) -> torch.Tensor:
-    """The activation by name, functional (used after ResNet's residual add and by BatchNormAct2d).
-
-    ``inplace=True`` overwrites ``x``: autograd then saves only the output (these activations are
-    invertible from it) instead of both input and output; use it on a fresh tensor nobody else reads.
-    """
-    if activation == "leaky_relu":
-        return F.leaky_relu(x, slope, inplace=inplace)
-    if activation == "relu":
-        return F.relu(x, inplace=inplace)
-    if activation == "elu":
-        return F.elu(x, ELU_ALPHA, inplace=inplace)
-    if activation == "identity":
-        return x
-    raise ValueError(f"unknown activation {activation!r}; expected one of {BN_ACTIVATIONS}")
 
 
 class ABN(nn.Module):

@@ -73,12 +73,23 @@ def check_abn_args(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
         raise ValueError(f"inplace_abn: momentum must be in [0, 1]; got {momentum}")
 
 
-def apply_activation(y: torch.Tensor, activation: str, slope: float) -> torch.Tensor:
+def apply_activation(y: torch.Tensor, activation: str, slope: float, inplace: bool = False) -> torch.Tensor:
+    """The activation by name, the one definition for the package (``ifbf_fast.nn`` re-exports it).
+
+    ``ACTIVATIONS`` (what InPlace-ABN takes: invertible from its output) and ``relu`` (for the plain
+    BatchNorm2d baseline and ResNet's activation after the residual add). ``slope`` is the leaky_relu
+    negative slope, elu has alpha ``ELU_ALPHA``. ``inplace=True`` overwrites ``y``: autograd then saves
+    only the output; use it on a fresh tensor nobody else reads.
+    """
     if activation == "leaky_relu":
-        return F.leaky_relu(y, slope)
+        return F.leaky_relu(y, slope, inplace=inplace)
     if activation == "elu":
-        return F.elu(y, ELU_ALPHA)
-    return y
+        return F.elu(y, ELU_ALPHA, inplace=inplace)
+    if activation == "relu":
+        return F.relu(y, inplace=inplace)
+    if activation == "identity":
+        return y
+    raise ValueError(f"unknown activation {activation!r}; expected one of {('relu',) + ACTIVATIONS}")
 
 
 def group_size(group) -> int:
@@ -104,8 +115,10 @@ def _sync_sum(t: torch.Tensor, group) -> torch.Tensor:
         return all_reduce(t, group=group)
 
 
-def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    """fp32 for fp32/fp16/bf16 inputs; fp64 for fp64 inputs (so that gradcheck can use the reference)."""
+def param_dtype(x: torch.Tensor) -> torch.dtype:
+    """The parameter dtype of ``x``: fp32 for fp32/fp16/bf16, fp64 for fp64 (so that gradcheck can use
+    the reference). Parameters, running buffers and gradient sums of the fast path are in it (the C++
+    rule, csrc/inplace_abn.h), and the reference accumulates in it."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -117,7 +130,7 @@ def batch_statistics_ref(x: torch.Tensor, group=None):
     """
     c = x.shape[1]
     dims = [0] + list(range(2, x.dim()))
-    xf = x.to(accumulation_dtype(x))
+    xf = x.to(param_dtype(x))
     local_count = x.numel() // c if c else 0
     sync = group_size(group) > 1
     count = torch.tensor([local_count], dtype=torch.int64, device=x.device)
@@ -152,7 +165,7 @@ def inplace_abn_ref(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     check_abn_args(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, slope)
     c = x.shape[1]
     shape = [1, c] + [1] * (x.dim() - 2)
-    acc = accumulation_dtype(x)
+    acc = param_dtype(x)
     if training:
         mean, var, n = batch_statistics_ref(x, group)
         if running_mean is not None and running_var is not None:
@@ -174,15 +187,12 @@ def inplace_abn_ref(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
 # --- the fast path: the C++/CUDA ops of ifbf_fast._C -----------------------------------------------
 
 try:
+    from ._ext import _C as _C_module
     from ._ext import abn_unavailable_reason as _unavailable_on
     from ._ext import ops as _C_ops
     _EXT_ERROR: Optional[str] = None
 except ImportError as _exc:  # the package was installed without building csrc/
-    _C_ops, _EXT_ERROR = None, f"the C++ extension ifbf_fast._C is not available ({_exc})"
-
-
-def _param_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    _C_module, _C_ops, _EXT_ERROR = None, None, f"the C++ extension ifbf_fast._C is not available ({_exc})"
 
 
 def _like_canonical(x: torch.Tensor) -> torch.Tensor:
@@ -211,11 +221,11 @@ if _C_ops is not None:
     # Fake (meta) kernels: torch.compile and torch.library.opcheck see shapes, dtypes and strides.
     @torch.library.register_fake("ifbf_fast::inplace_abn")
     def _inplace_abn_fake(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, slope):
-        return _like_canonical(x), _per_channel(x, _param_dtype(x))
+        return _like_canonical(x), _per_channel(x, param_dtype(x))
 
     @torch.library.register_fake("ifbf_fast::inplace_abn_backward")
     def _inplace_abn_backward_fake(y, dy, invstd, weight, bias, training, param_grads, eps, activation, slope):
-        pd = _param_dtype(y)
+        pd = param_dtype(y)
         return _like_canonical(y), _per_channel(y, pd), _per_channel(y, pd)
 
     @torch.library.register_fake("ifbf_fast::inplace_abn_statistics")
@@ -228,7 +238,7 @@ if _C_ops is not None:
 
     @torch.library.register_fake("ifbf_fast::inplace_abn_backward_reduce")
     def _backward_reduce_fake(y, dy, weight, bias, eps, activation, slope):
-        pd = _param_dtype(y)
+        pd = param_dtype(y)
         return _per_channel(y, pd), _per_channel(y, pd)
 
     @torch.library.register_fake("ifbf_fast::inplace_abn_backward_dx")
@@ -281,7 +291,7 @@ class _ABNSyncFunction(torch.autograd.Function):
         y = _C_ops.inplace_abn_forward(x, mean, invstd, weight, bias, eps, activation, slope)
         # y, not x: backward inverts the activation and the affine (the memory saving of InPlace-ABN);
         # invstd (float64 for the forward map's constants) is saved in the parameter dtype.
-        ctx.save_for_backward(y, invstd.to(_param_dtype(x)), weight, bias, count)
+        ctx.save_for_backward(y, invstd.to(param_dtype(x)), weight, bias, count)
         ctx.cfg = (eps, activation, slope, group)
         return y
 
@@ -328,7 +338,7 @@ def inplace_abn_fast(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opti
     """
     if _C_ops is None:
         raise ImportError(_EXT_ERROR)
-    pd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    pd = param_dtype(x)
     # Parameters in the kernels' dtype (autograd carries the gradient back through the cast).
     if weight is not None and weight.dtype != pd:
         weight = weight.to(pd)
@@ -357,6 +367,65 @@ def inplace_abn_fast(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opti
             rm.copy_(rm_t)
             rv.copy_(rv_t.clamp_(max=torch.finfo(rv.dtype).max))
     return y
+
+
+# --- the CUDA kernels' launch plans and bytes model (csrc/inplace_abn_plan.h) ------------------------
+
+# The launcher's phases: training statistics (partial pass + combine with the running-statistics update),
+# the forward map, the backward reduce (partial pass + combine with dweight / dbias / the batch means),
+# the dx map, and the evaluation statistics (running buffers -> float64 constants).
+PHASES = ("statistics", "forward_map", "backward_reduce", "backward_map", "eval_statistics")
+SM_COUNT_H200 = 132
+
+
+def _geometry(shape) -> tuple:
+    """(N, C, S) of a tensor of ``shape``, S the product of the spatial sizes (csrc/inplace_abn.h)."""
+    n, c = shape[0], shape[1]
+    s = 1
+    for d in shape[2:]:
+        s *= d
+    return n, c, s
+
+
+def launch_model(shape, dtype: torch.dtype, channels_last: bool, training: bool = True,
+                 sms: int = SM_COUNT_H200, vec: int = 0) -> list:
+    """The CUDA launches of one InPlace-ABN forward + backward of an x of ``shape`` and ``dtype``
+    (NCHW-contiguous or channels last), as the launchers plan them on a GPU with ``sms`` SMs: one
+    dict per launch with the phase's ``name``, the kernel ``kind``, ``grid``, ``block``, vector width
+    ``vec`` (elements), ``unroll`` and ``tensors`` (the 16-byte loads in flight per thread are their
+    product), ``groups`` (partial states per channel), ``blocks_per_sm`` (what the kernel is compiled
+    for), and the DRAM bytes ``read`` / ``written``. ``vec`` 0: the width for 16-byte-aligned tensors.
+    Training: 6 launches (statistics 2, forward map, backward reduce 2, dx map); evaluation without
+    parameter gradients: 3 (eval statistics, forward map, dx map). Needs ifbf_fast._C (any build)."""
+    if _C_module is None:
+        raise ImportError(_EXT_ERROR)
+    n, c, s = _geometry(shape)
+    nsc = channels_last or s == 1
+    rows, length = (n * s, 1) if nsc else (n, s)
+    elt = torch.empty((), dtype=dtype).element_size()
+    phases = (0, 1, 2, 3) if training else (4, 1, 3)
+    return [m for p in phases for m in _C_module.abn_launch_model(p, nsc, rows, c, length, elt, vec, sms)]
+
+
+def min_bytes(shape, dtype: torch.dtype, training: bool = True) -> int:
+    """The op's minimum DRAM traffic, forward + backward: training reads x twice (statistics, then the
+    map) and writes y, then reads y and dy twice (sums, then dx) and writes dx: 8 x-sizes; evaluation
+    reads x, writes y, reads y and dy, writes dx: 5."""
+    if _C_module is None:
+        raise ImportError(_EXT_ERROR)
+    numel = 1
+    for d in shape:
+        numel *= d
+    return _C_module.abn_min_bytes(training, numel, torch.empty((), dtype=dtype).element_size())
+
+
+def work_in_flight(launch: dict, sms: int = SM_COUNT_H200) -> dict:
+    """What one launch keeps a GPU busy with: ``programs`` (blocks), ``waves`` (programs over sms times
+    the blocks per SM the kernel is compiled for), ``loads_per_thread`` (independent accesses per
+    thread per hot-loop iteration, all tensors: 16 bytes each when vec * element size is 16)."""
+    programs = launch["grid"][0] * launch["grid"][1]
+    return {"programs": programs, "waves": programs / (sms * launch["blocks_per_sm"]),
+            "loads_per_thread": launch["unroll"] * launch["tensors"]}
 
 
 def _fast_unavailable(x: torch.Tensor) -> Optional[str]:

@@ -159,53 +159,60 @@ def _kernels():
     return _KERNELS
 
 
-@torch.library.custom_op("ifbf_fast::ohem_ce_fwd", mutates_args=())
-def _ohem_ce_fwd_op(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float, thresh: float,
-                    ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, per-pixel losses, state, bad-label count); ``thresh < 0`` means no threshold."""
-    return _kernels().ohem_ce_fwd(logits, target, keep_ratio, thresh, ignore_index)
-
-
 def _fwd_fake_outputs(logits: torch.Tensor, pixel_shape) -> tuple:
     from ifbf_fast.kernels.ohem_ce import STATE_SIZE
     return (logits.new_empty((), dtype=torch.float32), logits.new_empty(pixel_shape, dtype=torch.float32),
             logits.new_empty((STATE_SIZE,), dtype=torch.int32), logits.new_empty((), dtype=torch.float32))
 
 
-@_ohem_ce_fwd_op.register_fake
-def _ohem_ce_fwd_fake(logits, target, keep_ratio, thresh, ignore_index):
-    n, _, h, w = logits.shape
-    return _fwd_fake_outputs(logits, (n, h, w))
-
-
-@torch.library.custom_op("ifbf_fast::ohem_ce_bwd", mutates_args=())
-def _ohem_ce_bwd_op(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, losses: torch.Tensor,
-                    state: torch.Tensor) -> torch.Tensor:
-    """grad_logits (the logits' dtype, laid out like ``torch.empty_like(logits)``)."""
-    return _kernels().ohem_ce_bwd(grad, logits, target, losses, state)
-
-
-@_ohem_ce_bwd_op.register_fake
-def _ohem_ce_bwd_fake(grad, logits, target, losses, state):
-    return torch.empty_like(logits)
-
-
-def _ohem_ce_setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     logits, target = inputs[0], inputs[1]
     _, losses, state, _ = output
     ctx.save_for_backward(logits, target, losses, state)
 
 
-def _ohem_ce_backward(ctx, grad_loss, grad_losses, grad_state, grad_bad):
-    # Only the loss is differentiable; the per-pixel losses, the state and the count are internal outputs.
-    logits, target, losses, state = ctx.saved_tensors
-    grad_logits = None
-    if ctx.needs_input_grad[0]:
-        grad_logits = _ohem_ce_bwd_op(grad_loss, logits, target, losses, state)
-    return grad_logits, None, None, None, None
+def make_ops(stem: str, kernels, pixel_shape):
+    """The custom-op stack of one OHEM variant (this module's and ops/ohem_ce_upsampled.py's):
+    ``ifbf_fast::<stem>_fwd`` -> (loss, per-pixel fp32 losses of ``pixel_shape(logits, target)``, state,
+    bad-label count; ``thresh < 0`` means no threshold) and ``ifbf_fast::<stem>_bwd`` -> grad_logits
+    (the logits' dtype, laid out like ``torch.empty_like(logits)``), both calling the launchers of the
+    same names in the module ``kernels()`` returns, with fake kernels and the autograd registration
+    (only the loss is differentiable). Returns (fwd_op, bwd_op)."""
+    fwd_name, bwd_name = f"{stem}_fwd", f"{stem}_bwd"
+
+    @torch.library.custom_op(f"ifbf_fast::{fwd_name}", mutates_args=())
+    def fwd_op(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float, thresh: float,
+               ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return getattr(kernels(), fwd_name)(logits, target, keep_ratio, thresh, ignore_index)
+
+    @fwd_op.register_fake
+    def _fwd_fake(logits, target, keep_ratio, thresh, ignore_index):
+        return _fwd_fake_outputs(logits, pixel_shape(logits, target))
+
+    @torch.library.custom_op(f"ifbf_fast::{bwd_name}", mutates_args=())
+    def bwd_op(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, losses: torch.Tensor,
+               state: torch.Tensor) -> torch.Tensor:
+        return getattr(kernels(), bwd_name)(grad, logits, target, losses, state)
+
+    @bwd_op.register_fake
+    def _bwd_fake(grad, logits, target, losses, state):
+        return torch.empty_like(logits)
+
+    def backward(ctx, grad_loss, grad_losses, grad_state, grad_bad):
+        # Only the loss is differentiable; the per-pixel losses, the state and the count are internal.
+        logits, target, losses, state = ctx.saved_tensors
+        grad_logits = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = bwd_op(grad_loss, logits, target, losses, state)
+        return grad_logits, None, None, None, None
+
+    fwd_op.register_autograd(backward, setup_context=_setup_context)
+    return fwd_op, bwd_op
 
 
-_ohem_ce_fwd_op.register_autograd(_ohem_ce_backward, setup_context=_ohem_ce_setup_context)
+# per-pixel losses at the logits' (H, W)
+_ohem_ce_fwd_op, _ohem_ce_bwd_op = make_ops("ohem_ce", lambda: _kernels(),
+                                            lambda logits, target: (logits.shape[0],) + tuple(logits.shape[2:]))
 
 
 class _OhemCEFunction(torch.autograd.Function):

@@ -10,7 +10,7 @@ tensors through the custom ops ``ifbf_fast::ohem_ce_up_fwd`` / ``ohem_ce_up_bwd`
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -45,39 +45,9 @@ def _kernels():
     return _KERNELS
 
 
-@torch.library.custom_op("ifbf_fast::ohem_ce_up_fwd", mutates_args=())
-def _ohem_ce_up_fwd_op(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float, thresh: float,
-                       ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, per-pixel losses at the target's size, state, bad-label count) of the upsampled logits."""
-    return _kernels().ohem_ce_up_fwd(logits, target, keep_ratio, thresh, ignore_index)
-
-
-@_ohem_ce_up_fwd_op.register_fake
-def _ohem_ce_up_fwd_fake(logits, target, keep_ratio, thresh, ignore_index):
-    return _oc._fwd_fake_outputs(logits, target.shape)
-
-
-@torch.library.custom_op("ifbf_fast::ohem_ce_up_bwd", mutates_args=())
-def _ohem_ce_up_bwd_op(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, losses: torch.Tensor,
-                       state: torch.Tensor) -> torch.Tensor:
-    """Gradient wrt the low-resolution logits."""
-    return _kernels().ohem_ce_up_bwd(grad, logits, target, losses, state)
-
-
-@_ohem_ce_up_bwd_op.register_fake
-def _ohem_ce_up_bwd_fake(grad, logits, target, losses, state):
-    return torch.empty_like(logits)
-
-
-def _ohem_ce_up_backward(ctx, grad_loss, grad_losses, grad_state, grad_bad):
-    logits, target, losses, state = ctx.saved_tensors
-    grad_logits = None
-    if ctx.needs_input_grad[0]:
-        grad_logits = _ohem_ce_up_bwd_op(grad_loss, logits, target, losses, state)
-    return grad_logits, None, None, None, None
-
-
-_ohem_ce_up_fwd_op.register_autograd(_ohem_ce_up_backward, setup_context=_oc._ohem_ce_setup_context)
+# the kernels' ohem_ce_up_fwd / ohem_ce_up_bwd; per-pixel losses at the target's (H, W)
+_ohem_ce_up_fwd_op, _ohem_ce_up_bwd_op = _oc.make_ops("ohem_ce_up", lambda: _kernels(),
+                                                      lambda logits, target: tuple(target.shape))
 
 _CHECKED: set = set()
 

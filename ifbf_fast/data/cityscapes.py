@@ -24,6 +24,8 @@ from glob import glob
 import cv2
 import numpy as np
 
+from .classes import CITYSCAPES
+from .errors import DataReadError, DatasetLayoutError  # noqa: F401  (also this module's API)
 from .labels import LABEL_TO_TRAIN
 
 IMAGE_DIR = "leftImg8bit"
@@ -33,14 +35,6 @@ LABEL_SUFFIX = "_gtFine_labelIds.png"
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every complete PNG ends with
-
-
-class DatasetLayoutError(ValueError):
-    """The folder is not (or not completely) a Cityscapes layout. The message is one line."""
-
-
-class DataReadError(OSError):
-    """A file could not be read or decoded. The message names the file."""
 
 
 @dataclass(frozen=True)
@@ -183,8 +177,6 @@ class CityscapesDataset:
     @property
     def classes(self):
         """The class table (``ifbf_fast.data.classes.CITYSCAPES``), as ``FolderDataset.classes``."""
-        from .classes import CITYSCAPES
-
         return CITYSCAPES
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import yaml
 
-from .cityscapes import DatasetLayoutError
+from .errors import DatasetLayoutError
 from .labels import (CLASS_NAMES, IGNORE_INDEX, LABEL_TO_TRAIN, PALETTE, TRAIN_TO_LABEL,
                      VALID_LABEL_IDS)
 

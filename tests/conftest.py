@@ -18,6 +18,30 @@ if os.environ.get("IFBF_TEST_GPU", "0") in ("", "0"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests._tally import BAD_INPUTS  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: N workers share the cores; torch's intra-op threads would oversubscribe them.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+
+def pytest_sessionfinish(session):
+    output = getattr(session.config, "workeroutput", None)   # an xdist worker: hand its tally over
+    if output is not None:
+        output["bad_inputs"] = dict(BAD_INPUTS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist controller: add up the workers' tallies of the table of bad inputs."""
+    for key, value in getattr(node, "workeroutput", {}).get("bad_inputs", {}).items():
+        BAD_INPUTS[key] += value
+
+
+def pytest_terminal_summary(terminalreporter):
+    if BAD_INPUTS["tried"]:
+        terminalreporter.write_line(f"bad inputs: {BAD_INPUTS['tried']} tried, {BAD_INPUTS['handled']} handled")
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_reset_impl():

@@ -1,11 +1,9 @@
 """Fixtures of the engine tests: the tally of the table of bad inputs (tests/engine/test_bad_inputs*.py),
-printed at the end of the session. The synthetic city and the checkpoints are tests/conftest.py's."""
+printed at the end of the session (tests/conftest.py). The synthetic city and the checkpoints are tests/conftest.py's."""
 
 import pytest
 
-#: filled by tests/engine/test_bad_inputs*.py (the ``tally`` fixture): every case counts as tried when
-#: it starts, as handled when its one-line message, exit code and "no traceback" checks all passed
-BAD_INPUTS = {"tried": 0, "handled": 0}
+from tests._tally import BAD_INPUTS
 
 
 @pytest.fixture
@@ -16,8 +14,3 @@ def tally():
     yield done.append
     if done:
         BAD_INPUTS["handled"] += 1
-
-
-def pytest_terminal_summary(terminalreporter):
-    if BAD_INPUTS["tried"]:
-        terminalreporter.write_line(f"bad inputs: {BAD_INPUTS['tried']} tried, {BAD_INPUTS['handled']} handled")

@@ -10,7 +10,9 @@ from ifbf_fast.utils.dist import exit_worker, local_group
 from tests._multiproc import spawn_ranks
 
 TIMEOUT_S = 240
-STEPS = 2
+#: steps per implementation: two with the reference ops (momentum carried into a second step), one with
+#: the fast paths (their synced statistics and gradients; each step under the Triton interpreter costs ~15 s)
+STEPS = {"reference": 2, "auto": 1}
 
 
 def _setup(impl):
@@ -33,7 +35,7 @@ def _setup(impl):
     loss = IFBFLoss(keep_ratio=1.0)
     g = torch.Generator().manual_seed(1)
     batches = [{"image": torch.randn(4, 3, 32, 32, generator=g),
-                "label": torch.randint(0, 19, (4, 32, 32), generator=g)} for _ in range(STEPS)]
+                "label": torch.randint(0, 19, (4, 32, 32), generator=g)} for _ in range(STEPS[impl])]
     return model, opt, sched, loss, batches, buffers
 
 
@@ -70,7 +72,7 @@ def test_two_processes_match_one_process_on_the_union_batch(tmp_path, impl):
         losses.append(step(b)["loss"])
     two = torch.load(tmp_path / "r0.pt")
     # Each rank's loss is the mean over its own half; the union's is the mean of both halves.
-    assert two["losses"].shape == (STEPS,)
+    assert two["losses"].shape == (STEPS[impl],)
     one = model.state_dict()
     errs = {}
     for k, v in one.items():

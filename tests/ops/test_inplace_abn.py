@@ -312,7 +312,14 @@ def _opcheck_samples(device):
 
 
 def test_opcheck_every_op(device):
+    """opcheck (schema, fake kernel, autograd registration, AOT dispatch) of every op: every activation and
+    layout in fp32, every other dtype on the contiguous 4-D sample with leaky_relu (the registrations do
+    not depend on the dtype; values are the comparison tests' job). 133 opchecks, ~30 s on the CPU."""
     for x in _opcheck_samples(device):
+        full = x.dtype == torch.float32
+        if not full and not (x.dim() == 4 and x.is_contiguous()):
+            continue
+        acts = ACTS if full else ("leaky_relu",)
         pd = torch.float64 if x.dtype == torch.float64 else torch.float32
         c = x.shape[1]
         m, v = torch.randn(c, device=device, dtype=torch.float64), torch.rand(c, device=device, dtype=torch.float64) + 0.5
@@ -320,7 +327,7 @@ def test_opcheck_every_op(device):
         md, mx = torch.randn(c, device=device, dtype=pd), torch.randn(c, device=device, dtype=pd)
         rm, rv = torch.randn(c, device=device, dtype=pd), torch.rand(c, device=device, dtype=pd) + 0.5
         torch.library.opcheck(ops.inplace_abn_statistics.default, (x,))
-        for act in ACTS:
+        for act in acts:
             torch.library.opcheck(ops.inplace_abn_forward.default, (x, m, v, w, b, 1e-5, act, 0.1))
             y = ops.inplace_abn_forward(x, m, v, w, b, 1e-5, act, 0.1)
             dy = torch.randn_like(x)

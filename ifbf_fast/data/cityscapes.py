@@ -161,11 +161,20 @@ class CityscapesDataset:
     different size raises ``DataReadError`` naming both.
     """
 
+    #: what the error for a size mismatch calls the label file
+    label_word = "label"
+
     def __init__(self, root: str, split: str, transform=None):
         self.root = os.fspath(root)
         self.split = split
         self.transform = transform
-        self.samples = find_pairs(self.root, split)
+        self.classes = CITYSCAPES       # the class table; FolderDataset reads its own from classes.yaml
+        self.samples = self.find_samples(self.root, split)
+
+    @staticmethod
+    def find_samples(root: str, split: str) -> list[Sample]:
+        """The split's samples, checked (``DatasetLayoutError``): ``find_pairs`` for this layout."""
+        return find_pairs(root, split)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -174,21 +183,17 @@ class CityscapesDataset:
     def names(self) -> list[str]:
         return [s.name for s in self.samples]
 
-    @property
-    def classes(self):
-        """The class table (``ifbf_fast.data.classes.CITYSCAPES``), as ``FolderDataset.classes``."""
-        return CITYSCAPES
-
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
-        """The raw pair (RGB uint8 image, uint8 trainIds) and its name, without the transform."""
+        """The raw pair (RGB uint8 image, uint8 train ids through the class table's ``lut``) and its
+        name, without the transform."""
         sample = self.samples[index]
         image = read_image(sample.image_path)
-        label = read_label(sample.label_path)
+        label = read_label_ids(sample.label_path)
         if image.shape[:2] != label.shape:
             raise DataReadError(
-                f"image {sample.image_path!r} is {image.shape[1]}x{image.shape[0]} but its label "
+                f"image {sample.image_path!r} is {image.shape[1]}x{image.shape[0]} but its {self.label_word} "
                 f"{sample.label_path!r} is {label.shape[1]}x{label.shape[0]}")
-        return image, label, sample.name
+        return image, self.classes.lut[label], sample.name
 
     def __getitem__(self, index: int) -> dict:
         image, label, name = self.load(index)

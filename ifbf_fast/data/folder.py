@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
-from .cityscapes import (CityscapesDataset, DataReadError, DatasetLayoutError, Sample, find_pairs,
-                         read_image, read_label_ids)
+from .cityscapes import CityscapesDataset, DataReadError, DatasetLayoutError, Sample, find_pairs
 from .classes import CITYSCAPES, ClassTable, load_class_table
 
 CLASSES_FILE = "classes.yaml"
@@ -149,40 +146,20 @@ def list_samples(root, split: str) -> list[Sample]:
     return find_samples(root, split) if is_folder_layout(root) else find_pairs(root, split)
 
 
-class FolderDataset:
-    """Map-style dataset over one split of a folder-layout root, with ``CityscapesDataset``'s
-    interface: ``ds[i]`` -> ``{"image": (H, W, 3) uint8 RGB, "label": (H, W) uint8 train ids,
-    "name": NAME}``, ``load(i)``, ``names``, ``samples``, and ``classes`` (the class table)."""
+class FolderDataset(CityscapesDataset):
+    """Map-style dataset over one split of a folder-layout root: ``CityscapesDataset`` with this
+    layout's samples and the root's own class table (``ds[i]`` -> ``{"image": (H, W, 3) uint8 RGB,
+    "label": (H, W) uint8 train ids, "name": NAME}``, ``load(i)``, ``names``, ``samples``, ``classes``)."""
+
+    label_word = "mask"
 
     def __init__(self, root, split: str, transform=None, classes: ClassTable | None = None):
-        self.root = os.fspath(root)
-        self.split = split
-        self.transform = transform
+        super().__init__(root, split, transform)
         self.classes = classes if classes is not None else class_table_of(self.root)
-        self.samples = find_samples(self.root, split)
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    @property
-    def names(self) -> list[str]:
-        return [s.name for s in self.samples]
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
-        """The raw pair (RGB uint8 image, uint8 train ids) and its name, without the transform."""
-        sample = self.samples[index]
-        image = read_image(sample.image_path)
-        mask = read_label_ids(sample.label_path)
-        if image.shape[:2] != mask.shape:
-            raise DataReadError(f"image {sample.image_path!r} is {image.shape[1]}x{image.shape[0]} but its mask "
-                                f"{sample.label_path!r} is {mask.shape[1]}x{mask.shape[0]}")
-        return image, self.classes.lut[mask], sample.name
-
-    def __getitem__(self, index: int) -> dict:
-        image, label, name = self.load(index)
-        if self.transform is not None:
-            image, label = self.transform(image, label)
-        return {"image": image, "label": label, "name": name}
+    @staticmethod
+    def find_samples(root: str, split: str) -> list[Sample]:
+        return find_samples(root, split)
 
 
 def open_dataset(root, split: str, transform=None):

@@ -22,6 +22,12 @@ value also maps to 255 in the loaders (as an unknown Cityscapes labelId does), a
 (``python -m ifbf_fast.data.check``, which train.py runs before the first step) reports every file
 that holds one, so training never starts on data with unknown values.
 
+**The label dtype of a batch** (``label_dtype``; both loaders ask ``table.label_dtype``): the narrowest of
+uint8, int16 and int32 that holds every train id ``0 .. num_classes - 1`` and the ignore id 255. Every
+table this format allows (and Cityscapes' 19 classes) gives uint8: ids are bytes, so a table has at
+most 255 classes besides the ignore id. uint8 is what the OHEM kernels read with no conversion copy
+and what the batch's host-to-device copy moves (1 byte per pixel, not int64's 8).
+
 ``table.to_dict()`` is what train.py records in its checkpoints (``args.classes``);
 ``ClassTable.from_dict`` rebuilds it for evaluate, predict and TensorBoard.
 """
@@ -37,6 +43,21 @@ import yaml
 from .errors import DatasetLayoutError
 from .labels import (CLASS_NAMES, IGNORE_INDEX, LABEL_TO_TRAIN, PALETTE, TRAIN_TO_LABEL,
                      VALID_LABEL_IDS)
+
+
+#: the label dtypes of the batch contract, narrowest first (``label_dtype`` picks one)
+LABEL_DTYPES = (np.dtype(np.uint8), np.dtype(np.int16), np.dtype(np.int32))
+
+
+def label_dtype(num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.dtype:
+    """The dtype the loaders give labels in: the first of ``LABEL_DTYPES`` that holds the train ids
+    ``0 .. num_classes - 1`` and ``ignore_index`` (module docstring). ``ValueError`` when none does."""
+    low, high = min(0, int(ignore_index)), max(int(num_classes) - 1, int(ignore_index))
+    for dtype in LABEL_DTYPES:
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return dtype
+    raise ValueError(f"no label dtype holds train ids 0..{int(num_classes) - 1} and ignore index {ignore_index}")
 
 
 class ClassTableError(DatasetLayoutError):
@@ -66,6 +87,11 @@ class ClassTable:
     @property
     def num_classes(self) -> int:
         return len(self.names)
+
+    @property
+    def label_dtype(self) -> np.dtype:
+        """The dtype of this dataset's labels in a batch (``label_dtype``: uint8 for every table)."""
+        return label_dtype(self.num_classes, IGNORE_INDEX)
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, ClassTable) and self.names == other.names and self.ids == other.ids

@@ -4,7 +4,10 @@ batches, with the pixel work in DALI.
 ``build_dali_loader`` takes ``build_loader``'s arguments (plus ``device`` and ``dtype``) and returns
 a ``DaliLoader`` with the same batch contract and the same sampler:
 
-    {"image": (N, 3, H, W) float32 (or ``dtype``), "label": int64 (N, H, W), "name": list[str]}
+    {"image": (N, 3, H, W) float32 (or ``dtype``), "label": uint8 (N, H, W), "name": list[str]}
+
+The label dtype is the reference's, by the same rule (``ClassTable.label_dtype``: uint8 for every
+class table): the lookup writes it, and the batch is DALI's output as it is, with no widening copy.
 
 **Pairing and randomness by construction.** Python picks the samples with the reference's
 ``ShardedSampler`` (``loader.sampler``: same sharding, per-epoch permutation, drop of the tail,
@@ -72,6 +75,9 @@ from .prepare import detect_form, find_prepared_pairs, load_array
 from .transforms import (DEFAULT_CROP, DEFAULT_SCALES, IMAGENET_MEAN, IMAGENET_STD, AugParams,
                          _norm_constants, crop_hw, scaled_size)
 
+_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16,
+                 np.dtype(np.int32): torch.int32}
+
 _TRAIN_INPUTS = ("image", "label", "size", "start", "shape", "flip", "label_roi_start",
                  "label_roi_end")
 
@@ -102,13 +108,14 @@ def _device_id(device) -> int | None:
 def build_pipeline(train: bool, batch_size: int, crop_size=DEFAULT_CROP, form: str = "png",
                    threads: int = 2, device_id: int | None = None, mean=IMAGENET_MEAN,
                    std=IMAGENET_STD, out_dtype=torch.float32, seed: int = 0, image_layout: str = "CHW",
-                   lut=None):
+                   lut=None, label_dtype=np.uint8):
     """The DALI graph (module docstring), fed by name: ``image``, ``label`` (encoded bytes for
     ``form="png"``, uint8 HWC arrays for ``"npy"``; labels as labelIds) and in training ``size``
     (float32 [h, w]), ``start`` ([crop_y, crop_x]), ``shape`` ([vh, vw]), ``flip`` (int32).
     ``image_layout="HWC"`` leaves the normalised image channels-innermost: the torch batch is then a
     channels_last view of it, with no transposition in DALI and no layout copy in torch. ``lut``: the
-    mask value -> train id table (the dataset's ``classes.lut``; default Cityscapes' ``LABEL_TO_TRAIN``)."""
+    mask value -> train id table (the dataset's ``classes.lut``; default Cityscapes' ``LABEL_TO_TRAIN``).
+    ``label_dtype``: the labels' dtype out of the lookup (the dataset's ``classes.label_dtype``)."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
@@ -117,6 +124,8 @@ def build_pipeline(train: bool, batch_size: int, crop_size=DEFAULT_CROP, form: s
     mean255, std255 = _norm_constants(mean, std)
     dali_dtype = types.FLOAT16 if out_dtype == torch.float16 else types.FLOAT
     lut_values = LABEL_TO_TRAIN if lut is None else lut
+    dali_label_dtype = {np.dtype(np.uint8): types.UINT8, np.dtype(np.int16): types.INT16,
+                        np.dtype(np.int32): types.INT32}[np.dtype(label_dtype)]
 
     # prefetch_queue_depth=1: DaliLoader keeps its own runs in flight (the dynamic executor lets
     # several scheduled runs overlap), so DALI's first-run prefetch must not ask for extra batches.
@@ -139,7 +148,7 @@ def build_pipeline(train: bool, batch_size: int, crop_size=DEFAULT_CROP, form: s
             if gpu:
                 image, label = image.gpu(), label.gpu()
         label = fn.lookup_table(label, keys=list(range(256)), values=np.asarray(lut_values).tolist(),
-                                default_value=IGNORE_INDEX, dtype=types.UINT8, device=op_dev)
+                                default_value=IGNORE_INDEX, dtype=dali_label_dtype, device=op_dev)
         if not train:
             image = fn.crop_mirror_normalize(image, mean=mean255.tolist(), std=std255.tolist(),
                                              output_layout=image_layout, dtype=dali_dtype, device=op_dev)
@@ -264,6 +273,7 @@ class DaliLoader:
         self.root, self.split = root, split
         self.channels_last = bool(channels_last)
         self.classes = class_table_of(root)         # its lut maps the mask values to train ids
+        self.label_dtype = self.classes.label_dtype  # the reference loader's rule (uint8 for every table)
         folder = is_folder_layout(root)
         # the folder layout has encoded files only (PNG or JPEG images: "png" means "encoded" here)
         self.form = "png" if folder and form is None else (form or detect_form(root, split))
@@ -289,7 +299,8 @@ class DaliLoader:
                 f"batch_size or world_size")
         self.pipe = build_pipeline(self.train, self.batch_size, self.crop_size, self.form,
                                    threads, self.device_id, mean, std, dtype, seed,
-                                   "HWC" if self.channels_last else "CHW", self.classes.lut)
+                                   "HWC" if self.channels_last else "CHW", self.classes.lut,
+                                   self.label_dtype)
         self._in_flight = 0
         self._scheduled = deque()       # the dataset indices of each run in flight, oldest first
 
@@ -384,14 +395,15 @@ class DaliLoader:
         image_t, label_t = image_tl.as_tensor(), label_tl.as_tensor()
         image_dtype = torch.float16 if self.dtype == torch.float16 else torch.float32
         image = torch.empty(image_t.shape(), dtype=image_dtype, device=self.device)
-        label = torch.empty(label_t.shape(), dtype=torch.uint8, device=self.device)
+        label = torch.empty(label_t.shape(), dtype=_TORCH_DTYPES[self.label_dtype], device=self.device)
         feed_ndarray(image_t, image, stream)
         feed_ndarray(label_t, label, stream)
         if image.dtype != self.dtype:
             image = image.to(self.dtype)
         if self.channels_last:          # (N, H, W, 3) -> a channels_last (N, 3, H, W) view, no copy
             image = image.permute(0, 3, 1, 2)
-        return {"image": image, "label": label[..., 0].long(), "name": names}
+        # (N, H, W, 1) -> (N, H, W): a view, still contiguous; the labels keep the lookup's dtype
+        return {"image": image, "label": label[..., 0], "name": names}
 
     def __iter__(self):
         while self._in_flight:  # runs left over from an epoch the caller broke out of
@@ -441,7 +453,8 @@ def dali_augment(images, labels, params, crop_size=DEFAULT_CROP, device=None, me
     """Run the training graph once on in-memory uint8 RGB ``images`` and labelIds ``labels`` with
     explicit ``params`` (one ``AugParams`` each): the DALI counterpart of calling
     ``transforms.augment`` on ``LABEL_TO_TRAIN[label]`` per sample. Returns (image float32
-    (N, 3, ch, cw), label int64 (N, ch, cw)) as numpy arrays; for tests and inspection."""
+    (N, 3, ch, cw), label uint8 (N, ch, cw), as ``augment`` gives them) as numpy arrays; for tests
+    and inspection."""
     device_id = _device_id(device)
     pipe = build_pipeline(True, len(images), crop_size, "npy", threads, device_id, mean, std)
     feeds = {k: [] for k in _TRAIN_INPUTS}
@@ -456,5 +469,5 @@ def dali_augment(images, labels, params, crop_size=DEFAULT_CROP, device=None, me
     if device_id is not None:
         image_tl, label_tl = image_tl.as_cpu(), label_tl.as_cpu()
     image = np.array(image_tl.as_tensor())
-    label = np.array(label_tl.as_tensor())[..., 0].astype(np.int64)
+    label = np.array(label_tl.as_tensor())[..., 0]
     return image, label

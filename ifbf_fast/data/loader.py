@@ -2,7 +2,12 @@
 
 ``build_loader`` returns a ``torch.utils.data.DataLoader`` whose batches are
 
-    {"image": float32 (N, 3, H, W), "label": int64 (N, H, W), "name": list[str] (file stems)}
+    {"image": float32 (N, 3, H, W), "label": uint8 (N, H, W), "name": list[str] (file stems)}
+
+Labels are train ids with 255 = ignore, in the dataset's ``ClassTable.label_dtype``
+(``classes.label_dtype``: the narrowest of uint8 / int16 / int32 holding every train id and 255, which
+is uint8 for Cityscapes and every ``classes.yaml``). The losses, metrics and the OHEM kernels take them
+as they are: 1 byte per pixel through the host-to-device copy and the loss, not int64's 8.
 
 Training (``train=True``): every rank builds the same permutation of the split from
 ``(seed, epoch)`` (call ``loader.set_epoch(epoch)``, or ``loader.sampler.set_epoch``, before each
@@ -117,12 +122,17 @@ class ShardedSampler(Sampler):
 class SegmentationSet(Dataset):
     """Wraps ``CityscapesDataset`` or ``FolderDataset`` (``base.classes``: its class table): training
     applies ``TrainTransform`` with the per-sample generator, evaluation ``eval_transform``. Items
-    are dicts of torch tensors plus the name; a key is ``(index, epoch)`` or a bare index (epoch 0)."""
+    are dicts of torch tensors plus the name; a key is ``(index, epoch)`` or a bare index (epoch 0).
+    Labels come in ``base.classes.label_dtype`` (the transform must have been built with it)."""
 
     def __init__(self, base: CityscapesDataset, transform: TrainTransform | None, seed: int = 0,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.base, self.transform, self.seed = base, transform, seed
         self.mean, self.std = mean, std
+        self.label_dtype = base.classes.label_dtype
+        if transform is not None and transform.label_dtype != self.label_dtype:
+            raise ValueError(f"SegmentationSet: the transform gives {transform.label_dtype} labels, the class "
+                             f"table {self.label_dtype} (build it with label_dtype=base.classes.label_dtype)")
 
     def __len__(self) -> int:
         return len(self.base)
@@ -133,7 +143,7 @@ class SegmentationSet(Dataset):
         if self.transform is not None:
             image, label = self.transform(image, label, sample_generator(self.seed, epoch, index))
         else:
-            image, label = eval_transform(image, label, self.mean, self.std)
+            image, label = eval_transform(image, label, self.mean, self.std, self.label_dtype)
         return {"image": torch.from_numpy(image), "label": torch.from_numpy(label), "name": name}
 
 
@@ -194,7 +204,8 @@ def build_loader(root, split: str, batch_size: int | None = None, crop_size=DEFA
     if batch_size is None:
         batch_size = 4 if train else 1
     base = open_dataset(root, split)
-    transform = TrainTransform(scales, crop_size, flip_prob, mean, std) if train else None
+    transform = (TrainTransform(scales, crop_size, flip_prob, mean, std, label_dtype=base.classes.label_dtype)
+                 if train else None)
     dataset = SegmentationSet(base, transform, seed, mean, std)
     sampler = ShardedSampler(len(base), rank, world_size, shuffle=train, seed=seed,
                              drop_last=train)

@@ -40,10 +40,13 @@ RandomCrop, RandomFlip, Normalize, Pad):
    *after* normalisation (= the mean colour), label with ``ignore_index`` (255). The valid window
    sits at the top-left corner ``[0:min(ch, h), 0:min(cw, w)]``, also when flipped.
 
-Output: image float32 ``(3, ch, cw)`` contiguous, label int64 ``(ch, cw)``. ``sample_params`` draws
-in a fixed order: scale index, crop_y, crop_x, flip (``random() < flip_prob``).
+Output: image float32 ``(3, ch, cw)`` contiguous, label ``(ch, cw)`` in ``label_dtype``: uint8 by
+default, the dataset's ``ClassTable.label_dtype`` in the loaders (uint8 for every class table; see
+``classes.label_dtype`` for the rule). ``sample_params`` draws in a fixed order: scale index, crop_y,
+crop_x, flip (``random() < flip_prob``).
 
-Evaluation (``eval_transform``): normalisation only, full image, label unchanged (as int64).
+Evaluation (``eval_transform``): normalisation only, full image, label values unchanged (in
+``label_dtype``; a uint8 label is passed through without a copy).
 """
 
 from __future__ import annotations
@@ -136,16 +139,33 @@ def nearest_resize(label: np.ndarray, h: int, w: int) -> np.ndarray:
     return label[rows[:, None], cols[None, :]]
 
 
+def _check_label_dtype(label: np.ndarray, label_dtype, ignore_index: int, what: str) -> np.dtype:
+    """``label_dtype`` as a numpy dtype, after checking that it holds the label's values and the ignore
+    index (a narrower dtype would wrap them silently into other class ids)."""
+    dtype = np.dtype(label_dtype)
+    if dtype.kind not in "iu":
+        raise ValueError(f"{what}: label_dtype must be an integer dtype, got {dtype}")
+    if not np.can_cast(label.dtype, dtype):
+        raise ValueError(f"{what}: a {label.dtype} label does not fit label_dtype {dtype}")
+    info = np.iinfo(dtype)
+    if not info.min <= ignore_index <= info.max:
+        raise ValueError(f"{what}: ignore_index {ignore_index} does not fit label_dtype {dtype}")
+    return dtype
+
+
 def augment(image: np.ndarray, label: np.ndarray, params: AugParams, crop_size=DEFAULT_CROP,
-            mean=IMAGENET_MEAN, std=IMAGENET_STD, ignore_index: int = IGNORE_INDEX):
+            mean=IMAGENET_MEAN, std=IMAGENET_STD, ignore_index: int = IGNORE_INDEX,
+            label_dtype=np.uint8):
     """Apply ``params`` to an (H, W, 3) uint8 RGB image and its (H, W) uint8 trainId label.
 
-    Returns image float32 (3, ch, cw) and label int64 (ch, cw); see the module docstring for
-    the exact conventions. Raises ``ValueError`` for offsets outside the sampled range.
+    Returns image float32 (3, ch, cw) and label ``label_dtype`` (ch, cw); see the module docstring
+    for the exact conventions. Raises ``ValueError`` for offsets outside the sampled range and for a
+    ``label_dtype`` that cannot hold the label's dtype or ``ignore_index``.
     """
     if image.ndim != 3 or image.shape[2] != 3 or label.shape != image.shape[:2]:
         raise ValueError(f"augment expects (H, W, 3) image and (H, W) label, got {image.shape} "
                          f"and {label.shape}")
+    out_dtype = _check_label_dtype(label, label_dtype, ignore_index, "augment")
     height, width = label.shape
     ch, cw = crop_hw(crop_size)
     h, w = scaled_size(height, width, params.scale)
@@ -168,15 +188,18 @@ def augment(image: np.ndarray, label: np.ndarray, params: AugParams, crop_size=D
     # 4. normalise, 5. pad bottom/right, written straight into the CHW output
     out_img = np.zeros((3, ch, cw), dtype=np.float32)
     out_img[:, :vh, :vw] = normalize(img, mean, std).transpose(2, 0, 1)
-    out_lab = np.full((ch, cw), ignore_index, dtype=np.int64)
+    out_lab = np.full((ch, cw), ignore_index, dtype=out_dtype)
     out_lab[:vh, :vw] = lab
     return out_img, out_lab
 
 
-def eval_transform(image: np.ndarray, label: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Evaluation: normalised float32 (3, H, W) image, int64 (H, W) label; no resizing."""
+def eval_transform(image: np.ndarray, label: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                   label_dtype=np.uint8, ignore_index: int = IGNORE_INDEX):
+    """Evaluation: normalised float32 (3, H, W) image, (H, W) label in ``label_dtype`` (no copy when
+    the label already has it); no resizing."""
+    out_dtype = _check_label_dtype(label, label_dtype, ignore_index, "eval_transform")
     out_img = np.ascontiguousarray(normalize(image, mean, std).transpose(2, 0, 1))
-    return out_img, label.astype(np.int64)
+    return out_img, label.astype(out_dtype, copy=False)
 
 
 class TrainTransform:
@@ -184,18 +207,20 @@ class TrainTransform:
     params from ``generator`` and applies them; ``t.sample`` / ``t.apply`` expose the two steps."""
 
     def __init__(self, scales=DEFAULT_SCALES, crop_size=DEFAULT_CROP, flip_prob: float = 0.5,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD, ignore_index: int = IGNORE_INDEX):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, ignore_index: int = IGNORE_INDEX,
+                 label_dtype=np.uint8):
         self.scales = tuple(float(s) for s in scales)
         self.crop_size = crop_hw(crop_size)
         self.flip_prob = flip_prob
         self.mean, self.std, self.ignore_index = tuple(mean), tuple(std), ignore_index
+        self.label_dtype = np.dtype(label_dtype)
 
     def sample(self, generator, image_hw) -> AugParams:
         return sample_params(generator, image_hw, self.scales, self.crop_size, self.flip_prob)
 
     def apply(self, image, label, params: AugParams):
         return augment(image, label, params, self.crop_size, self.mean, self.std,
-                       self.ignore_index)
+                       self.ignore_index, self.label_dtype)
 
     def __call__(self, image, label, generator):
         return self.apply(image, label, self.sample(generator, label.shape))

@@ -50,7 +50,7 @@ def spec_label(train_ids: np.ndarray, p: AugParams, crop) -> np.ndarray:
     lab = train_ids[nearest_index(h, H, p.crop_y, vh)][:, nearest_index(w, W, p.crop_x, vw)]
     if p.flip:
         lab = lab[:, ::-1]
-    out = np.full(crop, 255, np.int64)
+    out = np.full(crop, 255, np.uint8)
     out[:vh, :vw] = lab
     return out
 
@@ -85,6 +85,7 @@ def test_augment_parity_given_params(shape_hw, crop):
         train_ids = LABEL_TO_TRAIN[label_ids[k]]
         r_img, r_lab = augment(images[k], train_ids, p, crop)
         assert d_img[k].shape == r_img.shape and d_lab[k].shape == r_lab.shape
+        assert d_lab.dtype == r_lab.dtype == np.uint8
         assert np.abs(d_img[k] - r_img).max() <= IMAGE_ATOL, _report(f"image {p}", d_img[k], r_img)
         assert np.array_equal(d_lab[k], spec_label(train_ids, p, crop)), f"label {p}"
         assert np.array_equal(r_lab, d_lab[k]), f"reference label {p}"
@@ -127,7 +128,8 @@ def test_loader_parity_with_reference(city8):
         assert len(batches) == 4
         for r, d in batches:
             assert r["name"] == d["name"]
-            assert d["image"].dtype == torch.float32 and d["label"].dtype == torch.int64
+            assert d["image"].dtype == torch.float32
+            assert d["label"].dtype == r["label"].dtype == torch.uint8 and d["label"].is_contiguous()
             assert d["image"].shape == r["image"].shape == (2, 3, *CROP)
             assert d["label"].shape == r["label"].shape == (2, *CROP)
             assert d["image"].is_contiguous()
@@ -276,6 +278,8 @@ def test_dtype_and_errors(city8):
     full = build_dali_loader(city8, "val")
     h, f = next(iter(half)), next(iter(full))
     assert h["image"].dtype == torch.bfloat16
+    ref = next(iter(build_loader(city8, "val", workers=0)))
+    assert f["label"].dtype == ref["label"].dtype == torch.uint8 and torch.equal(f["label"], ref["label"])
     assert torch.equal(h["image"], f["image"].to(torch.bfloat16))
     with pytest.raises(ValueError, match="fewer than one batch"):
         build_dali_loader(city8, "train", 5, world_size=2)

@@ -7,11 +7,12 @@ import shutil
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from ifbf_fast.data import (CITYSCAPES, ClassTableError, DatasetLayoutError, build_loader, class_table_of,
                             detect_layout, generate_city, list_samples, load_class_table, open_dataset)
 from ifbf_fast.data.check import check_dataset
-from ifbf_fast.data.classes import ClassTable, generic_table
+from ifbf_fast.data.classes import ClassTable, generic_table, label_dtype
 from ifbf_fast.data.folder import FolderDataset
 from ifbf_fast.data.labels import LABEL_TO_TRAIN, PALETTE
 from ifbf_fast.data.synthetic import FOLDER_CLASSES
@@ -64,6 +65,17 @@ def test_class_table_from_yaml(tmp_path):
     assert ClassTable.from_dict(t.to_dict()) == t and ClassTable.from_dict(CITYSCAPES.to_dict()) is CITYSCAPES
     path.write_text("classes:\n  - {name: a, id: 1, color: [1, 2, 3]}\n")
     assert load_class_table(str(path)).ignore_id == 255                # the default
+
+
+def test_label_dtype_rule():
+    """The one rule both loaders use: the narrowest of uint8 / int16 / int32 holding the train ids and
+    the ignore id; every class table (at most 255 classes besides the ignore id) gives uint8."""
+    assert CITYSCAPES.label_dtype == np.uint8 and generic_table(255).label_dtype == np.uint8
+    assert label_dtype(19) == np.uint8 and label_dtype(1, 0) == np.uint8
+    assert label_dtype(257) == np.int16 and label_dtype(19, -1) == np.int16 and label_dtype(19, 256) == np.int16
+    assert label_dtype(40000) == np.int32 and label_dtype(19, -40000) == np.int32
+    with pytest.raises(ValueError, match="no label dtype holds train ids 0..2147483648"):
+        label_dtype(2 ** 31 + 1)
 
 
 def test_cityscapes_table_is_the_official_one():
@@ -148,6 +160,7 @@ def test_loaders_agree_on_the_folder_layout(folder_city, city):
         a.set_epoch(0), b.set_epoch(0)
         ba, bb = next(iter(a)), next(iter(b))
         assert ba["name"] == bb["name"] and np.array_equal(ba["image"], bb["image"])
+        assert ba["label"].dtype == bb["label"].dtype == torch.uint8
         assert np.array_equal(back[ba["label"].numpy()], bb["label"].numpy())
     pytest.importorskip("nvidia.dali")
     from ifbf_fast.data.dali import build_dali_loader
@@ -158,6 +171,7 @@ def test_loaders_agree_on_the_folder_layout(folder_city, city):
         ref.set_epoch(1), dali.set_epoch(1)
         r, d = next(iter(ref)), next(iter(dali))
         assert r["name"] == d["name"] and np.array_equal(r["label"], d["label"])
+        assert r["label"].dtype == d["label"].dtype == torch.uint8
         assert float((r["image"] - d["image"]).abs().max()) < 1e-3
 
 
@@ -176,7 +190,7 @@ def test_jpeg_images(tmp_path):
     ref = next(iter(build_loader(root, "val", workers=0)))
     dali = next(iter(build_dali_loader(root, "val", workers=1)))
     assert ref["image"].shape == dali["image"].shape == (1, 3, 20, 28)
-    assert np.array_equal(ref["label"], dali["label"])
+    assert np.array_equal(ref["label"], dali["label"]) and ref["label"].dtype == dali["label"].dtype == torch.uint8
     assert float((ref["image"] - dali["image"]).abs().mean()) < 0.05      # two JPEG decoders, close
 
 

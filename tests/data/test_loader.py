@@ -21,7 +21,7 @@ def test_train_batch_contract(city):
     for b in batches:
         assert set(b) == {"image", "label", "name"}
         assert b["image"].dtype == torch.float32 and b["image"].shape == (2, 3, 48, 40)
-        assert b["label"].dtype == torch.int64 and b["label"].shape == (2, 48, 40)
+        assert b["label"].dtype == torch.uint8 and b["label"].shape == (2, 48, 40)
         assert isinstance(b["name"], list) and all(isinstance(n, str) for n in b["name"])
         values = set(torch.unique(b["label"]).tolist())
         assert values <= set(range(19)) | {255}
@@ -35,7 +35,8 @@ def test_eval_batch_contract(city):
     for b, pair in zip(batches, pairs):
         assert b["image"].shape == (1, 3, 64, 128) and b["image"].dtype == torch.float32
         assert b["name"] == [pair.name]
-        assert np.array_equal(b["label"][0].numpy(), read_label(pair.label_path).astype(np.int64))
+        assert b["label"].dtype == torch.uint8
+        assert np.array_equal(b["label"][0].numpy(), read_label(pair.label_path))
 
 
 def test_train_sharding_two_ranks(city):
@@ -156,4 +157,5 @@ def test_batches_are_augment_of_params_for(city):
         img, lab = augment(image, label, p, crop)
         assert batch["name"][j] == name
         assert np.array_equal(batch["image"][j].numpy(), img)
+        assert batch["label"].dtype == torch.from_numpy(lab).dtype == torch.uint8
         assert np.array_equal(batch["label"][j].numpy(), lab)

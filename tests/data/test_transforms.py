@@ -57,7 +57,7 @@ def test_label_values_are_a_subset_plus_ignore(scale):
     p = sample_params(np.random.default_rng(int(scale * 4)), label.shape, (scale,), 48)
     img, lab = augment(image, label, p, 48)
     assert img.dtype == np.float32 and img.shape == (3, 48, 48) and img.flags.c_contiguous
-    assert lab.dtype == np.int64 and lab.shape == (48, 48)
+    assert lab.dtype == np.uint8 and lab.shape == (48, 48)
     assert set(np.unique(lab)) <= set(np.unique(label)) | {255}
 
 
@@ -118,9 +118,25 @@ def test_resize_matches_torch_bilinear_and_nearest_exact(scale):
     assert np.array_equal(lab, t_lab[0, 0].long().numpy())
 
 
+def test_label_dtype_is_checked_never_wrapped():
+    image, label = _stripes(20, 30)
+    p = AugParams(1.0, 0, 0, False)
+    _, lab = augment(image, label, p, (24, 36), ignore_index=-1, label_dtype=np.int16)
+    assert lab.dtype == np.int16 and (lab[20:] == -1).all() and np.array_equal(lab[:20, :30], label)
+    with pytest.raises(ValueError, match="augment: ignore_index -1 does not fit label_dtype uint8"):
+        augment(image, label, p, (24, 36), ignore_index=-1)
+    with pytest.raises(ValueError, match="augment: a int64 label does not fit label_dtype uint8"):
+        augment(image, label.astype(np.int64), p, (24, 36))
+    with pytest.raises(ValueError, match="eval_transform: label_dtype must be an integer dtype"):
+        eval_transform(image, label, label_dtype=np.float32)
+    _, wide = eval_transform(image, label, label_dtype=np.int32)
+    assert wide.dtype == np.int32 and np.array_equal(wide, label)
+
+
 def test_eval_transform():
     image, label = _stripes(20, 30)
     img, lab = eval_transform(image, label)
     assert img.shape == (3, 20, 30) and img.dtype == np.float32 and img.flags.c_contiguous
-    assert lab.dtype == np.int64 and np.array_equal(lab, label)
+    assert lab.dtype == np.uint8 and np.array_equal(lab, label)
+    assert np.shares_memory(lab, label)      # a uint8 label passes through, no copy
     np.testing.assert_allclose(_denorm(img), image.transpose(2, 0, 1), atol=1e-3)

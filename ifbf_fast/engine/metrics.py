@@ -25,11 +25,14 @@ class ConfusionMatrix:
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """Add a batch: ``pred`` and ``target`` hold class ids of the same shape; ignored pixels skip."""
+        """Add a batch: ``pred`` and ``target`` hold class ids of the same shape, any integer dtype (the
+        loaders' labels are uint8); ignored pixels skip."""
         if pred.shape != target.shape:
             raise ValueError(f"ConfusionMatrix.update: prediction {tuple(pred.shape)} and target "
                              f"{tuple(target.shape)} differ in shape")
         n = self.num_classes
+        # Widened before any arithmetic: target * n + pred reaches n * n - 1, which wraps in uint8 (the
+        # loaders' label dtype) from n = 16 on; bincount wants int64 anyway. Evaluation only, not the step.
         pred = pred.reshape(-1).to(self.mat.device, torch.int64)
         target = target.reshape(-1).to(self.mat.device, torch.int64)
         valid = (target != self.ignore_index) & (target >= 0) & (target < n)

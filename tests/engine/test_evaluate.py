@@ -132,10 +132,11 @@ class Oracle(torch.nn.Module):
         return {"out": F.one_hot(x[:, 0].round().long(), 19).permute(0, 3, 1, 2).float()}
 
 
-def test_evaluate_on_constructed_predictions():
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int64], ids=str)   # the loaders give uint8
+def test_evaluate_on_constructed_predictions(label_dtype):
     # Ground truth / prediction pairs; class 5 only in the ground truth, class 6 only predicted;
     # the 15 other classes appear in neither and must not count in the mean.
-    target = torch.tensor([[[0, 0, 0, 1], [1, 2, 5, 255]], [[2, 2, 1, 0], [5, 5, 255, 255]]])
+    target = torch.tensor([[[0, 0, 0, 1], [1, 2, 5, 255]], [[2, 2, 1, 0], [5, 5, 255, 255]]], dtype=label_dtype)
     pred = torch.tensor([[[0, 0, 1, 1], [1, 2, 2, 6]], [[2, 0, 1, 0], [5, 6, 3, 0]]])
     images = torch.zeros(2, 3, 2, 4)
     images[:, 0] = pred.float()

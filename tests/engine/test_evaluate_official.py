@@ -78,7 +78,7 @@ class PixelNet(torch.nn.Module):
         feats, targets = [], []
         for batch in loader:
             f = cls.features(batch["image"]).permute(0, 2, 3, 1).reshape(-1, 5)
-            t = batch["label"].reshape(-1)
+            t = batch["label"].reshape(-1).long()       # one_hot takes int64 (the loaders give uint8)
             feats.append(f[t != 255])
             targets.append(torch.nn.functional.one_hot(t[t != 255], 19).float())
         return cls(torch.linalg.lstsq(torch.cat(feats), torch.cat(targets)).solution.T)

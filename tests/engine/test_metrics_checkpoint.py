@@ -27,6 +27,23 @@ def test_known_confusion_matrix():
     assert "n/a" in table and "road" in table and f"{100 * sum(iou) / 3:.2f}" in table
 
 
+@pytest.mark.parametrize("n", [19, 255])
+def test_uint8_labels_give_the_int64_matrix(n):
+    # The loaders' uint8 labels: target * n + pred would wrap in uint8; ignore 255 and the largest
+    # class id n - 1 (254 for a 255-class table: 254 * 255 + 254 = 65024 wraps in int16 too).
+    g = torch.Generator().manual_seed(n)
+    target = torch.randint(0, n, (3, 11, 13), generator=g)
+    pred = torch.randint(0, n, (3, 11, 13), generator=g)
+    target[0, 0, :4] = 255
+    target[1, 2, :5] = n - 1
+    pred[1, 2, :3] = n - 1
+    want, got = ConfusionMatrix(n), ConfusionMatrix(n)
+    want.update(pred, target)
+    got.update(pred.to(torch.uint8), target.to(torch.uint8))
+    assert torch.equal(got.mat, want.mat) and int(got.mat[n - 1, n - 1]) >= 3
+    assert int(got.mat.sum()) == int((target != 255).sum())
+
+
 def test_update_order_and_batching_do_not_matter():
     pred, target = torch.randint(0, 5, (4, 7, 9)), torch.randint(0, 6, (4, 7, 9))
     target[target == 5] = 255

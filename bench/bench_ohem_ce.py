@@ -3,7 +3,8 @@
     python -m pytest bench/bench_ohem_ce.py --benchmark-columns=median,iqr,rounds
 
 The training loss's shape (DESIGN section 3): batch 4 x 19 classes x 876 x 876 (the crop), bf16 and
-fp32 logits, int64 labels with about 10% ignored pixels (255), keep_ratio 0.75, without and with the
+fp32 logits, uint8 labels (the loaders' dtype, read by the kernels as they are) with about 10% ignored
+pixels (255), keep_ratio 0.75, without and with the
 ``thresh=0.7`` union; forward and forward+backward. Without CUDA these skip.
 
 ``test_host_ohem_ce`` (CPU, any machine): the host time of one fwd+bwd with every Triton launch
@@ -50,14 +51,15 @@ def _size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def bytes_moved(shape: Sequence[int], logits_dtype: torch.dtype, target_dtype: torch.dtype = torch.int64,
+def bytes_moved(shape: Sequence[int], logits_dtype: torch.dtype, target_dtype: torch.dtype = torch.uint8,
                 backward: bool = False) -> int:
     """Minimal bytes the OHEM loss must move for logits of ``shape`` = (N, C, H, W).
 
     Forward: the logits and the labels read once (any exact selection needs every loss, hence every
-    logit). ``backward=True`` counts forward + backward: the backward reads the logits and labels
-    again (the softmax is recomputed, nothing of size (N, C, H, W) is saved) and writes grad_logits
-    once. The O(1) scalars are left out. This is the yardstick for GB/s.
+    logit); ``target_dtype`` defaults to the loaders' uint8. ``backward=True`` counts forward +
+    backward: the backward reads the logits and labels again (the softmax is recomputed, nothing of
+    size (N, C, H, W) is saved) and writes grad_logits once. The O(1) scalars are left out. This is
+    the yardstick for GB/s.
     """
     n, c, h, w = shape
     pixels = n * h * w
@@ -67,7 +69,7 @@ def bytes_moved(shape: Sequence[int], logits_dtype: torch.dtype, target_dtype: t
     return 2 * one_pass + pixels * c * _size(logits_dtype)
 
 
-def fast_path_bytes(shape: Sequence[int], logits_dtype: torch.dtype, target_dtype: torch.dtype = torch.int64,
+def fast_path_bytes(shape: Sequence[int], logits_dtype: torch.dtype, target_dtype: torch.dtype = torch.uint8,
                     backward: bool = False) -> int:
     """DRAM bytes the fast kernels move, from the bytes model next to their launchers
     (``kernels/ohem_ce.py: bytes_model``): ``bytes_moved`` plus the fp32 per-pixel loss buffer, written
@@ -107,10 +109,10 @@ def _provider_fn(provider: str) -> Callable:
 
 def make_inputs(shape: Sequence[int], dtype: torch.dtype, device: str = "cuda", ignore_index: int = 255):
     """Logits as a network would give them (random, scale 3: losses spread over several octaves) and
-    labels with ``IGNORE_FRAC`` of the pixels ignored; never zeros."""
+    uint8 labels (the loaders' dtype) with ``IGNORE_FRAC`` of the pixels ignored; never zeros."""
     n, c, h, w = shape
     logits = (torch.randn(shape, device=device) * 3).to(dtype)
-    target = torch.randint(0, c, (n, h, w), device=device)
+    target = torch.randint(0, c, (n, h, w), device=device, dtype=torch.uint8)
     target[torch.rand(n, h, w, device=device) < IGNORE_FRAC] = ignore_index
     return logits, target
 
@@ -154,7 +156,7 @@ def test_ohem_ce(benchmark, pass_, dtype, thresh, provider):
     median = benchmark.stats["median"]
     benchmark.extra_info.update(
         provider=provider, bytes_moved=nbytes, fast_path_bytes=fast_path_bytes(SHAPE, DTYPES[dtype], backward=backward),
-        gb_per_s=nbytes / median / 1e9, median_ms=median * 1e3, peak_bytes=peak,
+        gb_per_s=nbytes / median / 1e9, median_ms=median * 1e3, peak_bytes=peak, labels="uint8",
         device=torch.cuda.get_device_name())
 
 
@@ -166,7 +168,7 @@ UP_PROVIDERS = ("reference", "compiled_reference", "fast_unfused", "fast_fused")
 
 
 def bytes_moved_upsampled(lowres_shape: Sequence[int], size: Sequence[int], logits_dtype: torch.dtype,
-                          target_dtype: torch.dtype = torch.int64, backward: bool = False) -> int:
+                          target_dtype: torch.dtype = torch.uint8, backward: bool = False) -> int:
     """Minimal bytes of upsample + OHEM when fused: the low-resolution logits and the full-size labels
     read once (forward); the backward reads both again and writes the low-resolution gradient. The
     same count is the yardstick for every provider (the unfused ones also write and re-read the
@@ -210,7 +212,7 @@ def make_upsampled_case(provider: str, pass_: str, lowres_shape: Sequence[int], 
     """Like ``make_case`` for low-resolution logits upsampled (bilinear) to the labels' ``size``."""
     n, c, _, _ = lowres_shape
     logits = (torch.randn(lowres_shape, device=device) * 3).to(dtype)
-    target = torch.randint(0, c, (n,) + tuple(size), device=device)
+    target = torch.randint(0, c, (n,) + tuple(size), device=device, dtype=torch.uint8)
     target[torch.rand(target.shape, device=device) < IGNORE_FRAC] = 255
     fn = _upsampled_fn(provider)
     if pass_ == "fwd":
@@ -244,7 +246,7 @@ def test_ohem_ce_upsampled(benchmark, pass_, dtype, provider):
     median = benchmark.stats["median"]
     benchmark.extra_info.update(
         provider=provider, bytes_moved=nbytes, gb_per_s=nbytes / median / 1e9, median_ms=median * 1e3,
-        peak_bytes=peak, device=torch.cuda.get_device_name())
+        peak_bytes=peak, labels="uint8", device=torch.cuda.get_device_name())
 
 
 # --- host time per call on the CPU, Triton launches stubbed (issue 13.2) ------------------------------

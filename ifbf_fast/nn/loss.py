@@ -1,7 +1,10 @@
 """Losses: OHEM cross-entropy (paper eq. 5-7) and the IFBFNet training loss (paper eq. 8).
 
 Both call ``ifbf_fast.ops.ohem_cross_entropy`` (fast Triton path or the reference, per the switch),
-looked up on the module at call time.
+looked up on the module at call time. Targets are the loaders' labels as they come: uint8 (the batch
+contract, ``ifbf_fast.data.classes.label_dtype``), int32 or int64. The fast kernels read them in their own
+dtype, main and aux loss alike, so the training step never makes a widened copy; the reference widens
+with ``.long()`` for ``gather``.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ class OHEMCrossEntropy(nn.Module):
     """OHEM cross-entropy: mean loss of the hardest ``keep_ratio`` of the valid pixels.
 
     ``thresh`` (e.g. 0.7, paper 4.3.4) additionally keeps every pixel whose true-class probability is
-    below it. ``forward(logits (N,C,H,W), target (N,H,W) int) -> fp32 scalar``; 0.0 when no pixel is
-    valid. See ``ifbf_fast.ops.ohem_cross_entropy`` for the exact definition. Logits smaller than the
+    below it. ``forward(logits (N,C,H,W), target (N,H,W) uint8/int32/int64) -> fp32 scalar``; 0.0 when
+    no pixel is valid. See ``ifbf_fast.ops.ohem_cross_entropy`` for the exact definition. Logits smaller than the
     target are first upsampled to its size (bilinear, ``align_corners=False``, as the model's heads do),
     fused into the loss on the fast path (``ifbf_fast.ops.ohem_cross_entropy_upsampled``).
     """

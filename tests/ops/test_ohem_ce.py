@@ -263,6 +263,32 @@ def test_bad_labels_poison_the_result_and_can_raise(device):
             O.set_label_check(None)
 
 
+@pytest.mark.parametrize("variant", ["plain", "fused"])
+def test_bad_uint8_labels_give_the_same_error(device, variant):
+    """The loaders' uint8 labels: 19 and 254 (>= C, not 255) raise the reference's one-line error and,
+    with the opt-in check, the fast path's; without it they poison the fast result."""
+    from ifbf_fast.ops.ohem_ce_upsampled import ohem_cross_entropy_upsampled_fast, ohem_cross_entropy_upsampled_ref
+    fast, ref = ((ohem_cross_entropy_upsampled_fast, ohem_cross_entropy_upsampled_ref) if variant == "fused"
+                 else (ohem_cross_entropy_fast, ohem_cross_entropy_ref))
+    logits, target = _inputs((2, 19, 3, 4) if variant == "fused" else (2, 19, 5, 6), torch.float32, device)
+    if variant == "fused":
+        target = torch.randint(0, 19, (2, 12, 16), device=device)
+    target = target.to(torch.uint8)
+    for bad in (19, 254):
+        t = target.clone()
+        t[1, 3, 4] = bad
+        msg = rf"ohem_cross_entropy: target holds label {bad}, outside \[0, 19\) and not ignore_index=255"
+        with pytest.raises(ValueError, match=msg):
+            ref(logits, t)
+        O.set_label_check(True)
+        try:
+            with pytest.raises(ValueError, match=msg):
+                fast(logits, t)
+        finally:
+            O.set_label_check(None)
+        assert torch.isnan(fast(logits, t))
+
+
 def test_nan_logits_poison_the_result(device):
     logits, target = _inputs((1, 19, 7, 13), torch.float32, device, ignore_frac=0.0)
     logits[0, :, 2, 2] = float("nan")
@@ -368,8 +394,9 @@ def test_bench_helpers_count_bytes_and_run(device):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     pixels = 4 * 876 * 876
-    assert bench.bytes_moved((4, 19, 876, 876), torch.bfloat16) == pixels * (19 * 2 + 8)
-    assert bench.bytes_moved((4, 19, 876, 876), torch.float32, backward=True) == pixels * (2 * (19 * 4 + 8) + 19 * 4)
+    assert bench.bytes_moved((4, 19, 876, 876), torch.bfloat16) == pixels * (19 * 2 + 1)     # uint8 labels
+    assert bench.bytes_moved((4, 19, 876, 876), torch.bfloat16, torch.int64) == pixels * (19 * 2 + 8)
+    assert bench.bytes_moved((4, 19, 876, 876), torch.float32, backward=True) == pixels * (2 * (19 * 4 + 1) + 19 * 4)
     assert bench.fast_path_bytes((1, 3, 2, 5), torch.float32, torch.uint8) == 10 * (3 * 4 + 1) + 10 * 8
     assert bench.fast_path_bytes((1, 3, 2, 5), torch.float32, torch.uint8, backward=True) == \
         10 * (2 * (3 * 4 + 1) + 12) + 10 * 12

@@ -77,8 +77,8 @@ def ohem_cross_entropy_ref(logits: torch.Tensor, target: torch.Tensor, keep_rati
 
     Raises ``ValueError`` naming the value when a label is outside ``[0, C)`` and is not
     ``ignore_index``. Any integer target dtype (the loaders give uint8): widened with ``.long()`` here
-    for ``gather``, a copy the fast path does not make. Host-synchronising (``.item()``, ``topk`` of a data-dependent size): it is the
-    specification, not the fast path.
+    for ``gather``, a copy the fast path does not make. Host-synchronising (``.item()``, ``topk`` of a
+    data-dependent size): it is the specification, not the fast path.
     """
     check_ohem_args(logits, target, keep_ratio, thresh, ignore_index)
     c = logits.shape[1]

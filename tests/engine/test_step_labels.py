@@ -100,6 +100,7 @@ def test_fast_ohem_receives_the_loaders_uint8_labels_unconverted(batch, monkeypa
     assert conversions.seen == [], conversions.seen
 
 
+@pytest.mark.slow
 def test_compiled_step_takes_uint8_labels_without_a_graph_break(batch, monkeypatch):
     """--compile: forward and loss in one graph (fullgraph: a break raises) on uint8 labels, and the
     custom ops hand the kernels uint8 targets."""

@@ -449,14 +449,15 @@ def build_dali_loader(root, split: str, batch_size: int | None = None, crop_size
 
 
 def dali_augment(images, labels, params, crop_size=DEFAULT_CROP, device=None, mean=IMAGENET_MEAN,
-                 std=IMAGENET_STD, threads: int = 1):
+                 std=IMAGENET_STD, threads: int = 1, label_dtype=np.uint8):
     """Run the training graph once on in-memory uint8 RGB ``images`` and labelIds ``labels`` with
     explicit ``params`` (one ``AugParams`` each): the DALI counterpart of calling
     ``transforms.augment`` on ``LABEL_TO_TRAIN[label]`` per sample. Returns (image float32
-    (N, 3, ch, cw), label uint8 (N, ch, cw), as ``augment`` gives them) as numpy arrays; for tests
-    and inspection."""
+    (N, 3, ch, cw), label ``label_dtype`` (N, ch, cw), as ``augment`` gives them) as numpy arrays; for
+    tests and inspection."""
     device_id = _device_id(device)
-    pipe = build_pipeline(True, len(images), crop_size, "npy", threads, device_id, mean, std)
+    pipe = build_pipeline(True, len(images), crop_size, "npy", threads, device_id, mean, std,
+                          label_dtype=label_dtype)
     feeds = {k: [] for k in _TRAIN_INPUTS}
     for image, label, p in zip(images, labels, params):
         feeds["image"].append(np.ascontiguousarray(image))

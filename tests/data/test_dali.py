@@ -91,6 +91,20 @@ def test_augment_parity_given_params(shape_hw, crop):
         assert np.array_equal(r_lab, d_lab[k]), f"reference label {p}"
 
 
+def test_wider_label_dtype_same_values():
+    """The rule's int16 (a class table beyond a byte): the DALI graph carries it through lookup, nearest
+    resize, crop, flip and padding with the same values and dtype as ``augment``."""
+    rng = np.random.default_rng(2)
+    params = _cases((37, 53), (40, 40))[::3]
+    images = [rng.integers(0, 256, (37, 53, 3), dtype=np.uint8) for _ in params]
+    label_ids = [rng.choice(TRAIN_TO_LABEL[:19], (37, 53)).astype(np.uint8) for _ in params]
+    _, d_lab = dali_augment(images, label_ids, params, (40, 40), label_dtype=np.int16)
+    assert d_lab.dtype == np.int16
+    for k, p in enumerate(params):
+        _, r_lab = augment(images[k], LABEL_TO_TRAIN[label_ids[k]], p, (40, 40), label_dtype=np.int16)
+        assert r_lab.dtype == np.int16 and np.array_equal(d_lab[k], r_lab), p
+
+
 def test_label_exact_at_cityscapes_size():
     """2048x1024 (where every non-trivial scale has ties), crop 876, each scale: exact labels."""
     rng = np.random.default_rng(3)

@@ -178,18 +178,29 @@ HOST_PROVIDERS = ("bn_act_module", "inplace_abn_module")
 
 
 def _module_step(provider: str):
-    """forward+backward of one norm-act module (BatchNormAct2d or InPlaceABN, fast path) at HOST_SHAPE."""
+    """forward+backward of one norm-act module in training (BatchNormAct2d, or InPlaceABN on its fast
+    path) at HOST_SHAPE, as a training step calls it: the implementation is chosen once for the run
+    (here the default ``auto``), not per call, so no ``use_impl`` context is timed. The InPlaceABN step is
+    checked once to take the fast C++ op (and to count BatchNorm2d's counter inside it): a bench of the
+    reference by accident raises."""
     from ifbf_fast.nn import BatchNormAct2d, InPlaceABN
-    from ifbf_fast.ops import use_impl
+    from ifbf_fast.ops import get_impl
+    from ifbf_fast.utils.launches import count_launches
     m = (BatchNormAct2d if provider == "bn_act_module" else InPlaceABN)(HOST_SHAPE[1])
     x = torch.randn(HOST_SHAPE, requires_grad=True)
     dy = torch.randn(HOST_SHAPE)
     params = [x] + list(m.parameters())
 
     def step():
-        with use_impl("fast" if provider == "inplace_abn_module" else None):
-            y = m(x)
+        y = m(x)
         return torch.autograd.grad(y, params, dy)
+
+    if provider == "inplace_abn_module":
+        with count_launches() as count:
+            step()
+        if set(count.by_name) != {"native:ifbf_fast::inplace_abn", "native:ifbf_fast::inplace_abn_backward"}:
+            raise RuntimeError(f"bench_inplace_abn: the InPlaceABN module did not take the fast path alone under "
+                               f"impl={get_impl()!r} (saw {count}); build ifbf_fast._C and leave IFBF_IMPL unset")
     return step
 
 

@@ -7,10 +7,13 @@
 //
 // Host cost is part of the design: on one process a training step of InPlace-ABN is two dispatcher
 // calls, `inplace_abn` forward and `inplace_abn_backward` from its autograd node, with no Python in
-// between (the Autograd-key kernel below is a torch::autograd::Function). The primitives serve the
-// synchronised path, whose collectives run in Python between them; they get an Autograd-key kernel
-// too, which marks their outputs non-differentiable (the Python autograd.Function of the synced path
-// supplies the gradient), so that torch never falls back to its "no autograd kernel" warning.
+// between (the Autograd-key kernel below is a torch::autograd::Function). The forward also takes the
+// module's num_batches_tracked (declared mutated, Tensor(c!)?) and increments it where it writes the
+// running statistics, so BatchNorm2d's counter costs neither a dispatcher call nor a launch. The
+// primitives serve the synchronised path, whose collectives run in Python between them; they get an
+// Autograd-key kernel too, which marks their outputs non-differentiable (the Python autograd.Function
+// of the synced path supplies the gradient), so that torch never falls back to its "no autograd
+// kernel" warning.
 #include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -156,6 +159,19 @@ void check_stat(const char* op, const char* name, const Tensor& t, const Tensor&
   check_channel(op, name, t, x, at::kDouble);
 }
 
+// BatchNorm2d's num_batches_tracked: one int64 element on x's device (0-d in a module; a view into the
+// trainer's flat buffer of every int64 buffer, so it is written through its own data pointer).
+void check_counter(const char* op, const Opt& t, const Tensor& x) {
+  if (!t.has_value()) return;
+  TORCH_CHECK_VALUE(t->numel() == 1 && t->scalar_type() == at::kLong && t->device() == x.device(), op,
+                    ": num_batches_tracked must be a one-element int64 tensor on ", x.device(), " (BatchNorm2d's); got shape ",
+                    t->sizes(), " ", t->scalar_type(), " on ", t->device());
+}
+
+void check_momentum(const char* op, double momentum) {
+  TORCH_CHECK_VALUE(momentum >= 0 && momentum <= 1, op, ": momentum must be in [0, 1]; got ", momentum);
+}
+
 void check_eps(const char* op, double eps) { TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0; got ", eps); }
 
 void check_like(const char* op, const Tensor& dy, const Tensor& y) {
@@ -242,12 +258,42 @@ Tensor backward_dx(const Tensor& y, const Tensor& dy, const Tensor& invstd, cons
   return dx;
 }
 
+// The synchronised path's running-statistics update from the union batch's float64 mean, biased var and
+// count: one kernel for the lerps, the unbiased correction and the counter (was 9 small torch ops).
+template <bool kCuda>
+void running_update(const Tensor& mean, const Tensor& var, const Tensor& count, const Tensor& running_mean,
+                    const Tensor& running_var, const Opt& num_batches_tracked, double momentum) {
+  const char* op = "inplace_abn_running_update";
+  TORCH_CHECK_VALUE(running_mean.dim() == 1 && running_mean.is_contiguous() &&
+                        (running_mean.scalar_type() == at::kFloat || running_mean.scalar_type() == at::kDouble),
+                    op, ": running_mean must be a contiguous (C,) float32 or float64 tensor; got shape ",
+                    running_mean.sizes(), " ", running_mean.scalar_type());
+  const auto rdt = running_mean.scalar_type();
+  const int64_t c = running_mean.size(0);
+  const auto same = [&](const char* name, const Tensor& t, at::ScalarType want, int64_t size) {
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == size && t.scalar_type() == want && t.device() == running_mean.device() &&
+                          t.is_contiguous(),
+                      op, ": ", name, " is not compatible with running_mean: expected a contiguous shape (", size, ",) ",
+                      want, " on ", running_mean.device(), ", got shape ", t.sizes(), " ", t.scalar_type(), " on ",
+                      t.device());
+  };
+  same("running_var", running_var, rdt, c);
+  same("mean", mean, at::kDouble, c);
+  same("var", var, at::kDouble, c);
+  same("count", count, at::kDouble, 1);
+  check_counter(op, num_batches_tracked, running_mean);
+  check_momentum(op, momentum);
+  IFBF_ON_DEVICE(kCuda, running_update, mean, var, count, running_mean, running_var,
+                 num_batches_tracked.value_or(Tensor()), momentum);
+}
+
 // --- the fused single-process op ------------------------------------------------------------------
 
 template <bool kCuda>
 std::tuple<Tensor, Tensor> fused_forward(const Tensor& x, const Opt& weight, const Opt& bias,
-                                         const Tensor& running_mean, const Tensor& running_var, bool training,
-                                         double momentum, double eps, c10::string_view activation, double slope) {
+                                         const Tensor& running_mean, const Tensor& running_var,
+                                         const Opt& num_batches_tracked, bool training, double momentum, double eps,
+                                         c10::string_view activation, double slope) {
   const char* op = "inplace_abn";
   check_x(op, "x", x);
   check_opt(op, "weight", weight, x);
@@ -256,8 +302,9 @@ std::tuple<Tensor, Tensor> fused_forward(const Tensor& x, const Opt& weight, con
   check_param(op, "running_var", running_var, x);
   TORCH_CHECK_VALUE(running_mean.is_contiguous() && running_var.is_contiguous(), op,
                     ": running_mean and running_var must be contiguous (they are updated in place)");
+  check_counter(op, num_batches_tracked, x);
   check_eps(op, eps);
-  TORCH_CHECK_VALUE(momentum >= 0 && momentum <= 1, op, ": momentum must be in [0, 1]; got ", momentum);
+  check_momentum(op, momentum);
   const Act act = parse_act(op, activation, slope);
   const auto xc = canonical(x);
   auto mean = stat_like(x), invstd = stat_like(x), invstd_saved = param_like(x);
@@ -265,7 +312,8 @@ std::tuple<Tensor, Tensor> fused_forward(const Tensor& x, const Opt& weight, con
     const int64_t n = x.size(1) ? xc.numel() / x.size(1) : 0;
     TORCH_CHECK_VALUE(n >= 2, "inplace_abn: training needs more than 1 value per channel over the batch; got ", n,
                       " (x ", x.sizes(), ")");
-    TrainStats st{mean, invstd, invstd_saved, running_mean, running_var, momentum, eps};
+    TrainStats st{mean, invstd, invstd_saved, running_mean, running_var, num_batches_tracked.value_or(Tensor()),
+                  momentum, eps};
     IFBF_ON_DEVICE(kCuda, train_statistics, xc, st);
   } else {
     IFBF_ON_DEVICE(kCuda, eval_statistics, running_mean, running_var, eps, mean, invstd, invstd_saved);
@@ -314,15 +362,12 @@ std::tuple<Tensor, Tensor, Tensor> fused_backward(const Tensor& y, const Tensor&
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-const c10::TypedOperatorHandle<std::tuple<Tensor, Tensor>(const Tensor&, const Opt&, const Opt&, const Tensor&,
-                                                          const Tensor&, bool, double, double, c10::string_view,
-                                                          double)>&
-fused_forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("ifbf_fast::inplace_abn", "")
-                             .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Opt&, const Opt&, const Tensor&,
-                                                               const Tensor&, bool, double, double, c10::string_view,
-                                                               double)>();
+using FusedForwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Opt&, const Opt&, const Tensor&, const Tensor&,
+                                                    const Opt&, bool, double, double, c10::string_view, double);
+
+const c10::TypedOperatorHandle<FusedForwardSig>& fused_forward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("ifbf_fast::inplace_abn", "").typed<FusedForwardSig>();
   return op;
 }
 
@@ -343,13 +388,13 @@ fused_backward_op() {
 // save; it is marked non-differentiable.
 struct InplaceABNFunction : public torch::autograd::Function<InplaceABNFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Opt& weight, const Opt& bias,
-                               const Tensor& running_mean, const Tensor& running_var, bool training, double momentum,
-                               double eps, c10::string_view activation, double slope) {
+                               const Tensor& running_mean, const Tensor& running_var, const Opt& num_batches_tracked,
+                               bool training, double momentum, double eps, c10::string_view activation, double slope) {
     Tensor y, invstd;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(y, invstd) = fused_forward_op().call(x, weight, bias, running_mean, running_var, training, momentum,
-                                                    eps, activation, slope);
+      std::tie(y, invstd) = fused_forward_op().call(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                                                    training, momentum, eps, activation, slope);
     }
     ctx->save_for_backward({y, invstd, weight.value_or(Tensor()), bias.value_or(Tensor())});
     ctx->saved_data["training"] = training;
@@ -363,7 +408,7 @@ struct InplaceABNFunction : public torch::autograd::Function<InplaceABNFunction>
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    if (!grads[0].defined()) return variable_list(10);  // y unused by the loss: no gradient at all
+    if (!grads[0].defined()) return variable_list(kInputs);  // y unused by the loss: no gradient at all
     const Tensor& y = saved[0];
     const Opt weight = saved[2].defined() ? Opt(saved[2]) : Opt();
     const Opt bias = saved[3].defined() ? Opt(saved[3]) : Opt();
@@ -374,16 +419,22 @@ struct InplaceABNFunction : public torch::autograd::Function<InplaceABNFunction>
     auto [dx, dw, db] = fused_backward_op().call(y, grads[0], saved[1], weight, bias, ctx->saved_data["training"].toBool(),
                                                  need_w || need_b, ctx->saved_data["eps"].toDouble(), act,
                                                  ctx->saved_data["slope"].toDouble());
-    return {ctx->needs_input_grad(0) ? dx : Tensor(), need_w ? dw : Tensor(), need_b ? db : Tensor(),
-            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    variable_list out(kInputs);  // one entry per forward input: x, weight, bias get theirs
+    out[0] = ctx->needs_input_grad(0) ? dx : Tensor();
+    out[1] = need_w ? dw : Tensor();
+    out[2] = need_b ? db : Tensor();
+    return out;
   }
+
+  static constexpr size_t kInputs = 11;  // the arguments of forward after ctx
 };
 
 std::tuple<Tensor, Tensor> fused_autograd(const Tensor& x, const Opt& weight, const Opt& bias,
-                                          const Tensor& running_mean, const Tensor& running_var, bool training,
-                                          double momentum, double eps, c10::string_view activation, double slope) {
-  auto out = InplaceABNFunction::apply(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                                       activation, slope);
+                                          const Tensor& running_mean, const Tensor& running_var,
+                                          const Opt& num_batches_tracked, bool training, double momentum, double eps,
+                                          c10::string_view activation, double slope) {
+  auto out = InplaceABNFunction::apply(x, weight, bias, running_mean, running_var, num_batches_tracked, training,
+                                       momentum, eps, activation, slope);
   return {out[0], out[1]};
 }
 
@@ -406,6 +457,7 @@ constexpr char kForward[] = "ifbf_fast::inplace_abn_forward";
 constexpr char kBackwardReduce[] = "ifbf_fast::inplace_abn_backward_reduce";
 constexpr char kBackwardDx[] = "ifbf_fast::inplace_abn_backward_dx";
 constexpr char kBackward[] = "ifbf_fast::inplace_abn_backward";
+constexpr char kRunningUpdate[] = "ifbf_fast::inplace_abn_running_update";
 
 using StatisticsSig = Stats(const Tensor&);
 using ForwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Opt&, const Opt&, double,
@@ -413,6 +465,8 @@ using ForwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Opt
 using BackwardReduceSig = Sums(const Tensor&, const Tensor&, const Opt&, const Opt&, double, c10::string_view, double);
 using BackwardDxSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Opt&, const Opt&, const Opt&,
                              const Opt&, double, c10::string_view, double);
+using RunningUpdateSig = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Opt&,
+                              double);
 using BackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Opt&,
                                                        const Opt&, bool, bool, double, c10::string_view, double);
 
@@ -423,7 +477,8 @@ TORCH_LIBRARY(ifbf_fast, m) {
   // The fake (meta) kernels live in Python: importing this module registers them.
   m.set_python_module("ifbf_fast.ops.inplace_abn");
   m.def("inplace_abn(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) running_mean, Tensor(b!) running_var, "
-        "bool training, float momentum, float eps, str activation, float slope) -> (Tensor y, Tensor invstd)");
+        "Tensor(c!)? num_batches_tracked, bool training, float momentum, float eps, str activation, float slope) "
+        "-> (Tensor y, Tensor invstd)");
   m.def("inplace_abn_backward(Tensor y, Tensor dy, Tensor invstd, Tensor? weight, Tensor? bias, bool training, "
         "bool param_grads, float eps, str activation, float slope) -> (Tensor dx, Tensor dweight, Tensor dbias)");
   m.def("inplace_abn_statistics(Tensor x) -> (Tensor mean, Tensor var, Tensor count)");
@@ -433,6 +488,8 @@ TORCH_LIBRARY(ifbf_fast, m) {
         "float slope) -> (Tensor sum_dz, Tensor sum_dz_xhat)");
   m.def("inplace_abn_backward_dx(Tensor y, Tensor dy, Tensor invstd, Tensor? weight, Tensor? bias, Tensor? mean_dz, "
         "Tensor? mean_dz_xhat, float eps, str activation, float slope) -> Tensor");
+  m.def("inplace_abn_running_update(Tensor mean, Tensor var, Tensor count, Tensor(a!) running_mean, "
+        "Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, float momentum) -> ()");
 }
 
 #define IFBF_REGISTER_DEVICE(KEY, CUDA)                                  \
@@ -443,6 +500,7 @@ TORCH_LIBRARY(ifbf_fast, m) {
     m.impl("inplace_abn_forward", &ifbf::forward<CUDA>);                 \
     m.impl("inplace_abn_backward_reduce", &ifbf::backward_reduce<CUDA>); \
     m.impl("inplace_abn_backward_dx", &ifbf::backward_dx<CUDA>);         \
+    m.impl("inplace_abn_running_update", &ifbf::running_update<CUDA>);   \
   }
 
 IFBF_REGISTER_DEVICE(CPU, false)
@@ -458,4 +516,5 @@ TORCH_LIBRARY_IMPL(ifbf_fast, Autograd, m) {
   m.impl("inplace_abn_forward", &NonDifferentiable<ForwardSig>::call<kForward>);
   m.impl("inplace_abn_backward_reduce", &NonDifferentiable<BackwardReduceSig>::call<kBackwardReduce>);
   m.impl("inplace_abn_backward_dx", &NonDifferentiable<BackwardDxSig>::call<kBackwardDx>);
+  m.impl("inplace_abn_running_update", &NonDifferentiable<RunningUpdateSig>::call<kRunningUpdate>);
 }

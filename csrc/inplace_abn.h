@@ -12,14 +12,19 @@
 // gradients it scales are below the normal float range wherever float32 cannot hold it.
 //
 // Single process, one dispatcher call per direction (C++ autograd, inplace_abn.cpp):
-//   inplace_abn(x, w?, b?, running_mean!, running_var!, training, momentum, eps, act, slope) -> y, invstd
-//       training: batch statistics, running buffers updated in place (unbiased var), y; else running stats
+//   inplace_abn(x, w?, b?, running_mean!, running_var!, num_batches_tracked!?, training, momentum, eps, act,
+//               slope) -> y, invstd
+//       training: batch statistics, running buffers updated in place (unbiased var) and num_batches_tracked
+//       incremented by 1 (BatchNorm2d's counter, in the same kernel: no launch of its own), y;
+//       evaluation: the running statistics, nothing written but y
 //   inplace_abn_backward(y, dy, invstd, w?, b?, training, param_grads, ...) -> dx, dweight, dbias
 // Primitives for the synchronised path (collectives are Python calls between them):
 //   inplace_abn_statistics(x)                          -> mean, biased var (float64), count of the batch
 //   inplace_abn_forward(x, mean, invstd, w?, b?, ...)  -> y = act((x - mean) * invstd * g + b)
 //   inplace_abn_backward_reduce(y, dy, w?, b?, ...)    -> sum(dz), sum(dz * xhat), z and xhat rebuilt from y
 //   inplace_abn_backward_dx(y, dy, invstd, w?, b?, mdz?, mdzx?) -> dx = (dz - mdz - xhat * mdzx) * g * invstd
+//   inplace_abn_running_update(mean, var, count, running_mean!, running_var!, num_batches_tracked!?, momentum)
+//       the running buffers lerped with the union statistics (unbiased var) and the counter + 1, one kernel
 // The *_cpu / *_cuda functions receive checked arguments in one of the two layouts below.
 #pragma once
 
@@ -77,6 +82,7 @@ struct TrainStats {
   at::Tensor mean, invstd;       // outputs, (C,) float64 (for the forward map)
   at::Tensor invstd_saved;       // output, (C,) parameter dtype (saved for backward)
   at::Tensor running_mean, running_var;  // updated in place
+  at::Tensor num_batches_tracked;        // one int64 element, + 1 in place; undefined: no counter
   double momentum, eps;
 };
 
@@ -96,7 +102,11 @@ struct TrainStats {
                                     at::Tensor& mean_dz_xhat);                                           \
   void backward_dx_##DEV(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& invstd, const Opt& weight, \
                          const Opt& bias, const Opt& mean_dz, const Opt& mean_dz_xhat, double eps, Act act, \
-                         double slope, at::Tensor& dx);
+                         double slope, at::Tensor& dx);                                          \
+  /* count: (1,) float64 (the union batch); num_batches_tracked may be undefined */                      \
+  void running_update_##DEV(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,        \
+                            const at::Tensor& running_mean, const at::Tensor& running_var,                \
+                            const at::Tensor& num_batches_tracked, double momentum);
 
 namespace abn_cpu {
 IFBF_DECLARE_ABN(cpu)

@@ -283,6 +283,27 @@ void train_statistics_cpu(const at::Tensor& x, TrainStats& st) {
       }
     });
   });
+  // BatchNorm2d's counter, once per training forward (the tensor may be a view: its own data pointer)
+  if (st.num_batches_tracked.defined()) *st.num_batches_tracked.data_ptr<int64_t>() += 1;
+}
+
+void running_update_cpu(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,
+                        const at::Tensor& running_mean, const at::Tensor& running_var,
+                        const at::Tensor& num_batches_tracked, double momentum) {
+  AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "inplace_abn_running_update_cpu", [&] {
+    const double n = *count.const_data_ptr<double>();
+    const double unbias = n / (n - 1), m = momentum;
+    const double vmax = static_cast<double>(std::numeric_limits<scalar_t>::max());
+    const double* pm = mean.const_data_ptr<double>();
+    const double* pv = var.const_data_ptr<double>();
+    scalar_t* rm = running_mean.data_ptr<scalar_t>();
+    scalar_t* rv = running_var.data_ptr<scalar_t>();
+    for (int64_t ch = 0; ch < running_mean.numel(); ++ch) {
+      rm[ch] = static_cast<scalar_t>((1 - m) * static_cast<double>(rm[ch]) + m * pm[ch]);
+      rv[ch] = static_cast<scalar_t>(saturate((1 - m) * static_cast<double>(rv[ch]) + m * pv[ch] * unbias, vmax));
+    }
+  });
+  if (num_batches_tracked.defined()) *num_batches_tracked.data_ptr<int64_t>() += 1;
 }
 
 void eval_statistics_cpu(const at::Tensor& running_mean, const at::Tensor& running_var, double eps,

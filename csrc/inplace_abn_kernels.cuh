@@ -317,7 +317,9 @@ struct StatsFin {  // the primitive (synchronised path): mean and var of the loc
 };
 
 // The fused training epilogue: float64 mean and invstd, and the running buffers lerped in place with
-// the unbiased variance (saturated at the float max: a float32 buffer cannot hold more).
+// the unbiased variance (saturated at the float max: a float32 buffer cannot hold more). BatchNorm2d's
+// num_batches_tracked (nullptr: none) is incremented here too, by the one thread that finishes channel
+// 0 (lane 0 of one warp of the combine grid), so the counter needs no launch of its own.
 template <typename scalar_t>
 struct TrainFin {
   const scalar_t* x;
@@ -325,7 +327,9 @@ struct TrainFin {
   double n, eps, momentum;
   double *mean, *invstd;
   float *invstd_saved, *running_mean, *running_var;
+  int64_t* num_batches_tracked;
   __device__ __forceinline__ void operator()(int64_t c, const DPair& s) const {
+    if (c == 0 && num_batches_tracked != nullptr) *num_batches_tracked += 1;
     double m, v;
     shifted_mean_var(x, k_stride, n, c, s, m, v);
     mean[c] = m;

@@ -20,6 +20,21 @@ __global__ void eval_statistics_kernel(const float* __restrict__ running_mean, c
   invstd_saved[c] = static_cast<float>(invstd[c]);
 }
 
+// The synchronised path's running-statistics update (inplace_abn.cpp running_update), one thread per
+// channel; thread 0 also increments num_batches_tracked (nullptr: none).
+__global__ void running_update_kernel(const double* __restrict__ mean, const double* __restrict__ var,
+                                      const double* __restrict__ count, double momentum, int64_t C,
+                                      float* __restrict__ running_mean, float* __restrict__ running_var,
+                                      int64_t* __restrict__ num_batches_tracked) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c == 0 && num_batches_tracked != nullptr) *num_batches_tracked += 1;
+  if (c >= C) return;
+  const double n = *count;
+  running_mean[c] = static_cast<float>((1.0 - momentum) * running_mean[c] + momentum * mean[c]);
+  running_var[c] = static_cast<float>(
+      saturate((1.0 - momentum) * running_var[c] + momentum * var[c] * (n / (n - 1.0)), 3.4028234663852886e38));
+}
+
 // The stride between the first values of two channels: NCS S, NSC 1 (K of StatsRed).
 int64_t k_stride(const Geometry& g) { return g.channels_last ? 1 : g.s; }
 }  // namespace
@@ -49,7 +64,10 @@ void train_statistics_cuda(const at::Tensor& x, TrainStats& st) {
     reduce(g, px, static_cast<const scalar_t*>(nullptr), cuda::StatsRed<scalar_t>{px, k_stride(g)},
            cuda::TrainFin<scalar_t>{px, k_stride(g), double(g.n * g.s), st.eps, st.momentum,
                                     st.mean.data_ptr<double>(), st.invstd.data_ptr<double>(),
-                                    st.invstd_saved.data_ptr<float>(), st.running_mean.data_ptr<float>(), st.running_var.data_ptr<float>()},
+                                    st.invstd_saved.data_ptr<float>(), st.running_mean.data_ptr<float>(),
+                                    st.running_var.data_ptr<float>(),
+                                    st.num_batches_tracked.defined() ? st.num_batches_tracked.data_ptr<int64_t>()
+                                                                     : nullptr},
            x.options());
   });
 }
@@ -63,6 +81,22 @@ void eval_statistics_cuda(const at::Tensor& running_mean, const at::Tensor& runn
   eval_statistics_kernel<<<ceil_div(c, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       rm.const_data_ptr<float>(), rv.const_data_ptr<float>(), eps, c, mean.data_ptr<double>(),
       invstd.data_ptr<double>(), invstd_saved.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void running_update_cuda(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,
+                         const at::Tensor& running_mean, const at::Tensor& running_var,
+                         const at::Tensor& num_batches_tracked, double momentum) {
+  const c10::cuda::CUDAGuard guard(running_mean.device());
+  TORCH_CHECK_VALUE(running_mean.scalar_type() == at::kFloat,
+                    "inplace_abn_running_update: running buffers on CUDA must be float32; got ",
+                    running_mean.scalar_type());
+  const int64_t c = running_mean.numel();
+  const int64_t blocks = std::max<int64_t>(ceil_div(c, kThreads), 1);  // the counter thread runs for C = 0 too
+  running_update_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      mean.const_data_ptr<double>(), var.const_data_ptr<double>(), count.const_data_ptr<double>(), momentum, c,
+      running_mean.data_ptr<float>(), running_var.data_ptr<float>(),
+      num_batches_tracked.defined() ? num_batches_tracked.data_ptr<int64_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

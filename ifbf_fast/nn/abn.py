@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from ifbf_fast import ops
@@ -34,6 +35,8 @@ from ifbf_fast.ops.inplace_abn import ACTIVATIONS as ABN_ACTIVATIONS  # the inve
 from ifbf_fast.ops.inplace_abn import apply_activation as activation_fn  # the activation by name, functional
 
 BN_ACTIVATIONS = ("relu",) + ABN_ACTIVATIONS
+# Whether torch was built with torch.distributed: asked once (InPlaceABNSync resolves its group per call).
+_DIST_AVAILABLE = dist.is_available()
 
 
 class ABN(nn.Module):
@@ -86,11 +89,20 @@ class ABN(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.num_batches_tracked.add_(1)
-        return getattr(ops, self._op_name)(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                           self.training, self.momentum, self.eps, self.activation, self.slope,
-                                           group=self._group())
+        # The op increments num_batches_tracked in training, as BatchNorm2d.forward does: the reference
+        # with add_(1), the fast C++/CUDA op inside the kernel that writes the running statistics (no
+        # dispatcher call or launch of its own). In evaluation nothing is counted: None is passed, so
+        # no compiled eval graph carries a mutation of the counter.
+        # Parameters and buffers are read from their dicts: nn.Module.__getattr__ (the fallback after a
+        # failed attribute lookup) costs about 1 us each on the CPU, 5 per call of a layer that runs 118
+        # times per R101 step; the dicts are what __getattr__ reads, so assigned or swapped tensors
+        # (FlatBuffers' views, load_state_dict, torch.func.functional_call) are seen alike.
+        training = self.training
+        p, b = self._parameters, self._buffers
+        return getattr(ops, self._op_name)(x, p["weight"], p["bias"], b["running_mean"], b["running_var"],
+                                           training, self.momentum, self.eps, self.activation, self.slope,
+                                           group=self._group(),
+                                           num_batches_tracked=b["num_batches_tracked"] if training else None)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -134,8 +146,7 @@ class InPlaceABNSync(InPlaceABN):
         """The process group the statistics are reduced over, or ``None`` for no synchronisation."""
         if self.group is not None:
             return self.group
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _DIST_AVAILABLE and dist.is_initialized() and dist.get_world_size() > 1:
             return dist.group.WORLD
         return None
 

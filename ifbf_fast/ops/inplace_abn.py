@@ -17,9 +17,11 @@ the implementation switch.
 
 Fast path, one process: one op ``ifbf_fast::inplace_abn`` whose autograd is a C++
 ``torch::autograd::Function`` (forward and backward are one dispatcher call each, 3 CUDA kernels
-each: statistics reduce, its combine with the running-statistics update, the map). With a process
-group, the primitives ``inplace_abn_{statistics,forward,backward_reduce,backward_dx}`` are composed
-here with functional collectives between them (so torch.compile traces them).
+each: statistics reduce, its combine with the running-statistics update and BatchNorm2d's
+``num_batches_tracked`` + 1, the map). With a process group, the primitives
+``inplace_abn_{statistics,forward,backward_reduce,backward_dx}`` are composed here with functional
+collectives between them (so torch.compile traces them), and ``inplace_abn_running_update`` updates
+the running statistics and the counter from the union batch in one kernel.
 
 Numerics at the edges: the statistics are accumulated and kept in float64 (a float32 variance of
 values near 1e20, or a float32 sum of bf16 values near 3e38, overflows), so y and every gradient stay
@@ -44,8 +46,10 @@ ELU_ALPHA = 1.0  # elu uses the standard alpha; ``slope`` is the leaky_relu nega
 
 def check_abn_args(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                   training: bool, momentum: float, eps: float, activation: str, slope: float) -> None:
-    """Readable errors for the arguments, shared by the reference and the fast path."""
+                   training: bool, momentum: float, eps: float, activation: str, slope: float,
+                   num_batches_tracked: Optional[torch.Tensor] = None) -> None:
+    """Readable errors for the arguments, shared by the reference and the synchronised fast path (the
+    single-process fast op checks the same in C++, csrc/inplace_abn.cpp)."""
     if x.dim() < 2:
         raise ValueError(f"inplace_abn: x must be (N, C, ...) with at least 2 dimensions; got {tuple(x.shape)}")
     c = x.shape[1]
@@ -71,6 +75,10 @@ def check_abn_args(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
         raise ValueError("inplace_abn: evaluation (training=False) needs running_mean and running_var")
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"inplace_abn: momentum must be in [0, 1]; got {momentum}")
+    t = num_batches_tracked
+    if t is not None and (t.numel() != 1 or t.dtype != torch.int64 or t.device != x.device):
+        raise ValueError(f"inplace_abn: num_batches_tracked must be a one-element int64 tensor on {x.device} "
+                         f"(BatchNorm2d's); got shape {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
 def apply_activation(y: torch.Tensor, activation: str, slope: float, inplace: bool = False) -> torch.Tensor:
@@ -156,17 +164,23 @@ def batch_statistics_ref(x: torch.Tensor, group=None):
 def inplace_abn_ref(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                     running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                     training: bool, momentum: float = 0.1, eps: float = 1e-5,
-                    activation: str = "leaky_relu", slope: float = 0.01, group=None) -> torch.Tensor:
+                    activation: str = "leaky_relu", slope: float = 0.01, group=None,
+                    num_batches_tracked: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference InPlace-ABN(-Sync). Computes in fp32 (fp64 for fp64 ``x``) and returns ``x``'s dtype.
 
     Updates ``running_mean`` / ``running_var`` in place in training (unbiased variance, as
     ``BatchNorm2d``). ``weight`` / ``bias`` may be ``None`` (affine off: scale 1, shift 0).
+    ``num_batches_tracked`` (BatchNorm2d's one-element int64 counter, or None) gets + 1 per training
+    call, as ``BatchNorm2d.forward`` does it (``add_(1)``), never in evaluation.
     """
-    check_abn_args(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, slope)
+    check_abn_args(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, slope,
+                   num_batches_tracked)
     c = x.shape[1]
     shape = [1, c] + [1] * (x.dim() - 2)
     acc = param_dtype(x)
     if training:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
         mean, var, n = batch_statistics_ref(x, group)
         if running_mean is not None and running_var is not None:
             with torch.no_grad():
@@ -213,14 +227,16 @@ if _C_ops is not None:
     # CUDA kernels per call of each op (what utils.launches counts for it): a reduction is a partial
     # pass plus a combine (with the per-channel epilogue), an elementwise pass is one kernel. The fused
     # forward in evaluation issues 2 (running stats -> float64 constants, map); 3 is its training count.
+    # num_batches_tracked is incremented inside the statistics combine (no launch of its own).
     for _name, _n in (("inplace_abn", 3), ("inplace_abn_backward", 3), ("inplace_abn_statistics", 3),
                       ("inplace_abn_forward", 1), ("inplace_abn_backward_reduce", 2),
-                      ("inplace_abn_backward_dx", 1)):
+                      ("inplace_abn_backward_dx", 1), ("inplace_abn_running_update", 1)):
         register_native_launches(f"ifbf_fast::{_name}", _n)
 
     # Fake (meta) kernels: torch.compile and torch.library.opcheck see shapes, dtypes and strides.
     @torch.library.register_fake("ifbf_fast::inplace_abn")
-    def _inplace_abn_fake(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, slope):
+    def _inplace_abn_fake(x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+                          activation, slope):
         return _like_canonical(x), _per_channel(x, param_dtype(x))
 
     @torch.library.register_fake("ifbf_fast::inplace_abn_backward")
@@ -244,6 +260,10 @@ if _C_ops is not None:
     @torch.library.register_fake("ifbf_fast::inplace_abn_backward_dx")
     def _backward_dx_fake(y, dy, invstd, weight, bias, mean_dz, mean_dz_xhat, eps, activation, slope):
         return _like_canonical(y)
+
+    @torch.library.register_fake("ifbf_fast::inplace_abn_running_update")
+    def _running_update_fake(mean, var, count, running_mean, running_var, num_batches_tracked, momentum):
+        return None
 
     _FUSED = _C_ops.inplace_abn.default   # the overload itself: one lookup less per call
 
@@ -313,13 +333,33 @@ class _ABNSyncFunction(torch.autograd.Function):
         return dx, gw, gb, None, None, None, None, None, None, None
 
 
-def _inplace_abn_sync(x, weight, bias, running_mean, running_var, momentum, eps, activation, slope, group, world):
+def _kernel_buffers(rm: torch.Tensor, rv: torch.Tensor, pd: torch.dtype):
+    """The running buffers as the C++ ops update them (contiguous, in the parameter dtype ``pd``): the
+    tensors themselves (they may be views of one flat buffer), or copies for buffers in another dtype (a
+    module cast with .half()) or strided, which :func:`_copy_back` writes back after the update."""
+    if rm.dtype == pd and rv.dtype == pd and rm.is_contiguous() and rv.is_contiguous():
+        return rm, rv, False
+    return rm.to(pd, copy=True).contiguous(), rv.to(pd, copy=True).contiguous(), True
+
+
+def _copy_back(rm, rv, rm_t, rv_t) -> None:
+    with torch.no_grad():
+        rm.copy_(rm_t)
+        rv.copy_(rv_t.clamp_(max=torch.finfo(rv.dtype).max))
+
+
+def _inplace_abn_sync(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, activation,
+                      slope, group, world):
     mean, var, count = _sync_batch_statistics(x, group, world)
     if running_mean is not None and running_var is not None:
+        # One kernel: both lerps with the union's unbiased variance and num_batches_tracked + 1.
+        rm, rv, copied = _kernel_buffers(running_mean, running_var, param_dtype(x))
+        _C_ops.inplace_abn_running_update(mean, var, count, rm, rv, num_batches_tracked, momentum)
+        if copied:
+            _copy_back(running_mean, running_var, rm, rv)
+    elif num_batches_tracked is not None:
         with torch.no_grad():
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            unbiased = (var * (count / (count - 1))).clamp_(max=torch.finfo(running_var.dtype).max)
-            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+            num_batches_tracked.add_(1)
     return _ABNSyncFunction.apply(x, weight, bias, mean, torch.rsqrt(var + eps), count, eps, activation, slope,
                                   group)
 
@@ -327,14 +367,17 @@ def _inplace_abn_sync(x, weight, bias, running_mean, running_var, momentum, eps,
 def inplace_abn_fast(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                      running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                      training: bool, momentum: float = 0.1, eps: float = 1e-5,
-                     activation: str = "leaky_relu", slope: float = 0.01, group=None) -> torch.Tensor:
+                     activation: str = "leaky_relu", slope: float = 0.01, group=None,
+                     num_batches_tracked: Optional[torch.Tensor] = None) -> torch.Tensor:
     """InPlace-ABN(-Sync) with the C++/CUDA kernels; same arguments and values as ``inplace_abn_ref``.
 
     ``x`` (N, C, ...) fp32/fp16/bf16 (fp64 on CPU), NCHW or channels last (other strides are copied
     once); ``weight``/``bias`` (C,) or None; running buffers (C,) updated in place in training with the
-    unbiased variance (the tensors themselves: they may be views of one flat buffer). ``group``:
-    process group whose union batch gives the statistics (None: local). Returns a new tensor y (same
-    layout as x); backward keeps y and the per-channel invstd only. The C++ ops check every argument.
+    unbiased variance (the tensors themselves: they may be views of one flat buffer), and
+    ``num_batches_tracked`` (one int64 element, or None) + 1, inside the kernel that writes the running
+    statistics (the op declares it mutated: ``Tensor(c!)?``). ``group``: process group whose union batch
+    gives the statistics (None: local). Returns a new tensor y (same layout as x); backward keeps y and
+    the per-channel invstd only. The C++ ops check every argument.
     """
     if _C_ops is None:
         raise ImportError(_EXT_ERROR)
@@ -347,25 +390,23 @@ def inplace_abn_fast(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opti
     if training and group is not None:
         world = group_size(group)
         if world > 1:
-            check_abn_args(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, slope)
-            return _inplace_abn_sync(x, weight, bias, running_mean, running_var, momentum, eps, activation, slope,
-                                     group, world)
+            check_abn_args(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, slope,
+                           num_batches_tracked)
+            return _inplace_abn_sync(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                                     activation, slope, group, world)
     rm, rv = running_mean, running_var
     if rm is None or rv is None:
         if not training:
             raise ValueError("inplace_abn: evaluation (training=False) needs running_mean and running_var")
         c = x.shape[1] if x.dim() >= 2 else 0
-        return _FUSED(x, weight, bias, x.new_empty((c,), dtype=pd), x.new_empty((c,), dtype=pd), training,
-                      momentum, eps, activation, slope)[0]
-    if rm.dtype == pd and rv.dtype == pd and rm.is_contiguous() and rv.is_contiguous():
-        return _FUSED(x, weight, bias, rm, rv, training, momentum, eps, activation, slope)[0]
-    # Buffers in another dtype (a module cast with .half()) or strided: updated through copies.
-    rm_t, rv_t = rm.to(pd, copy=True).contiguous(), rv.to(pd, copy=True).contiguous()
-    y = _FUSED(x, weight, bias, rm_t, rv_t, training, momentum, eps, activation, slope)[0]
+        return _FUSED(x, weight, bias, x.new_empty((c,), dtype=pd), x.new_empty((c,), dtype=pd),
+                      num_batches_tracked, training, momentum, eps, activation, slope)[0]
+    if rm.dtype == pd and rv.dtype == pd and rm.is_contiguous() and rv.is_contiguous():  # the usual case
+        return _FUSED(x, weight, bias, rm, rv, num_batches_tracked, training, momentum, eps, activation, slope)[0]
+    rm_t, rv_t, _ = _kernel_buffers(rm, rv, pd)
+    y = _FUSED(x, weight, bias, rm_t, rv_t, num_batches_tracked, training, momentum, eps, activation, slope)[0]
     if training:
-        with torch.no_grad():
-            rm.copy_(rm_t)
-            rv.copy_(rv_t.clamp_(max=torch.finfo(rv.dtype).max))
+        _copy_back(rm, rv, rm_t, rv_t)
     return y
 
 
@@ -435,10 +476,12 @@ def _fast_unavailable(x: torch.Tensor) -> Optional[str]:
 def inplace_abn(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                 training: bool, momentum: float = 0.1, eps: float = 1e-5,
-                activation: str = "leaky_relu", slope: float = 0.01, group=None) -> torch.Tensor:
-    """InPlace-ABN(-Sync) through the implementation switch (C++/CUDA extension or the reference)."""
+                activation: str = "leaky_relu", slope: float = 0.01, group=None,
+                num_batches_tracked: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """InPlace-ABN(-Sync) through the implementation switch (C++/CUDA extension or the reference).
+    ``num_batches_tracked``: BatchNorm2d's counter, + 1 per training call on either path."""
     if choose("inplace_abn", lambda: _fast_unavailable(x)):
         return inplace_abn_fast(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                                activation, slope, group)
+                                activation, slope, group, num_batches_tracked)
     return inplace_abn_ref(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                           activation, slope, group)
+                           activation, slope, group, num_batches_tracked)

@@ -26,7 +26,7 @@ from ifbf_fast.ops.inplace_abn import inplace_abn_fast  # noqa: E402
 ops = torch.ops.ifbf_fast
 ACTS = ("leaky_relu", "elu", "identity")
 OP_NAMES = ("inplace_abn", "inplace_abn_backward", "inplace_abn_statistics", "inplace_abn_forward",
-            "inplace_abn_backward_reduce", "inplace_abn_backward_dx")
+            "inplace_abn_backward_reduce", "inplace_abn_backward_dx", "inplace_abn_running_update")
 TIMEOUT_S = 150
 
 
@@ -258,9 +258,15 @@ def test_readable_errors():
     with pytest.raises(ValueError, match="eps must be > 0"):
         ops.inplace_abn_backward_dx(x, x, v.float(), None, None, None, None, 0.0, "elu", 0.01)
     with pytest.raises(ValueError, match="running_var is not compatible with x"):
-        ops.inplace_abn(x, None, None, rm, rv.double(), True, 0.1, 1e-5, "elu", 0.01)
+        ops.inplace_abn(x, None, None, rm, rv.double(), None, True, 0.1, 1e-5, "elu", 0.01)
     with pytest.raises(ValueError, match="momentum must be in"):
-        ops.inplace_abn(x, None, None, rm, rv, True, 1.5, 1e-5, "elu", 0.01)
+        ops.inplace_abn(x, None, None, rm, rv, None, True, 1.5, 1e-5, "elu", 0.01)
+    with pytest.raises(ValueError, match="num_batches_tracked must be a one-element int64 tensor"):
+        ops.inplace_abn(x, None, None, rm, rv, torch.zeros(()), True, 0.1, 1e-5, "elu", 0.01)
+    with pytest.raises(ValueError, match="num_batches_tracked must be a one-element int64 tensor"):
+        inplace_abn_ref(x, None, None, rm, rv, True, num_batches_tracked=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="var is not compatible with running_mean"):
+        ops.inplace_abn_running_update(m, v[:2], torch.ones(1, dtype=torch.float64), rm, rv, None, 0.1)
     with pytest.raises(ValueError, match="invstd is not compatible with x"):
         ops.inplace_abn_backward(x, x, v, None, None, True, False, 1e-5, "elu", 0.01)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
@@ -327,6 +333,11 @@ def test_opcheck_every_op(device):
         md, mx = torch.randn(c, device=device, dtype=pd), torch.randn(c, device=device, dtype=pd)
         rm, rv = torch.randn(c, device=device, dtype=pd), torch.rand(c, device=device, dtype=pd) + 0.5
         torch.library.opcheck(ops.inplace_abn_statistics.default, (x,))
+        if x.dim() == 4 and x.is_contiguous():   # the sync path's running update: per channel, layout-free
+            n = torch.full((1,), 40.0, device=device, dtype=torch.float64)
+            for nbt in (torch.tensor(3, device=device), None):
+                torch.library.opcheck(ops.inplace_abn_running_update.default,
+                                      (m, v, n, rm.clone(), rv.clone(), nbt, 0.1))
         for act in acts:
             torch.library.opcheck(ops.inplace_abn_forward.default, (x, m, v, w, b, 1e-5, act, 0.1))
             y = ops.inplace_abn_forward(x, m, v, w, b, 1e-5, act, 0.1)
@@ -337,13 +348,14 @@ def test_opcheck_every_op(device):
             for training in (True, False):
                 wg, bg = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
                 xg = x.detach().clone().requires_grad_(True) if x.is_contiguous() else x.detach().requires_grad_(True)
-                torch.library.opcheck(ops.inplace_abn.default, (xg, wg, bg, rm.clone(), rv.clone(), training, 0.1,
-                                                                1e-5, act, 0.1))
+                nbt = torch.tensor(5, device=device)     # BatchNorm2d's 0-d int64 counter, mutated in training
+                torch.library.opcheck(ops.inplace_abn.default, (xg, wg, bg, rm.clone(), rv.clone(), nbt, training,
+                                                                0.1, 1e-5, act, 0.1))
                 torch.library.opcheck(ops.inplace_abn_backward.default, (y, dy, v.to(pd), w, b, training, True, 1e-5,
                                                                          act, 0.1))
         torch.library.opcheck(ops.inplace_abn_backward_dx.default,
                               (x, x, v.to(pd), None, None, None, None, 1e-5, "identity", 0.1))
-        torch.library.opcheck(ops.inplace_abn.default, (x, None, None, rm.clone(), rv.clone(), True, 0.1, 1e-5,
+        torch.library.opcheck(ops.inplace_abn.default, (x, None, None, rm.clone(), rv.clone(), None, True, 0.1, 1e-5,
                                                         "identity", 0.1))
         torch.library.opcheck(ops.inplace_abn_backward.default, (x, x, v.to(pd), None, None, False, False, 1e-5, "elu",
                                                                  0.1))
@@ -417,11 +429,12 @@ class _ConvABN(nn.Module):
         self.weight, self.bias = nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(8))
         self.register_buffer("rm", torch.zeros(8))
         self.register_buffer("rv", torch.ones(8))
+        self.register_buffer("nbt", torch.tensor(0))
 
     def forward(self, x):
         with use_impl("fast"):
             return inplace_abn(self.conv(x), self.weight, self.bias, self.rm, self.rv, self.training, 0.1, 1e-5,
-                               "leaky_relu", 0.01)
+                               "leaky_relu", 0.01, num_batches_tracked=self.nbt)
 
 
 def test_torch_compile_conv_abn_zero_graph_breaks():
@@ -441,6 +454,7 @@ def test_torch_compile_conv_abn_zero_graph_breaks():
     for (n, pe), (_, pc) in zip(eager.named_parameters(), compiled.named_parameters()):
         torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-5, msg=n)
     torch.testing.assert_close(compiled.rv, eager.rv)
+    assert int(compiled.nbt) == int(eager.nbt) == 1   # the mutated counter survives functionalization
     torch._dynamo.reset()
 
 
@@ -462,7 +476,10 @@ def _dist_worker(rank, port, sizes, x_all, w, b, dy_all, out_dir, compile_too):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for name, fn in runs:
-                r = _run(fn, x, w, b, dy, act="leaky_relu", slope=0.05, group=dist.group.WORLD)
+                counter = torch.tensor(7)   # BatchNorm2d's num_batches_tracked: + 1 by the running update
+                r = _run(fn, x, w, b, dy, act="leaky_relu", slope=0.05, group=dist.group.WORLD,
+                         num_batches_tracked=counter)
+                r["num_batches_tracked"] = int(counter)
                 res[name] = r
         res["warnings"] = [str(m.message) for m in caught
                            if "autograd kernel" in str(m.message) or "deprecated" in str(m.message)]
@@ -505,6 +522,7 @@ def test_sync_two_processes_equal_union_batch(tmp_path, sizes):
         torch.testing.assert_close(ranks[0]["dw"] + ranks[1]["dw"], single["dw"], **tol)
         torch.testing.assert_close(ranks[0]["db"] + ranks[1]["db"], single["db"], **tol)
         for r in ranks:
+            assert r["num_batches_tracked"] == 8
             torch.testing.assert_close(r["rm"], single["rm"], **tol)
             torch.testing.assert_close(r["rv"], single["rv"], **tol)
 

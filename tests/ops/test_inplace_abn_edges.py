@@ -12,20 +12,77 @@ from tests.ops.test_inplace_abn import (OP_NAMES, _max_err, _poison_empty, _ref_
 
 
 def test_one_process_fwd_bwd_is_at_most_6_launches():
-    """Issue 13.1: forward + backward on one process is two C++ ops of 3 CUDA kernels each, no aten glue
-    (no count fill, no running-statistics ops, no sign or dW/db ops)."""
+    """Issue 13.1: forward + backward of the InPlaceABN module on one process, counter included, is two
+    C++ ops of 3 CUDA kernels each, no aten glue (no count fill, no running-statistics ops, no sign or
+    dW/db ops, and no ``num_batches_tracked.add_(1)``: the op increments it in its statistics combine)."""
+    from ifbf_fast.nn import InPlaceABN
     from ifbf_fast.utils.launches import count_launches
     for training in (True, False):
+        m = InPlaceABN(8).train(training)
+        with torch.no_grad():
+            m.weight.normal_()
+            m.bias.normal_()
         x = torch.randn(2, 8, 5, 7, requires_grad=True)
-        w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
-        rm, rv = torch.zeros(8), torch.ones(8)
         dy = torch.randn(x.shape)
-        with count_launches() as count:
-            y = inplace_abn_fast(x, w, b, rm, rv, training, 0.1, 1e-5, "leaky_relu", 0.01)
-            torch.autograd.grad(y, (x, w, b), dy)
+        with use_impl("fast"), count_launches() as count:
+            y = m(x)
+            torch.autograd.grad(y, (x, m.weight, m.bias), dy)
         assert count.total <= 6, str(count)
         assert set(count.by_name) == {"native:ifbf_fast::inplace_abn", "native:ifbf_fast::inplace_abn_backward"}, \
             str(count)
+        assert int(m.num_batches_tracked) == int(training)
+
+
+@pytest.mark.parametrize("cls", ["InPlaceABN", "InPlaceABNSync", "ABN"])
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_num_batches_tracked_counts_like_batchnorm(device, cls, impl):
+    """BatchNorm2d's counter: + 1 per training forward, nothing in evaluation, on the fast op (CPU kernel;
+    on a GPU machine the CUDA combine kernel) and on the reference; running statistics as BatchNorm2d's."""
+    import ifbf_fast.nn as inn
+    m = getattr(inn, cls)(6, activation="identity").to(device)
+    bn = torch.nn.BatchNorm2d(6).to(device)
+    with torch.no_grad():   # ABN's scale is |w| + eps: positive weights make it BatchNorm2d's w + eps
+        m.weight.uniform_(0.5, 1.5)
+        bn.weight.copy_(m.weight + m.eps)
+    m.num_batches_tracked.fill_(3)   # counts on from a loaded checkpoint's value
+    bn.num_batches_tracked.fill_(3)
+    with use_impl(impl):
+        for k, training in enumerate((True, True, False, True, False, False, True)):
+            m.train(training)
+            bn.train(training)
+            x = torch.randn(3, 6, 4, 5, device=device) * 2 + 1
+            torch.testing.assert_close(m(x), bn(x), rtol=1e-4, atol=1e-4)
+            assert m.num_batches_tracked.dtype == torch.int64 and m.num_batches_tracked.dim() == 0
+            assert int(m.num_batches_tracked) == int(bn.num_batches_tracked), (k, training)
+    assert int(m.num_batches_tracked) == 3 + 4
+    torch.testing.assert_close(m.running_mean, bn.running_mean)
+    torch.testing.assert_close(m.running_var, bn.running_var)
+
+
+def test_skipped_step_restores_num_batches_tracked():
+    """engine/step.py FlatBuffers: every buffer is a view of one flat tensor per dtype, so the op's
+    in-place increment lands in the flat int64 storage and a restore of a skipped step takes it back."""
+    from ifbf_fast.engine.step import FlatBuffers
+    from ifbf_fast.nn import InPlaceABN
+    model = torch.nn.Sequential(InPlaceABN(4), InPlaceABN(4)).train()
+    flat = FlatBuffers(model)
+    counters = [m.num_batches_tracked for m in model]
+    (ints,) = [f for f in flat.flats if f.dtype == torch.int64]
+    assert all(c._base is ints for c in counters)
+    x = torch.randn(2, 4, 3, 3)
+    with use_impl("fast"):
+        model(x)                                   # a good step
+        assert ints.tolist() == [1, 1]
+        flat.snapshot()
+        model(x)                                   # a step found non-finite: restored
+        assert ints.tolist() == [2, 2]
+        flat.restore_where(torch.tensor(True))
+        assert ints.tolist() == [1, 1] and [int(c) for c in counters] == [1, 1]
+        model(x)                                   # the next good step counts on
+        flat.restore_where(torch.tensor(False))
+    assert [int(c) for c in counters] == [2, 2]
+    assert sorted(model.state_dict()) == sorted(torch.nn.Sequential(torch.nn.BatchNorm2d(4),
+                                                                     torch.nn.BatchNorm2d(4)).state_dict())
 
 
 def test_running_statistics_written_in_place_into_views_of_one_buffer():

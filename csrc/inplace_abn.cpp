@@ -383,18 +383,28 @@ fused_backward_op() {
   return op;
 }
 
+// The running buffers and the counter pass through the autograd Function as one non-tensor argument:
+// autograd then records no input metadata, edge or gradient slot for them (they take no gradient),
+// host time saved on every training call.
+struct RunningState {
+  const Tensor& running_mean;
+  const Tensor& running_var;
+  const Opt& num_batches_tracked;
+};
+
 // y and the float64 invstd are saved (never x): backward rebuilds x-hat from y by inverting the
 // activation and the affine, the memory saving of InPlace-ABN. invstd is an output for the node to
 // save; it is marked non-differentiable.
 struct InplaceABNFunction : public torch::autograd::Function<InplaceABNFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Opt& weight, const Opt& bias,
-                               const Tensor& running_mean, const Tensor& running_var, const Opt& num_batches_tracked,
-                               bool training, double momentum, double eps, c10::string_view activation, double slope) {
+                               const RunningState& state, bool training, double momentum, double eps,
+                               c10::string_view activation, double slope) {
     Tensor y, invstd;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(y, invstd) = fused_forward_op().call(x, weight, bias, running_mean, running_var, num_batches_tracked,
-                                                    training, momentum, eps, activation, slope);
+      std::tie(y, invstd) = fused_forward_op().call(x, weight, bias, state.running_mean, state.running_var,
+                                                    state.num_batches_tracked, training, momentum, eps, activation,
+                                                    slope);
     }
     ctx->save_for_backward({y, invstd, weight.value_or(Tensor()), bias.value_or(Tensor())});
     ctx->saved_data["training"] = training;
@@ -407,34 +417,40 @@ struct InplaceABNFunction : public torch::autograd::Function<InplaceABNFunction>
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
     if (!grads[0].defined()) return variable_list(kInputs);  // y unused by the loss: no gradient at all
+    const auto saved = ctx->get_saved_variables();
     const Tensor& y = saved[0];
     const Opt weight = saved[2].defined() ? Opt(saved[2]) : Opt();
     const Opt bias = saved[3].defined() ? Opt(saved[3]) : Opt();
     // needs_input_grad counts the tensor inputs that were given: x, then weight and bias if present.
     const bool need_w = weight.has_value() && ctx->needs_input_grad(1);
     const bool need_b = bias.has_value() && ctx->needs_input_grad(weight.has_value() ? 2 : 1);
-    const std::string act = ctx->saved_data["activation"].toStringRef();
-    auto [dx, dw, db] = fused_backward_op().call(y, grads[0], saved[1], weight, bias, ctx->saved_data["training"].toBool(),
-                                                 need_w || need_b, ctx->saved_data["eps"].toDouble(), act,
-                                                 ctx->saved_data["slope"].toDouble());
-    variable_list out(kInputs);  // one entry per forward input: x, weight, bias get theirs
+    const std::string& act = ctx->saved_data["activation"].toStringRef();
+    Tensor dx, dw, db;
+    {
+      // Straight to the device kernel: the op's Autograd-key kernel would only add this guard itself.
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(dx, dw, db) = fused_backward_op().call(y, grads[0], saved[1], weight, bias,
+                                                      ctx->saved_data["training"].toBool(), need_w || need_b,
+                                                      ctx->saved_data["eps"].toDouble(), act,
+                                                      ctx->saved_data["slope"].toDouble());
+    }
+    variable_list out(kInputs);  // one entry per forward argument: x, weight, bias get theirs
     out[0] = ctx->needs_input_grad(0) ? dx : Tensor();
     out[1] = need_w ? dw : Tensor();
     out[2] = need_b ? db : Tensor();
     return out;
   }
 
-  static constexpr size_t kInputs = 11;  // the arguments of forward after ctx
+  static constexpr size_t kInputs = 9;  // the arguments of forward after ctx
 };
 
 std::tuple<Tensor, Tensor> fused_autograd(const Tensor& x, const Opt& weight, const Opt& bias,
                                           const Tensor& running_mean, const Tensor& running_var,
                                           const Opt& num_batches_tracked, bool training, double momentum, double eps,
                                           c10::string_view activation, double slope) {
-  auto out = InplaceABNFunction::apply(x, weight, bias, running_mean, running_var, num_batches_tracked, training,
-                                       momentum, eps, activation, slope);
+  auto out = InplaceABNFunction::apply(x, weight, bias, RunningState{running_mean, running_var, num_batches_tracked},
+                                       training, momentum, eps, activation, slope);
   return {out[0], out[1]};
 }
 

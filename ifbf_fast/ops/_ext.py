@@ -33,15 +33,17 @@ def has_cuda_kernels() -> bool:
 
 # the fast ops' dtypes (ifbf_fast.kernels.SUPPORTED_DTYPES), and float64 on the CPU (gradcheck)
 _DTYPES = {"cpu": SUPPORTED_DTYPES + (torch.float64,), "cuda": SUPPORTED_DTYPES}
-# Devices and dtypes the kernels take, as one set lookup per call (this runs on every InPlace-ABN call).
-_RUNNABLE = frozenset((dev, dt) for dev, dts in _DTYPES.items() if dev == "cpu" or _HAS_CUDA_KERNELS for dt in dts)
+# The dtypes the kernels take per device, one set lookup per call (this runs on every InPlace-ABN call):
+# x.is_cpu / x.is_cuda cost about 0.1 us on the CPU, x.device (a new torch.device object) about 0.8.
+_RUNNABLE_CPU = frozenset(_DTYPES["cpu"])
+_RUNNABLE_CUDA = frozenset(_DTYPES["cuda"] if _HAS_CUDA_KERNELS else ())
 
 
 def abn_unavailable_reason(x: torch.Tensor) -> Optional[str]:
     """Why the C++ InPlace-ABN kernels cannot run on ``x``, or ``None`` if they can."""
-    dev = x.device.type
-    if (dev, x.dtype) in _RUNNABLE:
+    if x.dtype in (_RUNNABLE_CUDA if x.is_cuda else _RUNNABLE_CPU if x.is_cpu else ()):
         return None
+    dev = x.device.type
     if dev not in _DTYPES:
         return f"no ifbf_fast._C kernels for device {x.device}"
     if dev == "cuda" and not has_cuda_kernels():

@@ -165,11 +165,11 @@ inline std::vector<Modelled> launch_model(int phase, bool channels_last, int64_t
     const int64_t partial = r.groups * c * state;
     out.push_back({stats ? "statistics_reduce" : "backward_reduce", r, tensors,
                    tensors * x + (stats ? c * elt : c * 4), partial});
-    // statistics combine: partials, the shift K and the running buffers in; mean, invstd (float64),
-    // invstd saved (float) and the running buffers out. Backward: partials and weight in; dweight,
-    // dbias, mean_dz, mean_dz_xhat out.
+    // statistics combine: partials, the shift K, the running buffers and num_batches_tracked (8 bytes)
+    // in; mean, invstd (float64), invstd saved (float), the running buffers and the counter out.
+    // Backward: partials and weight in; dweight, dbias, mean_dz, mean_dz_xhat out.
     out.push_back({stats ? "statistics_combine" : "backward_combine", plan_combine(c, r.groups), 0,
-                   partial + (stats ? c * (elt + 8) : c * 4), stats ? c * 28 : c * 16});
+                   partial + (stats ? c * (elt + 8) + 8 : c * 4), stats ? c * 28 + 8 : c * 16});
   } else if (phase == 1 || phase == 3) {
     const bool fwd = phase == 1;
     const int tensors = fwd ? 1 : 2;

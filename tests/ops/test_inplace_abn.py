@@ -320,7 +320,8 @@ def _opcheck_samples(device):
 def test_opcheck_every_op(device):
     """opcheck (schema, fake kernel, autograd registration, AOT dispatch) of every op: every activation and
     layout in fp32, every other dtype on the contiguous 4-D sample with leaky_relu (the registrations do
-    not depend on the dtype; values are the comparison tests' job). 133 opchecks, ~30 s on the CPU."""
+    not depend on the dtype; values are the comparison tests' job); the fused op with BatchNorm2d's
+    counter (mutated in training), the running update with and without it. 141 opchecks, ~30 s on the CPU."""
     for x in _opcheck_samples(device):
         full = x.dtype == torch.float32
         if not full and not (x.dim() == 4 and x.is_contiguous()):

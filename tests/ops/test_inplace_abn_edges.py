@@ -59,6 +59,24 @@ def test_num_batches_tracked_counts_like_batchnorm(device, cls, impl):
     torch.testing.assert_close(m.running_var, bn.running_var)
 
 
+def test_running_update_primitive(device):
+    """The synchronised path's update from the union statistics (one kernel on CUDA): both lerps with
+    the unbiased variance (saturated at the float max), the counter + 1 (or no counter)."""
+    c, n = 5, 37.0
+    mean = torch.randn(c, dtype=torch.float64, device=device)
+    var = torch.rand(c, dtype=torch.float64, device=device) + 0.5
+    var[-1] = 1e39                                  # beyond float32: running_var saturates, stays finite
+    count = torch.full((1,), n, dtype=torch.float64, device=device)
+    rm0, rv0 = torch.randn(c, device=device), torch.rand(c, device=device) + 0.5
+    for counter in (torch.tensor(4, device=device), None):
+        rm, rv = rm0.clone(), rv0.clone()
+        ops.inplace_abn_running_update(mean, var, count, rm, rv, counter, 0.2)
+        torch.testing.assert_close(rm.double(), 0.8 * rm0.double() + 0.2 * mean)
+        expect = (0.8 * rv0.double() + 0.2 * var * n / (n - 1)).clamp(max=torch.finfo(torch.float32).max)
+        torch.testing.assert_close(rv.double(), expect)
+        assert counter is None or int(counter) == 5
+
+
 def test_skipped_step_restores_num_batches_tracked():
     """engine/step.py FlatBuffers: every buffer is a view of one flat tensor per dtype, so the op's
     in-place increment lands in the flat int64 storage and a restore of a skipped step takes it back."""

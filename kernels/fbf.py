@@ -63,8 +63,9 @@ def _num_warps(elt: int) -> int:
 
 def _empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
            memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """Every buffer the launchers hand to a kernel comes from here or ``_empty_like`` (tests poison
-    them with NaN)."""
+    """The launchers' allocations that need a dtype or device argument; the per-call outputs of the common
+    case come from ``Tensor.new_empty_strided`` / ``torch.empty_like`` (cheaper to dispatch). Tests poison
+    all of them with NaN (deterministic ``fill_uninitialized_memory``, tests/ops/_compare.py)."""
     return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
 
 
@@ -210,6 +211,11 @@ class Plan(NamedTuple):
     formats: tuple               # memory formats: forward (out,), backward (grad_high, grad_low)
     like: tuple                  # backward: grad_high / grad_low / grad_weight may be empty_like(input)
     scratch: int                 # fp32 scratch floats the reduce needs
+    # (shape, strides) of the per-call outputs, allocated with ``Tensor.new_empty_strided`` (no dtype,
+    # device or memory-format arguments to parse: about half the host cost of ``torch.empty``):
+    # forward: out (like high's dtype), stats (fp32, from the fp32 scratch); backward: grad_high,
+    # grad_low (when not empty_like), grad_bias.
+    alloc: tuple = ()
 
 
 def _reduce_launch(tensors, x0, x1, g, weight, n, c0, c1, h, w, elt, device_index, has_g) -> Launch:
@@ -271,7 +277,9 @@ def plan_fwd(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor, device
     out = torch.empty((n, c0 + c1, h, w), dtype=high.dtype, device="meta", memory_format=fmt)
     red = _reduce_launch((high, low), high, low, high, weight, n, c0, c1, h, w, elt, device_index, False)
     sc = _scale_launch((high, low, out), high, low, out, out, n, c0, c1, h, w, elt, False, False, True)
-    return Plan(n, c0, c1, h, w, elt, red, sc, (fmt,), (), red.splits * n * (c0 + c1))
+    c = c0 + c1
+    alloc = ((tuple(out.shape), out.stride()), ((2, n, c), (n * c, c, 1)))
+    return Plan(n, c0, c1, h, w, elt, red, sc, (fmt,), (), red.splits * n * c, alloc)
 
 
 def plan_bwd(grad_out: torch.Tensor, high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
@@ -291,7 +299,8 @@ def plan_bwd(grad_out: torch.Tensor, high: torch.Tensor, low: torch.Tensor, weig
     red = _reduce_launch((high, low, grad_out), high, low, grad_out, weight, n, c0, c1, h, w, elt,
                          device_index, True)
     sc = _scale_launch((grad_out, gh, gl), grad_out, grad_out, gh, gl, n, c0, c1, h, w, elt, True, True, False)
-    return Plan(n, c0, c1, h, w, elt, red, sc, fmts, like, (2 + red.splits) * n * (c0 + c1))
+    alloc = ((tuple(gh.shape), gh.stride()), (tuple(gl.shape), gl.stride()), ((c0 + c1,), (1,)))
+    return Plan(n, c0, c1, h, w, elt, red, sc, fmts, like, (2 + red.splits) * n * (c0 + c1), alloc)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,12 +324,11 @@ def fwd(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
         plan = _PLANS[key] = plan_fwd(high, low, weight)
     if plan.reduce is None:
         return _fwd_degenerate(high, low, weight, bias, plan)
-    n, c = plan.n, plan.c0 + plan.c1
-    device = high.device
     red, sc = plan.reduce, plan.scale
-    counter, scratch = _workspace(device, dev_index, n, plan.scratch)
-    stats = _empty((2, n, c), torch.float32, device)
-    out = _empty((n, c, plan.h, plan.w), high.dtype, device, plan.formats[0])
+    counter, scratch = _workspace(high.device, dev_index, plan.n, plan.scratch)
+    (out_size, out_stride), (stats_size, stats_stride) = plan.alloc
+    stats = scratch.new_empty_strided(stats_size, stats_stride)      # fp32 like the scratch
+    out = high.new_empty_strided(out_size, out_stride)
     red.kernel.run(high, low, high, stats, scratch, stats, weight, bias, counter, *red.args, grid=red.grid_t,
                    warmup=False, num_warps=red.num_warps)
     sc.kernel.run(high, low, out, out, stats, stats, stats, stats, *sc.args, grid=sc.grid_t, warmup=False,
@@ -342,15 +350,18 @@ def bwd(grad_out: torch.Tensor, high: torch.Tensor, low: torch.Tensor, weight: t
     bias_dtype = bias_dtype or weight.dtype
     if plan.reduce is None:
         return _bwd_degenerate(grad_out, high, low, weight, stats, grad_stats, bias_dtype)
-    n, c = plan.n, plan.c0 + plan.c1
-    device = high.device
+    n = plan.n
     red, sc = plan.reduce, plan.scale
-    counter, scratch = _workspace(device, dev_index, n, plan.scratch)
-    like_h, like_l = plan.like[:2]
-    grad_high = _empty_like(high) if like_h else _empty(high.shape, high.dtype, device, plan.formats[0])
-    grad_low = _empty_like(low) if like_l else _empty(low.shape, low.dtype, device, plan.formats[1])
-    grad_weight = _empty_like(weight) if plan.like[2] else _empty(weight.shape, weight.dtype, device)
-    grad_bias = _empty((c,), bias_dtype, device)
+    counter, scratch = _workspace(high.device, dev_index, n, plan.scratch)
+    like_h, like_l, like_w = plan.like
+    (gh_size, gh_stride), (gl_size, gl_stride), (gb_size, gb_stride) = plan.alloc
+    grad_high = _empty_like(high) if like_h else high.new_empty_strided(gh_size, gh_stride)
+    grad_low = _empty_like(low) if like_l else low.new_empty_strided(gl_size, gl_stride)
+    grad_weight = _empty_like(weight) if like_w else _empty(weight.shape, weight.dtype, high.device)
+    if bias_dtype is weight.dtype:
+        grad_bias = weight.new_empty_strided(gb_size, gb_stride)
+    else:
+        grad_bias = _empty(gb_size, bias_dtype, high.device)
     red.kernel.run(high, low, grad_out, stats, scratch, stats if grad_stats is None else grad_stats, weight,
                    weight, counter, *(red.args if grad_stats is None else red.args_alt), grid=red.grid_t,
                    warmup=False, num_warps=red.num_warps)

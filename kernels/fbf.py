@@ -93,7 +93,7 @@ def unsupported_reason(*tensors: torch.Tensor) -> Optional[str]:
     without it the launchers raise rather than let Triton fail on a host pointer.
     """
     for t in tensors:
-        if t.is_cuda or (INTERPRETER and t.device.type == "cpu"):
+        if t.is_cuda or (INTERPRETER and t.is_cpu):     # flags: t.device builds an object per call
             continue
         return (f"the Triton FBF kernels run on CUDA tensors, or on CPU tensors only when TRITON_INTERPRET=1 "
                 f"was set before ifbf_fast.kernels.fbf was imported; got a tensor on {t.device}")

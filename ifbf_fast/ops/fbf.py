@@ -36,10 +36,14 @@ def check_fbf_args(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor, 
                          f"{ls[1]}; got {tuple(wshape)}")
     if bias.shape != (c,):
         raise ValueError(f"fbf: bias must be ({c},); got {tuple(bias.shape)}")
-    device = high.device
-    if low.device != device or weight.device != device or bias.device != device:
-        devices = {t.device for t in (high, low, weight, bias)}
-        raise ValueError(f"fbf: all tensors must be on one device; got {sorted(map(str, devices))}")
+    # One device: the common cases read flags and indices (a torch.device object per tensor costs more).
+    if not ((high.is_cuda and low.is_cuda and weight.is_cuda and bias.is_cuda
+             and high.get_device() == low.get_device() == weight.get_device() == bias.get_device())
+            or (high.is_cpu and low.is_cpu and weight.is_cpu and bias.is_cpu)):
+        device = high.device
+        if low.device != device or weight.device != device or bias.device != device:
+            devices = {t.device for t in (high, low, weight, bias)}
+            raise ValueError(f"fbf: all tensors must be on one device; got {sorted(map(str, devices))}")
 
 
 def fbf_ref(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -178,10 +182,14 @@ class _FBFFunction(torch.autograd.Function):
 
 
 def _fast_unavailable(high: torch.Tensor, low: torch.Tensor) -> str | None:
-    try:
-        kernels = _kernels()
-    except ImportError as exc:
-        return f"the Triton FBF kernels are not available ({exc})"
+    # Eager calls after the first take the module the first one imported (no import statement, no
+    # is_compiling); under torch.compile the global is not read (see ``_kernels``).
+    kernels = None if torch.compiler.is_compiling() else _kernels_module
+    if kernels is None:
+        try:
+            kernels = _kernels()
+        except ImportError as exc:
+            return f"the Triton FBF kernels are not available ({exc})"
     # The kernels module's own test (not the environment now): whether it was imported under the
     # interpreter decides whether CPU tensors can run.
     return kernels.unsupported_reason(high, low)

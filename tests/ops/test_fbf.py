@@ -285,6 +285,12 @@ def test_bad_arguments_have_readable_errors(device):
             ops.fbf(high, low.half(), weight, bias)
         with pytest.raises(ValueError, match="4-D"):
             ops.fbf(high[0], low[0], weight, bias)
+        # the device check reads flags and indices on the common path; a mix still names both devices
+        for i in range(4):
+            args = [high, low, weight, bias]
+            args[i] = args[i].to("meta")
+            with pytest.raises(ValueError, match="one device; got .*'meta'"):
+                ops.fbf(*args)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("IFBF_TEST_GPU", "0") in ("", "0"),

@@ -63,7 +63,7 @@ from . import cdiv as _cdiv
 from .ohem_ce_select import (N_PROGRAM_SLOT, RED_BLOCK, SCRATCH_SIZE, STATE_CUT, STATE_INV_N,
                              STATE_K, STATE_KTH, STATE_N_BAD, STATE_N_NAN, STATE_N_VALID, STATE_SIZE,
                              STATE_TIE_W, _STATE_CUT, _STATE_INV_N, _STATE_TIE_W, _ohem_ce_fwd_epilogue,
-                             _ohem_ce_select_kernel, scratch, select_launch)
+                             _ohem_ce_select_kernel, scratch, scratch_and_f32, select_launch)
 
 # Recorded at import because @triton.jit decides at decoration time whether it builds interpreter
 # objects (CPU tensors) or compiled kernels (CUDA tensors); ohem_ce_upsampled.py shares it.
@@ -315,7 +315,8 @@ def _fwd_meta(logits: torch.Tensor, target: torch.Tensor) -> tuple:
                                  (c, h * w, w) + tuple(logits.stride()) + tuple(target.stride()),
                                  (n_prog,),
                                  dict(BLOCK_P=block_p, BLOCK_C=block_c, TILES=FWD_TILES,
-                                      FLAT_HW=_flat_hw(logits, target), num_warps=warps))
+                                      FLAT_HW=_flat_hw(logits, target), num_warps=warps),
+                                 ((n, h, w), (h * w, w, 1)))
     return meta
 
 
@@ -326,11 +327,10 @@ def ohem_ce_fwd(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float, t
 
     ``thresh < 0`` means no threshold. Arguments are assumed checked (``check_ohem_args``).
     """
-    p, launch, n_sel, args, tail, consts = _fwd_meta(logits, target)
+    p, launch, n_sel, args, tail, consts, (losses_size, losses_stride) = _fwd_meta(logits, target)
     hi, lo, tb = _scalars(keep_ratio, thresh)
-    dev = logits.device
-    losses = torch.empty(target.shape, dtype=torch.float32, device=dev)
-    work = scratch(dev)
+    work, f32 = scratch_and_f32(logits.device)
+    losses = f32.new_empty_strided(losses_size, losses_stride)      # (N, H, W) fp32, row-major
     try:
         if p:
             launch(logits, target, losses, work, *args, ignore_index, hi, lo, *tail, **consts)

@@ -59,6 +59,7 @@ _STATE_N_VALID, _STATE_N_BAD, _STATE_N_NAN, _STATE_CUT, _STATE_INV_N, _STATE_TIE
 _ZERO_BLOCK, _FIN_BLOCK = tl.constexpr(ZERO_BLOCK), tl.constexpr(FIN_BLOCK)
 
 _SCRATCH: dict = {}
+_F32: dict = {}
 _PARTIALS: dict = {}
 _SELECT_LAUNCH: dict = {}
 
@@ -72,7 +73,19 @@ def scratch(device: torch.device) -> torch.Tensor:
                                "capture (it allocates and zeroes the kernels' scratch); run one step eagerly "
                                "(torch.compile's reduce-overhead warm-up does) before capturing")
         buf = _SCRATCH[device] = torch.zeros(SCRATCH_SIZE, dtype=torch.int32, device=device)
+        _F32[device] = torch.empty(1, dtype=torch.float32, device=device)
     return buf
+
+
+def scratch_and_f32(device: torch.device) -> tuple:
+    """``(scratch(device), a one-element fp32 tensor on the device)``: the second is the template the
+    launchers allocate their fp32 outputs from with ``Tensor.new_empty_strided`` (no dtype or device
+    argument to parse: about half the host cost of ``torch.empty``); never read or written."""
+    f32 = _F32.get(device)
+    if f32 is None:
+        scratch(device)
+        f32 = _F32[device]
+    return _SCRATCH[device], f32
 
 
 @triton.jit
@@ -278,9 +291,11 @@ def select_launch(losses: torch.Tensor, work: torch.Tensor, p: int, n_programs: 
     if launch is None:
         launch = _SELECT_LAUNCH[n_programs] = (_ohem_ce_select_kernel[(n_programs,)],
                                                zero_steps(ZERO1_END, n_programs))
-    state = torch.empty(STATE_SIZE, dtype=torch.int32, device=dev)
-    result = torch.empty((), dtype=torch.float32, device=dev)
-    bad = torch.empty((), dtype=torch.float32, device=dev)
+    # The per-call outputs from tensors of their dtypes on the device (int32 scratch, fp32 losses):
+    # new_empty_strided parses no dtype or device.
+    state = work.new_empty_strided((STATE_SIZE,), (1,))
+    result = losses.new_empty_strided((), ())
+    bad = losses.new_empty_strided((), ())
     launch[0](losses, work, partials(dev, n_programs), state, result, bad, p, hi, lo, tb, launch[1],
               BLOCK=RED_BLOCK, num_warps=8)
     return result, state, bad

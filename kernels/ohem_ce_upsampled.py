@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .ohem_ce import (FWD_TILES, RED_BLOCK, _STATE_CUT, _STATE_INV_N, _STATE_TIE_W, _cdiv, _check_offsets,
                       _flat_hw, _ohem_ce_fwd_epilogue, _ohem_ce_labels, _ohem_ce_pixel_offsets, _ohem_ce_tile_histogram,
-                      _ohem_ce_tile_loss, _scalars, block_sizes, scratch, select_launch)
+                      _ohem_ce_tile_loss, _scalars, block_sizes, scratch_and_f32, select_launch)
 
 
 # --- kernels: the x4 bilinear upsampling of the logits fused into the loss -----------------------
@@ -308,11 +308,12 @@ def ohem_ce_up_fwd(logits_lr: torch.Tensor, target: torch.Tensor, keep_ratio: fl
             + tuple(target.stride()),
             (n_prog,),
             # four gathered tiles live at once: twice the threads
-            dict(BLOCK_P=block_p, BLOCK_C=block_c, TILES=FWD_TILES, FLAT_HW=_flat_hw(target), num_warps=2 * warps))
-    p, launch, n_sel, args, tail, consts = meta
+            dict(BLOCK_P=block_p, BLOCK_C=block_c, TILES=FWD_TILES, FLAT_HW=_flat_hw(target), num_warps=2 * warps),
+            ((n, h, w), (h * w, w, 1)))
+    p, launch, n_sel, args, tail, consts, (losses_size, losses_stride) = meta
     hi, lo, tb = _scalars(keep_ratio, thresh)
-    losses = torch.empty(target.shape, dtype=torch.float32, device=logits_lr.device)
-    work = scratch(logits_lr.device)
+    work, f32 = scratch_and_f32(logits_lr.device)
+    losses = f32.new_empty_strided(losses_size, losses_stride)      # (N, H, W) fp32, row-major
     try:
         if p:
             launch(logits_lr, target, losses, work, *args, ignore_index, hi, lo, *tail, **consts)

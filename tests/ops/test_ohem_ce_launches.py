@@ -99,17 +99,19 @@ def test_empty_batch_runs_the_select_pass_alone():
 
 @contextlib.contextmanager
 def _poisoned_empty(fill):
-    real = torch.empty
+    # torch.empty and the Tensor methods the launchers allocate their per-call outputs with
+    real, real_strided, real_like = torch.empty, torch.Tensor.new_empty_strided, torch.empty_like
 
-    def empty(*args, **kwargs):
-        out = real(*args, **kwargs)
+    def poison(out):
         return out.fill_(fill if out.dtype.is_floating_point else -7)
 
-    torch.empty = empty
+    torch.empty = lambda *args, **kwargs: poison(real(*args, **kwargs))
+    torch.Tensor.new_empty_strided = lambda self, *args, **kwargs: poison(real_strided(self, *args, **kwargs))
+    torch.empty_like = lambda *args, **kwargs: poison(real_like(*args, **kwargs))
     try:
         yield
     finally:
-        torch.empty = real
+        torch.empty, torch.Tensor.new_empty_strided, torch.empty_like = real, real_strided, real_like
 
 
 @pytest.mark.parametrize("variant", ["plain", "fused"])

@@ -124,18 +124,26 @@ _MAX_CLASSES = 256
 # on with IFBF_OHEM_CHECK_LABELS=1 or set_label_check(True) while debugging a data pipeline (under
 # torch.compile it costs a graph break).
 _check_labels: Optional[bool] = None
+# The environment variable, read at the first call and again by set_label_check(None) (os.environ is a
+# few Python frames per read, on every loss call otherwise).
+_env_check_labels: Optional[bool] = None
 
 
 def set_label_check(enabled: Optional[bool]) -> None:
-    """Make the fast path raise ValueError on a bad label (a host sync); ``None``: read the env var."""
-    global _check_labels
+    """Make the fast path raise ValueError on a bad label (a host sync); ``None``: read the env var
+    (IFBF_OHEM_CHECK_LABELS, now)."""
+    global _check_labels, _env_check_labels
     _check_labels = enabled
+    _env_check_labels = None
 
 
 def _label_check_enabled() -> bool:
+    global _env_check_labels
     if _check_labels is not None:
         return _check_labels
-    return os.environ.get("IFBF_OHEM_CHECK_LABELS", "0") not in ("", "0")
+    if _env_check_labels is None:
+        _env_check_labels = os.environ.get("IFBF_OHEM_CHECK_LABELS", "0") not in ("", "0")
+    return _env_check_labels
 
 
 def _raise_on_bad_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
@@ -256,14 +264,15 @@ def _check_cached(logits, target, keep_ratio, thresh, ignore_index) -> None:
 
 
 def _ohem_fast_with_bad_labels(logits, target, keep_ratio, thresh, ignore_index):
-    if _eager(logits):
+    eager = _eager(logits)
+    if eager:
         _check_cached(logits, target, keep_ratio, thresh, ignore_index)
     else:
         check_ohem_args(logits, target, keep_ratio, thresh, ignore_index)
-    if _label_check_enabled():
+    if _check_labels if _check_labels is not None else _label_check_enabled():
         _raise_on_bad_labels(target, logits.shape[1], ignore_index)
     thresh_arg = -1.0 if thresh is None else float(thresh)
-    if _eager(logits):
+    if eager:
         k = _kernels()
         return _OhemCEFunction.apply(logits, target, float(keep_ratio), thresh_arg, int(ignore_index),
                                      k.ohem_ce_fwd, k.ohem_ce_bwd)
@@ -299,7 +308,8 @@ def _fast_unavailable(logits: torch.Tensor) -> str | None:
             interpreted = _kernels().INTERPRETER
         except ImportError as exc:
             return f"the Triton OHEM kernel is not available ({exc})"
-        key = (logits.dtype, logits.dim() == 4 and logits.shape[1] > _MAX_CLASSES, logits.device.type, interpreted)
+        key = (logits.dtype, logits.dim() == 4 and logits.shape[1] > _MAX_CLASSES,
+               "cpu" if logits.is_cpu else logits.device.type, interpreted)     # no torch.device on CPU
     try:
         return _AVAILABLE[key]
     except KeyError:
@@ -319,10 +329,12 @@ def _fast_unavailable(logits: torch.Tensor) -> str | None:
 
 
 def _use_fast(op: str, reason_fn, *args) -> bool:
-    """The switch, with the availability reason computed only where it is needed."""
+    """The switch, with the availability reason computed only where it is needed (the implementation
+    read once: ``choose`` only for the unavailable case, which raises under "fast")."""
     if get_impl() == "reference":
         return False
-    return choose(op, reason_fn(*args))
+    reason = reason_fn(*args)
+    return True if reason is None else choose(op, reason)
 
 
 def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float = 0.75,

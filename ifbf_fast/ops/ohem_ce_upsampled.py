@@ -71,7 +71,7 @@ def _up_fast_with_bad_labels(logits, target, keep_ratio, thresh, ignore_index):
             if len(_CHECKED) > 1024:
                 _CHECKED.clear()
             _CHECKED.add(key)
-    if _oc._label_check_enabled():
+    if _oc._check_labels if _oc._check_labels is not None else _oc._label_check_enabled():
         _oc._raise_on_bad_labels(target, logits.shape[1], ignore_index)
     thresh_arg = -1.0 if thresh is None else float(thresh)
     if eager:
@@ -99,10 +99,14 @@ _AVAILABLE: dict = {}
 def _fast_upsampled_unavailable(logits: torch.Tensor, target: torch.Tensor) -> str | None:
     reason = _oc._fast_unavailable(logits)
     if reason is None and logits.dim() == 4 and target.dim() == 3:
-        key = (tuple(logits.shape[-2:]), tuple(target.shape[-2:]))
-        if key not in _AVAILABLE:
-            _AVAILABLE[key] = _kernels().upsample_unsupported_reason(*key)
-        reason = _AVAILABLE[key]
+        key = (logits.shape, target.shape)      # the Size objects as they are: no slicing per call
+        try:
+            reason = _AVAILABLE[key]
+        except KeyError:
+            if len(_AVAILABLE) > 1024:
+                _AVAILABLE.clear()
+            reason = _AVAILABLE[key] = _kernels().upsample_unsupported_reason(tuple(logits.shape[-2:]),
+                                                                             tuple(target.shape[-2:]))
     return reason
 
 

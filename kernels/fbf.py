@@ -216,6 +216,9 @@ class Plan(NamedTuple):
     # forward: out (like high's dtype), stats (fp32, from the fp32 scratch); backward: grad_high,
     # grad_low (when not empty_like), grad_bias.
     alloc: tuple = ()
+    # forward plans: the backward plans of this forward key by grad_out's strides (what the backward
+    # adds to the key), so that the eager backward looks up one small tuple instead of the full key
+    bwd_plans: Optional[dict] = None
 
 
 def _reduce_launch(tensors, x0, x1, g, weight, n, c0, c1, h, w, elt, device_index, has_g) -> Launch:
@@ -279,7 +282,7 @@ def plan_fwd(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor, device
     sc = _scale_launch((high, low, out), high, low, out, out, n, c0, c1, h, w, elt, False, False, True)
     c = c0 + c1
     alloc = ((tuple(out.shape), out.stride()), ((2, n, c), (n * c, c, 1)))
-    return Plan(n, c0, c1, h, w, elt, red, sc, (fmt,), (), red.splits * n * c, alloc)
+    return Plan(n, c0, c1, h, w, elt, red, sc, (fmt,), (), red.splits * n * c, alloc, {})
 
 
 def plan_bwd(grad_out: torch.Tensor, high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
@@ -314,16 +317,18 @@ def _check(*tensors: torch.Tensor) -> None:
 
 
 def fwd(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
-        bias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        bias: torch.Tensor, with_bwd_plans: bool = False) -> tuple:
     """The forward without the device check (the op layer has made it): ``(out, stats)`` with stats
-    the (2, N, C) fp32 [pooled | gate] that the backward takes."""
+    the (2, N, C) fp32 [pooled | gate] that the backward takes; with ``with_bwd_plans``
+    ``(out, stats, bwd_plans)``, the dict to pass to ``bwd`` (its plans of this forward's key)."""
     dev_index = high.get_device()
     key = (high.shape, high.stride(), low.shape, low.stride(), high.dtype, weight.stride(), dev_index)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = plan_fwd(high, low, weight)
     if plan.reduce is None:
-        return _fwd_degenerate(high, low, weight, bias, plan)
+        out, stats = _fwd_degenerate(high, low, weight, bias, plan)
+        return (out, stats, None) if with_bwd_plans else (out, stats)
     red, sc = plan.reduce, plan.scale
     counter, scratch = _workspace(high.device, dev_index, plan.n, plan.scratch)
     (out_size, out_stride), (stats_size, stats_stride) = plan.alloc
@@ -333,20 +338,30 @@ def fwd(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
                    warmup=False, num_warps=red.num_warps)
     sc.kernel.run(high, low, out, out, stats, stats, stats, stats, *sc.args, grid=sc.grid_t, warmup=False,
                   num_warps=sc.num_warps)
-    return out, stats
+    return (out, stats, plan.bwd_plans) if with_bwd_plans else (out, stats)
 
 
 def bwd(grad_out: torch.Tensor, high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
-        stats: torch.Tensor, grad_stats: Optional[torch.Tensor] = None, bias_dtype: Optional[torch.dtype] = None
-        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        stats: torch.Tensor, grad_stats: Optional[torch.Tensor] = None, bias_dtype: Optional[torch.dtype] = None,
+        bwd_plans: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward without the device check: ``stats`` the forward's (2, N, C) fp32 contiguous,
-    ``grad_stats`` None or its gradient, (2, N, C) fp32 contiguous."""
+    ``grad_stats`` None or its gradient, (2, N, C) fp32 contiguous. ``bwd_plans``: what ``fwd(...,
+    with_bwd_plans=True)`` returned for these inputs (the plan is then found by grad_out's strides)."""
     dev_index = high.get_device()
-    key = (grad_out.stride(), high.shape, high.stride(), low.shape, low.stride(), high.dtype, weight.stride(),
-           dev_index)
-    plan = _PLANS.get(key)
+    plan = None
+    if bwd_plans is not None:
+        gstride = grad_out.stride()
+        plan = bwd_plans.get(gstride)
     if plan is None:
-        plan = _PLANS[key] = plan_bwd(grad_out, high, low, weight)
+        key = (grad_out.stride(), high.shape, high.stride(), low.shape, low.stride(), high.dtype, weight.stride(),
+               dev_index)
+        plan = _PLANS.get(key)
+        if plan is None:
+            plan = _PLANS[key] = plan_bwd(grad_out, high, low, weight)
+        if bwd_plans is not None:
+            if len(bwd_plans) > 16:
+                bwd_plans.clear()
+            bwd_plans[gstride] = plan
     bias_dtype = bias_dtype or weight.dtype
     if plan.reduce is None:
         return _bwd_degenerate(grad_out, high, low, weight, stats, grad_stats, bias_dtype)

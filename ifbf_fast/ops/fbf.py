@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ._impl import choose
+from ._impl import choose, get_impl
 
 
 def check_fbf_args(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -165,7 +165,7 @@ class _FBFFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, high, low, weight, bias):
-        out, stats = _kernels_module.fwd(high, low, weight, bias)
+        out, stats, ctx.bwd_plans = _kernels_module.fwd(high, low, weight, bias, True)
         ctx.save_for_backward(high, low, weight, stats)
         ctx.bias_dtype = bias.dtype
         return out
@@ -178,7 +178,7 @@ class _FBFFunction(torch.autograd.Function):
             raise RuntimeError("ifbf_fast.ops.fbf: the fused kernels have no double backward "
                                "(create_graph=True); use impl='reference' for higher-order gradients")
         high, low, weight, stats = ctx.saved_tensors
-        return _kernels_module.bwd(grad_out, high, low, weight, stats, None, ctx.bias_dtype)
+        return _kernels_module.bwd(grad_out, high, low, weight, stats, None, ctx.bias_dtype, ctx.bwd_plans)
 
 
 def _fast_unavailable(high: torch.Tensor, low: torch.Tensor) -> str | None:
@@ -202,8 +202,12 @@ def fbf(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor, bias: torch
     bias (C,). Returns (N, Ch + Cl, H, W) in high's dtype and memory format.
     """
     check_fbf_args(high, low, weight, bias)
-    # The reference mode does no fast-path work at all (not even the availability probe).
-    if not choose("fbf", lambda: _fast_unavailable(high, low)):
+    # The reference mode does no fast-path work at all (not even the availability probe); choose() only
+    # where the fast path cannot run (it raises under impl="fast", takes the reference under "auto").
+    if get_impl() == "reference":
+        return fbf_ref(high, low, weight, bias)
+    reason = _fast_unavailable(high, low)
+    if reason is not None and not choose("fbf", reason):
         return fbf_ref(high, low, weight, bias)
     if torch.compiler.is_compiling() or type(high) is not torch.Tensor or type(low) is not torch.Tensor:
         return fbf_fwd(high, low, weight, bias)[0]

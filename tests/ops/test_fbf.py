@@ -257,6 +257,18 @@ def test_switch_reaches_kernel_only_when_fast(device, monkeypatch):
     torch.testing.assert_close(auto["out"], ref["out"])
 
 
+def test_backward_plans_follow_the_gradients_layout(device):
+    """The eager backward finds its launch plan by grad_out's strides among those kept with the forward's
+    plan: one forward key, gradients NCHW, channels_last and non-dense, each against the reference."""
+    high, low, weight, bias, grad = _inputs(device, torch.float32, 2, 3, 2, 5, 7)
+    grads = (grad, grad.contiguous(memory_format=torch.channels_last),
+             torch.randn(2, 5, 5, 14, device=device)[..., ::2])
+    for g in grads:
+        _check_against_reference((high, low, weight, bias, g), _run(_fast, high, low, weight, bias, g), torch.float32)
+    fwd_plans = [p for p in K._PLANS.values() if p.bwd_plans is not None]
+    assert len(fwd_plans) == 1 and len(fwd_plans[0].bwd_plans) == len(grads)
+
+
 def test_where_the_fast_path_cannot_run(device, monkeypatch):
     high, low, weight, bias, _ = _inputs(device, torch.float64, 1, 2, 2, 3, 3)
     with ops.use_impl("fast"), pytest.raises(ops.FastPathUnavailable, match="float64"):

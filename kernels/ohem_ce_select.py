@@ -289,13 +289,13 @@ def select_launch(losses: torch.Tensor, work: torch.Tensor, p: int, n_programs: 
     dev = losses.device
     launch = _SELECT_LAUNCH.get(n_programs)
     if launch is None:
-        launch = _SELECT_LAUNCH[n_programs] = (_ohem_ce_select_kernel[(n_programs,)],
+        launch = _SELECT_LAUNCH[n_programs] = ((n_programs,),
                                                zero_steps(ZERO1_END, n_programs))
     # The per-call outputs from tensors of their dtypes on the device (int32 scratch, fp32 losses):
     # new_empty_strided parses no dtype or device.
     state = work.new_empty_strided((STATE_SIZE,), (1,))
     result = losses.new_empty_strided((), ())
     bad = losses.new_empty_strided((), ())
-    launch[0](losses, work, partials(dev, n_programs), state, result, bad, p, hi, lo, tb, launch[1],
-              BLOCK=RED_BLOCK, num_warps=8)
+    _ohem_ce_select_kernel.run(losses, work, partials(dev, n_programs), state, result, bad, p, hi, lo, tb, launch[1],
+                               BLOCK=RED_BLOCK, grid=launch[0], warmup=False, num_warps=8)
     return result, state, bad

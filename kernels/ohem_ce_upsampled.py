@@ -303,20 +303,21 @@ def ohem_ce_up_fwd(logits_lr: torch.Tensor, target: torch.Tensor, keep_ratio: fl
         grid = (_cdiv(h * w, block_p * FWD_TILES), n)
         n_prog = grid[0] * grid[1]
         meta = _UP_FWD_META[key] = (
-            p, _ohem_ce_up_fwd_kernel[grid], max(_cdiv(p, RED_BLOCK), 1),
+            p, grid, max(_cdiv(p, RED_BLOCK), 1),
             (c, h * w, w, h_in, w_in) + _scales((h_in, w_in), (h, w)) + tuple(logits_lr.stride())
             + tuple(target.stride()),
             (n_prog,),
             # four gathered tiles live at once: twice the threads
             dict(BLOCK_P=block_p, BLOCK_C=block_c, TILES=FWD_TILES, FLAT_HW=_flat_hw(target), num_warps=2 * warps),
             ((n, h, w), (h * w, w, 1)))
-    p, launch, n_sel, args, tail, consts, (losses_size, losses_stride) = meta
+    p, grid, n_sel, args, tail, consts, (losses_size, losses_stride) = meta
     hi, lo, tb = _scalars(keep_ratio, thresh)
     work, f32 = scratch_and_f32(logits_lr.device)
     losses = f32.new_empty_strided(losses_size, losses_stride)      # (N, H, W) fp32, row-major
     try:
         if p:
-            launch(logits_lr, target, losses, work, *args, ignore_index, hi, lo, *tail, **consts)
+            _ohem_ce_up_fwd_kernel.run(logits_lr, target, losses, work, *args, ignore_index, hi, lo, *tail, grid=grid,
+                                       warmup=False, **consts)       # kernel[grid](...) without the lambda
         out = select_launch(losses, work, p, n_sel, hi, lo, tb)
     except BaseException:
         work.zero_()
@@ -346,13 +347,14 @@ def ohem_ce_up_bwd(grad_out: torch.Tensor, logits_lr: torch.Tensor, target: torc
         consts = backward_launch((h_in, w_in), (h, w), c)
         grid = (_cdiv(w_in, consts["OT_W"]), _cdiv(h_in, consts["OT_H"]), n)
         meta = _UP_BWD_META[key] = (
-            _ohem_ce_up_bwd_kernel[grid], out.numel() > 0 and h * w > 0,
+            grid, out.numel() > 0 and h * w > 0,
             (c, h, w, h_in, w_in) + _scales((h_in, w_in), (h, w)) + (_f32(h / h_in), _f32(w / w_in))
             + tuple(logits_lr.stride()) + tuple(target.stride()) + tuple(out.stride()), consts)
-    launch, run, args, consts = meta
+    grid, run, args, consts = meta
     if not run:
         return out.zero_() if out.numel() else out
-    launch(grad_out, logits_lr, target, losses, state, out, *args, **consts)
+    _ohem_ce_up_bwd_kernel.run(grad_out, logits_lr, target, losses, state, out, *args, grid=grid, warmup=False,
+                               **consts)
     return out
 
 

@@ -123,27 +123,24 @@ _MAX_CLASSES = 256
 # raising the reference's ValueError needs a host synchronisation, so it is off by default. Turn it
 # on with IFBF_OHEM_CHECK_LABELS=1 or set_label_check(True) while debugging a data pipeline (under
 # torch.compile it costs a graph break).
-_check_labels: Optional[bool] = None
-# The environment variable, read at the first call and again by set_label_check(None) (os.environ is a
-# few Python frames per read, on every loss call otherwise).
-_env_check_labels: Optional[bool] = None
+# What applies now: set_label_check's value, or (None) the environment variable, read at the first call
+# and again after set_label_check(None) (os.environ is a few Python frames per read, on every loss call
+# otherwise).
+_label_check: Optional[bool] = None
 
 
 def set_label_check(enabled: Optional[bool]) -> None:
     """Make the fast path raise ValueError on a bad label (a host sync); ``None``: read the env var
-    (IFBF_OHEM_CHECK_LABELS, now)."""
-    global _check_labels, _env_check_labels
-    _check_labels = enabled
-    _env_check_labels = None
+    (IFBF_OHEM_CHECK_LABELS) again at the next call."""
+    global _label_check
+    _label_check = enabled
 
 
 def _label_check_enabled() -> bool:
-    global _env_check_labels
-    if _check_labels is not None:
-        return _check_labels
-    if _env_check_labels is None:
-        _env_check_labels = os.environ.get("IFBF_OHEM_CHECK_LABELS", "0") not in ("", "0")
-    return _env_check_labels
+    global _label_check
+    if _label_check is None:
+        _label_check = os.environ.get("IFBF_OHEM_CHECK_LABELS", "0") not in ("", "0")
+    return _label_check
 
 
 def _raise_on_bad_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
@@ -269,7 +266,7 @@ def _ohem_fast_with_bad_labels(logits, target, keep_ratio, thresh, ignore_index)
         _check_cached(logits, target, keep_ratio, thresh, ignore_index)
     else:
         check_ohem_args(logits, target, keep_ratio, thresh, ignore_index)
-    if _check_labels if _check_labels is not None else _label_check_enabled():
+    if _label_check_enabled():
         _raise_on_bad_labels(target, logits.shape[1], ignore_index)
     thresh_arg = -1.0 if thresh is None else float(thresh)
     if eager:

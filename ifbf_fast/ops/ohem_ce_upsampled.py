@@ -71,7 +71,7 @@ def _up_fast_with_bad_labels(logits, target, keep_ratio, thresh, ignore_index):
             if len(_CHECKED) > 1024:
                 _CHECKED.clear()
             _CHECKED.add(key)
-    if _oc._check_labels if _oc._check_labels is not None else _oc._label_check_enabled():
+    if _oc._label_check_enabled():
         _oc._raise_on_bad_labels(target, logits.shape[1], ignore_index)
     thresh_arg = -1.0 if thresh is None else float(thresh)
     if eager:

@@ -23,10 +23,12 @@
 
 #include "inplace_abn.h"
 #include "inplace_abn_plan.h"
+#include "launcher_node.h"
 
 // The ops are reached through torch.ops.ifbf_fast.*; the module exists so that `import ifbf_fast._C`
 // loads the library and runs the registrations below. Its functions expose the CUDA launch plans and
-// bytes model (inplace_abn_plan.h) to the CPU tests, whatever the build: the same code the launchers run.
+// bytes model (inplace_abn_plan.h) to the CPU tests, whatever the build: the same code the launchers run;
+// launcher_node.cpp adds launcher_apply, the eager autograd route of the Triton ops.
 namespace {
 
 const char* kKindNames[] = {"reduce_ncs", "reduce_nsc", "combine", "map_ncs", "map_nsc", "eval"};
@@ -93,7 +95,11 @@ PyMethodDef kMethods[] = {
 }  // namespace
 
 static struct PyModuleDef ifbf_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, kMethods};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&ifbf_module); }
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&ifbf_module);
+  if (module != nullptr && PyModule_AddFunctions(module, ifbf::launcher_methods()) != 0) Py_CLEAR(module);
+  return module;
+}
 
 #ifdef IFBF_WITH_CUDA
 #define IFBF_ON_DEVICE(CUDA, NAME, ...) ((CUDA) ? abn_cuda::NAME##_cuda(__VA_ARGS__) : abn_cpu::NAME##_cpu(__VA_ARGS__))

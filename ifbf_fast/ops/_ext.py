@@ -21,6 +21,10 @@ except ImportError as exc:  # re-raised with the fix in the message
 
 ops = torch.ops.ifbf_fast
 
+# The C++ autograd node around Python launchers (csrc/launcher_node.cpp): the eager route of the
+# Triton ops (ops/fbf.py, ops/ohem_ce.py).
+launcher_apply = _C.launcher_apply
+
 
 # Looked up once: a torch._C query inside a function that torch.compile traces would break the graph.
 _HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("ifbf_fast::inplace_abn_statistics", "CUDA")

@@ -74,10 +74,10 @@ def fbf_ref(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor, bias: t
 # rather than ``triton_op`` so that torch.compile can also trace it under the Triton interpreter (GPU.md 5).
 #
 # Two routes to the same launchers:
-# * eager, on plain tensors: ``_FBFFunction``, a torch.autograd.Function that calls the launchers
-#   directly. A custom op's Python dispatch (schema binding, the autograd wrapper, the fake-tensor
-#   machinery's checks) costs more host time than the whole fused op needs (bench/bench_fbf.py,
-#   test_fbf_host).
+# * eager, on plain tensors: ``_eager_apply``, one C++ autograd node around the launchers. A custom
+#   op's Python dispatch (schema binding, the autograd wrapper, the fake-tensor machinery's checks),
+#   and even a torch.autograd.Function's own Python, cost more host time than the whole fused op
+#   needs (bench/bench_fbf.py, test_fbf_host).
 # * under torch.compile, and on tensor subclasses (FakeTensor in the memory account, functional
 #   tensors in AOTAutograd): the custom ops ``ifbf_fast::fbf_fwd`` / ``fbf_bwd`` with fake kernels, so
 #   the compiled graph holds them with zero graph breaks.
@@ -98,7 +98,7 @@ def _kernels():
     global _kernels_module
     from ifbf_fast.kernels import fbf as kernels
     if not torch.compiler.is_compiling():
-        _kernels_module = kernels       # for the eager autograd.Function's backward
+        _kernels_module = kernels       # for the eager route's forward and backward
     return kernels
 
 
@@ -160,25 +160,33 @@ def _fbf_backward(ctx, grad_out, grad_stats):
 fbf_fwd.register_autograd(_fbf_backward, setup_context=_fbf_setup_context)
 
 
-class _FBFFunction(torch.autograd.Function):
-    """The eager route: the same launchers as the custom ops, without the custom-op dispatch."""
+# The eager route: one C++ autograd node (ops/_ext.py launcher_apply, csrc/launcher_node.cpp) around the
+# launchers. It keeps high, low, weight and the (2, N, C) stats, and hands the bias dtype and the
+# forward's backward plans to the backward launch.
 
-    @staticmethod
-    def forward(ctx, high, low, weight, bias):
-        out, stats, ctx.bwd_plans = _kernels_module.fwd(high, low, weight, bias, True)
-        ctx.save_for_backward(high, low, weight, stats)
-        ctx.bias_dtype = bias.dtype
-        return out
+def _node_forward(high, low, weight, bias):
+    out, stats, bwd_plans = _kernels_module.fwd(high, low, weight, bias, True)
+    return out, (high, low, weight, stats), (bias.dtype, bwd_plans)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        # Grad mode is on here only under create_graph=True: the kernels' results would carry no graph
-        # (a silently wrong second derivative), so refuse, as once_differentiable would, but cheaper.
-        if torch.is_grad_enabled():
-            raise RuntimeError("ifbf_fast.ops.fbf: the fused kernels have no double backward "
-                               "(create_graph=True); use impl='reference' for higher-order gradients")
-        high, low, weight, stats = ctx.saved_tensors
-        return _kernels_module.bwd(grad_out, high, low, weight, stats, None, ctx.bias_dtype, ctx.bwd_plans)
+
+def _node_backward(grad_out, high, low, weight, stats, state):
+    # Grad mode is on here only under create_graph=True: the kernels' results would carry no graph
+    # (a silently wrong second derivative), so refuse, as once_differentiable would, but cheaper.
+    if torch.is_grad_enabled():
+        raise RuntimeError("ifbf_fast.ops.fbf: the fused kernels have no double backward "
+                           "(create_graph=True); use impl='reference' for higher-order gradients")
+    return _kernels_module.bwd(grad_out, high, low, weight, stats, None, state[0], state[1])
+
+
+_launcher_apply = None      # ops._ext.launcher_apply, imported at the first eager call with grad
+
+
+def _eager_apply(high, low, weight, bias):
+    global _launcher_apply
+    if _launcher_apply is None:
+        from ._ext import launcher_apply   # ImportError names the build command
+        _launcher_apply = launcher_apply
+    return _launcher_apply("FBFBackward", _node_forward, _node_backward, 4, high, low, weight, bias)
 
 
 def _fast_unavailable(high: torch.Tensor, low: torch.Tensor) -> str | None:
@@ -213,5 +221,5 @@ def fbf(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor, bias: torch
         return fbf_fwd(high, low, weight, bias)[0]
     if torch.is_grad_enabled() and (high.requires_grad or low.requires_grad or weight.requires_grad
                                     or bias.requires_grad):
-        return _FBFFunction.apply(high, low, weight, bias)
+        return _eager_apply(high, low, weight, bias)
     return _kernels_module.fwd(high, low, weight, bias)[0]

@@ -12,8 +12,8 @@ the hard set when it holds at least k pixels (it then contains the k largest), e
 
 Fast path (``ohem_cross_entropy_fast``, kernels in ``ifbf_fast.kernels.ohem_ce``): Triton, no host
 synchronisation, exact on-device k-th value by radix select, one fp32 per pixel saved for backward,
-three device launches for forward and backward. Eager calls go through a ``torch.autograd.Function``
-(the lightest Python path); under ``torch.compile`` and on fake tensors the same launchers run as
+three device launches for forward and backward. Eager calls go through one C++ autograd node around
+the launchers (``make_eager_route``, the lightest path); under ``torch.compile`` and on fake tensors the same launchers run as
 custom ops (``ifbf_fast::ohem_ce_fwd`` / ``ohem_ce_bwd``, with fake kernels and autograd), so the
 compiled graph keeps the loss in one piece.
 Its gradient equals the reference's wherever no tie sits at the k-th largest loss; with a tie, the
@@ -106,14 +106,14 @@ def ohem_cross_entropy_ref(logits: torch.Tensor, target: torch.Tensor, keep_rati
 
 # --- the fast path: Triton kernels (kernels/ohem_ce.py) ------------------------------------------
 #
-# Eager: a torch.autograd.Function calls the launchers directly (custom_op's Python dispatch costs
-# more host time than the kernels' launches). Compiled (torch.compiler.is_compiling()) and on fake
-# tensors (FakeTensorMode, the memory account): torch.library.custom_op (not triton_op: it does not
-# trace under TRITON_INTERPRET, ../shared/GPU.md section 5) with fake kernels and an autograd
-# registration, so that torch.compile(fullgraph=True) keeps a loss call in one graph. Both return,
-# besides the loss, the per-pixel fp32 losses (the one value per pixel the backward may keep), the
-# small int32 state (counts, the cut and weights) and the bad-label count; only the loss is
-# differentiable (no zero gradients are materialised for the others).
+# Eager: a C++ autograd node calls the launchers directly (custom_op's Python dispatch, and even a
+# torch.autograd.Function's own Python, cost more host time than the kernels' launches). Compiled
+# (torch.compiler.is_compiling()) and on fake tensors (FakeTensorMode, the memory account):
+# torch.library.custom_op (not triton_op: it does not trace under TRITON_INTERPRET, docs/DESIGN.md
+# section 7) with fake kernels and an autograd registration, so that torch.compile(fullgraph=True)
+# keeps a loss call in one graph. Both return, besides the loss, the per-pixel fp32 losses (the one
+# value per pixel the backward may keep), the small int32 state (counts, the cut and weights) and the
+# bad-label count; only the loss is differentiable (no zero gradients are materialised for the others).
 
 _FAST_DTYPES = SUPPORTED_DTYPES
 _MAX_CLASSES = 256
@@ -221,28 +221,37 @@ _ohem_ce_fwd_op, _ohem_ce_bwd_op = make_ops("ohem_ce", lambda: _kernels(),
                                             lambda logits, target: (logits.shape[0],) + tuple(logits.shape[2:]))
 
 
-class _OhemCEFunction(torch.autograd.Function):
-    """The eager fast path: the same launchers as the custom ops, without their Python dispatch."""
+def make_eager_route(node_name: str, kernels, fwd_name: str, bwd_name: str):
+    """The eager route of one OHEM variant: ``apply(logits, target, keep_ratio, thresh, ignore_index)``
+    -> (loss, bad-label count), the launchers ``fwd_name`` / ``bwd_name`` of the module ``kernels()``
+    returns (looked up at each call, so a test may wrap them) under one C++ autograd node
+    (``_C.launcher_apply``, csrc/launcher_node.cpp) named ``node_name``. The node keeps logits, target,
+    the per-pixel losses and the state; only the loss is differentiable, and its backward is the one
+    backward launch. Python runs the launchers and nothing else: no autograd.Function context, no
+    zero gradients for the other outputs."""
+    def forward(logits, target, keep_ratio, thresh, ignore_index):
+        loss, losses, state, bad = getattr(kernels(), fwd_name)(logits, target, keep_ratio, thresh, ignore_index)
+        return (loss, bad), (logits, target, losses, state), None
 
-    @staticmethod
-    def forward(ctx, logits, target, keep_ratio, thresh, ignore_index, fwd, bwd):
-        loss, losses, state, bad = fwd(logits, target, keep_ratio, thresh, ignore_index)
-        ctx.save_for_backward(logits, target, losses, state)
-        ctx.bwd = bwd
-        ctx.mark_non_differentiable(bad)
-        ctx.set_materialize_grads(False)
-        return loss, bad
+    def backward(grad_loss, logits, target, losses, state, _):
+        return getattr(kernels(), bwd_name)(grad_loss, logits, target, losses, state)
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_bad):
-        if grad_loss is None or not ctx.needs_input_grad[0]:
-            return (None,) * 7
-        logits, target, losses, state = ctx.saved_tensors
-        return (ctx.bwd(grad_loss, logits, target, losses, state),) + (None,) * 6
+    route = []
+
+    def apply(logits, target, keep_ratio, thresh, ignore_index):
+        if not route:
+            from ._ext import launcher_apply    # ImportError names the build command
+            route.append(launcher_apply)
+        return route[0](node_name, forward, backward, 1, logits, target, keep_ratio, thresh, ignore_index)
+
+    return apply
+
+
+_eager_apply = make_eager_route("OhemCEBackward", lambda: _kernels(), "ohem_ce_fwd", "ohem_ce_bwd")
 
 
 def _eager(logits: torch.Tensor) -> bool:
-    """True where the autograd.Function path runs: eager calls on real tensors."""
+    """True where the eager route (``make_eager_route``) runs: eager calls on real tensors."""
     return type(logits) is torch.Tensor and not torch.compiler.is_compiling()
 
 
@@ -270,9 +279,7 @@ def _ohem_fast_with_bad_labels(logits, target, keep_ratio, thresh, ignore_index)
         _raise_on_bad_labels(target, logits.shape[1], ignore_index)
     thresh_arg = -1.0 if thresh is None else float(thresh)
     if eager:
-        k = _kernels()
-        return _OhemCEFunction.apply(logits, target, float(keep_ratio), thresh_arg, int(ignore_index),
-                                     k.ohem_ce_fwd, k.ohem_ce_bwd)
+        return _eager_apply(logits, target, float(keep_ratio), thresh_arg, int(ignore_index))
     out = _ohem_ce_fwd_op(logits, target, float(keep_ratio), thresh_arg, int(ignore_index))
     return out[0], out[3]
 

@@ -4,7 +4,7 @@
 ``ohem_cross_entropy(interpolate(logits, (H, W), bilinear, align_corners=False), target)``. Its fast path
 (kernels in ``ifbf_fast.kernels.ohem_ce_upsampled``) interpolates on the fly and never stores the
 full-size logits or their gradient: three device launches for forward and backward, the same select
-pass as the plain op. Eager calls run through a ``torch.autograd.Function``; compiled calls and fake
+pass as the plain op. Eager calls run through one C++ autograd node (``ohem_ce.make_eager_route``); compiled calls and fake
 tensors through the custom ops ``ifbf_fast::ohem_ce_up_fwd`` / ``ohem_ce_up_bwd`` (see ``ohem_ce.py``).
 """
 
@@ -49,6 +49,8 @@ def _kernels():
 _ohem_ce_up_fwd_op, _ohem_ce_up_bwd_op = _oc.make_ops("ohem_ce_up", lambda: _kernels(),
                                                       lambda logits, target: tuple(target.shape))
 
+_eager_apply = _oc.make_eager_route("OhemCEUpsampledBackward", lambda: _kernels(), "ohem_ce_up_fwd", "ohem_ce_up_bwd")
+
 _CHECKED: set = set()
 
 
@@ -75,9 +77,7 @@ def _up_fast_with_bad_labels(logits, target, keep_ratio, thresh, ignore_index):
         _oc._raise_on_bad_labels(target, logits.shape[1], ignore_index)
     thresh_arg = -1.0 if thresh is None else float(thresh)
     if eager:
-        k = _kernels()
-        return _oc._OhemCEFunction.apply(logits, target, float(keep_ratio), thresh_arg, int(ignore_index),
-                                         k.ohem_ce_up_fwd, k.ohem_ce_up_bwd)
+        return _eager_apply(logits, target, float(keep_ratio), thresh_arg, int(ignore_index))
     out = _ohem_ce_up_fwd_op(logits, target, float(keep_ratio), thresh_arg, int(ignore_index))
     return out[0], out[3]
 

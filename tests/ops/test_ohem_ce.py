@@ -301,7 +301,7 @@ def test_switch_routes_to_the_fast_path(device):
 
     logits, target = _inputs((1, 19, 7, 13), torch.float32, device)
     for impl, expect_fast in (("fast", True), ("auto", True), ("reference", False)):
-        # Eager calls run the launchers through an autograd.Function (not the custom op): the Triton
+        # Eager calls run the launchers under the C++ launcher node (not the custom op): the Triton
         # launches show which path ran.
         with ops.use_impl(impl), count_launches() as seen:
             loss = ops.ohem_cross_entropy(logits, target)

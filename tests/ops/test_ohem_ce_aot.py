@@ -2,7 +2,7 @@
 of ``kernels/ohem_ce.py`` (forward, select pass, backward) and of the fused-upsampling variant in
 ``kernels/ohem_ce_upsampled.py``.
 
-Fails on a compile error, a shared-memory overflow or a register spill (../shared/GPU.md section 2), and
+Fails on a compile error, a shared-memory overflow or a register spill (docs/DESIGN.md section 7), and
 on a hot loop that lost its vectorised global loads (issue 14.3); prints registers, spills and whether
 the global loads were vectorised (pytest -s shows the table). The tables of what the launchers compile
 live here, not in ``kernels/`` (which imports nothing from ``ifbf_fast``).

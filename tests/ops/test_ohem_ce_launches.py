@@ -1,6 +1,6 @@
 """What the fused OHEM costs besides its arithmetic, checked without a GPU: device launches per call,
 no fill and no host read, the per-device scratch left as the next call needs it, the per-call state
-written fully, the label dtypes taken without a copy, the eager (autograd.Function) and compiled
+written fully, the label dtypes taken without a copy, the eager (C++ launcher node) and compiled
 (custom op) paths, the bytes model against what the launches touch, and enough programs per launch.
 
 Counts and sizes do not depend on the machine (the launches are stubbed at the network's shapes).

@@ -93,8 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(a: argparse.Namespace, local_rank: int = 0) -> Dict[str, object]:
     """Evaluate in this process (rank); every rank returns the same all-reduced result.
-    ``--impl`` applies for the duration of the call only."""
-    with ops.use_impl(a.impl):
+    ``--impl`` applies for the duration of the call only (else the choice in force at the start, held
+    for the call, as in training)."""
+    with ops.use_impl(a.impl or ops.get_impl()):
         return _run(a, local_rank)
 
 

@@ -43,9 +43,11 @@ def train(args: argparse.Namespace, local_rank: int = 0) -> Dict[str, object]:
     """Train with ``args`` in this process (rank).
 
     Returns ``{"eval": last evaluation result, "losses": total loss of every step taken in this call,
-    "iteration": the final step}``. ``--impl`` applies for the duration of the call only.
+    "iteration": the final step}``. ``--impl`` applies for the duration of the call only; without it the
+    choice in force at the start (``set_impl``, else ``IFBF_IMPL``, else auto) is resolved once and held
+    for the run, so that the ops' switch is a list look-up per call instead of an environment read.
     """
-    with ops.use_impl(args.impl):
+    with ops.use_impl(args.impl or ops.get_impl()):
         return Loop(build_run(args, local_rank)).run()
 
 

@@ -498,18 +498,31 @@ using BackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tens
 TORCH_LIBRARY(ifbf_fast, m) {
   // The fake (meta) kernels live in Python: importing this module registers them.
   m.set_python_module("ifbf_fast.ops.inplace_abn");
+  // The activation ops take any strides (canonical(): NCHW-contiguous and channels_last dense as they
+  // are, anything else copied once) and give their outputs x's layout; the fake kernels say the same.
+  // flexible_layout lets inductor hand them its own layout: without it, where the compiled graph's
+  // convolutions run channels_last and eager's did not (inductor on the CPU, or a NCHW model on CUDA),
+  // every op got x and dy copied to eager's strides and its outputs copied back, four full-size copies
+  // per layer and step.
+  const std::vector<at::Tag> any_layout = {at::Tag::flexible_layout};
   m.def("inplace_abn(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) running_mean, Tensor(b!) running_var, "
         "Tensor(c!)? num_batches_tracked, bool training, float momentum, float eps, str activation, float slope) "
-        "-> (Tensor y, Tensor invstd)");
+        "-> (Tensor y, Tensor invstd)",
+        any_layout);
   m.def("inplace_abn_backward(Tensor y, Tensor dy, Tensor invstd, Tensor? weight, Tensor? bias, bool training, "
-        "bool param_grads, float eps, str activation, float slope) -> (Tensor dx, Tensor dweight, Tensor dbias)");
-  m.def("inplace_abn_statistics(Tensor x) -> (Tensor mean, Tensor var, Tensor count)");
+        "bool param_grads, float eps, str activation, float slope) -> (Tensor dx, Tensor dweight, Tensor dbias)",
+        any_layout);
+  m.def("inplace_abn_statistics(Tensor x) -> (Tensor mean, Tensor var, Tensor count)",
+        any_layout);
   m.def("inplace_abn_forward(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, float eps, "
-        "str activation, float slope) -> Tensor");
+        "str activation, float slope) -> Tensor",
+        any_layout);
   m.def("inplace_abn_backward_reduce(Tensor y, Tensor dy, Tensor? weight, Tensor? bias, float eps, str activation, "
-        "float slope) -> (Tensor sum_dz, Tensor sum_dz_xhat)");
+        "float slope) -> (Tensor sum_dz, Tensor sum_dz_xhat)",
+        any_layout);
   m.def("inplace_abn_backward_dx(Tensor y, Tensor dy, Tensor invstd, Tensor? weight, Tensor? bias, Tensor? mean_dz, "
-        "Tensor? mean_dz_xhat, float eps, str activation, float slope) -> Tensor");
+        "Tensor? mean_dz_xhat, float eps, str activation, float slope) -> Tensor",
+        any_layout);
   m.def("inplace_abn_running_update(Tensor mean, Tensor var, Tensor count, Tensor(a!) running_mean, "
         "Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, float momentum) -> ()");
 }

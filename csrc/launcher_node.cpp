@@ -11,9 +11,9 @@
 //   * args[:n_inputs] are tensors: the inputs that get a gradient; the rest are passed through;
 //   * forward(*args) runs with grad mode off and returns (result, saved, state): result is the
 //     differentiable output tensor, or a tuple whose first item is it (the other items are returned
-//     as they are and carry no gradient); saved is a tuple of tensors kept for backward (as
-//     SavedVariables: in-place changes are detected, saved-tensor hooks apply); state is any Python
-//     object handed to backward;
+//     as they are and carry no gradient); saved is a tuple of tensors kept for backward, not the
+//     output itself (as SavedVariables: in-place changes are detected, saved-tensor hooks apply);
+//     state is any Python object handed to backward (not referring to the output: see PyRef);
 //   * backward(grad, *saved, state) returns the n_inputs gradients (a tuple, or one tensor when
 //     n_inputs is 1); None for an input that gets none. It runs under the grad mode the autograd
 //     engine sets (on only with create_graph=True). It is not called when the gradient is undefined.
@@ -46,12 +46,13 @@ using torch::autograd::Node;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-// Python references owned by a node, released under the GIL (the engine may drop the node on a thread
-// that does not hold it); leaked, as torch's own PyNode does, once the interpreter is gone.
+// A Python reference owned by a node (set with a new reference), released under the GIL (the engine may
+// drop the node on a thread that does not hold it); leaked, as torch's own PyNode does, once the
+// interpreter is gone. What it holds is invisible to Python's cycle collector: the state handed to
+// backward must not refer to the node's output.
 struct PyRef {
   PyObject* obj = nullptr;
   PyRef() = default;
-  explicit PyRef(PyObject* o) : obj(o) { Py_XINCREF(o); }
   PyRef(const PyRef&) = delete;
   PyRef& operator=(const PyRef&) = delete;
   void reset() {

@@ -106,7 +106,9 @@ def _memory_format_of(t: torch.Tensor) -> torch.memory_format:
     return _kernels().memory_format_of(t)
 
 
-@torch.library.custom_op("ifbf_fast::fbf_fwd", mutates_args=())
+# flexible_layout: the launchers take any strides (both layouts, views) and give the outputs the layouts
+# the fake kernels state, so inductor hands them its own layouts instead of copying to eager's.
+@torch.library.custom_op("ifbf_fast::fbf_fwd", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def fbf_fwd(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
             bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused FBF forward: ``(out, stats)``; stats (2, N, C) fp32 = [pooled, gate], saved for backward
@@ -122,7 +124,7 @@ def _fbf_fwd_fake(high, low, weight, bias):
     return out, high.new_empty((2, n, c), dtype=torch.float32)
 
 
-@torch.library.custom_op("ifbf_fast::fbf_bwd", mutates_args=())
+@torch.library.custom_op("ifbf_fast::fbf_bwd", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def fbf_bwd(grad_out: torch.Tensor, high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
             stats: torch.Tensor, grad_stats: Optional[torch.Tensor]
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -186,7 +186,9 @@ def make_ops(stem: str, kernels, pixel_shape):
     (only the loss is differentiable). Returns (fwd_op, bwd_op)."""
     fwd_name, bwd_name = f"{stem}_fwd", f"{stem}_bwd"
 
-    @torch.library.custom_op(f"ifbf_fast::{fwd_name}", mutates_args=())
+    # flexible_layout: the launchers take logits and target in any strides, so inductor passes its own
+    # layouts instead of copying them to eager's.
+    @torch.library.custom_op(f"ifbf_fast::{fwd_name}", mutates_args=(), tags=(torch.Tag.flexible_layout,))
     def fwd_op(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float, thresh: float,
                ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return getattr(kernels(), fwd_name)(logits, target, keep_ratio, thresh, ignore_index)
@@ -195,7 +197,7 @@ def make_ops(stem: str, kernels, pixel_shape):
     def _fwd_fake(logits, target, keep_ratio, thresh, ignore_index):
         return _fwd_fake_outputs(logits, pixel_shape(logits, target))
 
-    @torch.library.custom_op(f"ifbf_fast::{bwd_name}", mutates_args=())
+    @torch.library.custom_op(f"ifbf_fast::{bwd_name}", mutates_args=(), tags=(torch.Tag.flexible_layout,))
     def bwd_op(grad: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, losses: torch.Tensor,
                state: torch.Tensor) -> torch.Tensor:
         return getattr(kernels(), bwd_name)(grad, logits, target, losses, state)

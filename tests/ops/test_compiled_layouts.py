@@ -98,6 +98,6 @@ def test_no_layout_copies_per_layer_and_the_compiled_step_matches_eager():
                                 "fbf_fwd", "fbf_bwd", "ohem_ce_fwd", "ohem_ce_bwd", "ohem_ce_up_fwd",
                                 "ohem_ce_up_bwd"])
 def test_fused_ops_are_tagged_flexible_layout(op):
-    import ifbf_fast.ops._ext  # noqa: F401  (registers the C++ ops)
+    from ifbf_fast.ops._ext import ops as ifbf_ops     # torch.ops.ifbf_fast, the C++ ops registered
 
-    assert torch.Tag.flexible_layout in getattr(torch.ops.ifbf_fast, op).default.tags
+    assert torch.Tag.flexible_layout in getattr(ifbf_ops, op).default.tags

@@ -149,22 +149,32 @@ def _target_programs(device_index: int) -> int:
 
 _WORKSPACES: Dict[tuple, list] = {}
 
+# The current CUDA stream as its integer handle, without a torch.cuda.Stream object per call (the
+# function Triton's own driver reads the stream with); the public call where torch lacks it.
+try:
+    from torch._C import _cuda_getCurrentRawStream as _current_raw_stream
+except ImportError:     # a torch without CUDA
+    def _current_raw_stream(device_index: int) -> int:
+        return torch.cuda.current_stream(device_index).cuda_stream
 
-def _workspace(device: torch.device, device_index: int, counts: int, floats: int) -> list:
-    """``[counter, scratch]`` of the current device, stream and thread: a zeroed int32 counter of at
-    least ``counts`` for the reduce's last-program count, and an fp32 scratch of at least ``floats``
-    (the reduce's partial sums, the backward's dz and shift).
+
+def _workspace(like: torch.Tensor, device_index: int, counts: int, floats: int) -> list:
+    """``[counter, scratch]`` of ``like``'s device (index ``device_index``, -1 for the CPU), the current
+    stream and thread: a zeroed int32 counter of at least ``counts`` for the reduce's last-program count,
+    and an fp32 scratch of at least ``floats`` (the reduce's partial sums, the backward's dz and shift).
 
     Both are allocated once and grown when needed. Every launch leaves the counter zeroed again (the
     last program of each sample resets its entry), so it needs no fill per call. The scratch is only
     read by the launch that writes it or by the next launch of the same call, on the same stream: one
-    per stream and thread, because two reduces running at once must not share counts or sums.
+    per stream and thread, because two reduces running at once must not share counts or sums. A hit
+    reads two integers and a dict; ``like.device`` (an object per call) only where it allocates.
     """
-    stream = torch.cuda.current_stream(device).cuda_stream if device_index >= 0 else 0
-    key = (device_index, stream, threading.get_ident())       # device_index -1: the CPU (interpreter)
+    stream = _current_raw_stream(device_index) if device_index >= 0 else 0
+    key = (device_index, stream, threading.get_ident())
     ws = _WORKSPACES.get(key)
     if ws is not None and ws[0].numel() >= counts and ws[1].numel() >= floats:
         return ws
+    device = like.device
     if ws is None:
         ws = _WORKSPACES[key] = [torch.zeros(64, dtype=torch.int32, device=device),
                                  _empty((1024,), torch.float32, device)]
@@ -330,7 +340,7 @@ def fwd(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
         out, stats = _fwd_degenerate(high, low, weight, bias, plan)
         return (out, stats, None) if with_bwd_plans else (out, stats)
     red, sc = plan.reduce, plan.scale
-    counter, scratch = _workspace(high.device, dev_index, plan.n, plan.scratch)
+    counter, scratch = _workspace(high, dev_index, plan.n, plan.scratch)
     (out_size, out_stride), (stats_size, stats_stride) = plan.alloc
     stats = scratch.new_empty_strided(stats_size, stats_stride)      # fp32 like the scratch
     out = high.new_empty_strided(out_size, out_stride)
@@ -367,7 +377,7 @@ def bwd(grad_out: torch.Tensor, high: torch.Tensor, low: torch.Tensor, weight: t
         return _bwd_degenerate(grad_out, high, low, weight, stats, grad_stats, bias_dtype)
     n = plan.n
     red, sc = plan.reduce, plan.scale
-    counter, scratch = _workspace(high.device, dev_index, n, plan.scratch)
+    counter, scratch = _workspace(high, dev_index, n, plan.scratch)
     like_h, like_l, like_w = plan.like
     (gh_size, gh_stride), (gl_size, gl_stride), (gb_size, gb_stride) = plan.alloc
     grad_high = _empty_like(high) if like_h else high.new_empty_strided(gh_size, gh_stride)

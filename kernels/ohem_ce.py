@@ -329,7 +329,7 @@ def ohem_ce_fwd(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float, t
     """
     p, grid, n_sel, args, tail, consts, (losses_size, losses_stride) = _fwd_meta(logits, target)
     hi, lo, tb = _scalars(keep_ratio, thresh)
-    work, f32 = scratch_and_f32(logits.device)
+    work, f32 = scratch_and_f32(logits)
     losses = f32.new_empty_strided(losses_size, losses_stride)      # (N, H, W) fp32, row-major
     try:
         if p:

@@ -64,28 +64,39 @@ _PARTIALS: dict = {}
 _SELECT_LAUNCH: dict = {}
 
 
+# The per-device buffers are keyed by device index (-1: the CPU, under the interpreter): the launchers
+# look them up by Tensor.get_device(), an integer, where Tensor.device builds an object per call.
+
+def _index(device: torch.device) -> int:
+    if device.type == "cpu":
+        return -1
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def scratch(device: torch.device) -> torch.Tensor:
     """The zeroed per-device scratch, allocated on first use (outside any CUDA graph capture)."""
-    buf = _SCRATCH.get(device)
+    key = _index(device)
+    buf = _SCRATCH.get(key)
     if buf is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("ohem_cross_entropy: the first call on a device must run outside CUDA graph "
                                "capture (it allocates and zeroes the kernels' scratch); run one step eagerly "
                                "(torch.compile's reduce-overhead warm-up does) before capturing")
-        buf = _SCRATCH[device] = torch.zeros(SCRATCH_SIZE, dtype=torch.int32, device=device)
-        _F32[device] = torch.empty(1, dtype=torch.float32, device=device)
+        buf = _SCRATCH[key] = torch.zeros(SCRATCH_SIZE, dtype=torch.int32, device=device)
+        _F32[key] = torch.empty(1, dtype=torch.float32, device=device)
     return buf
 
 
-def scratch_and_f32(device: torch.device) -> tuple:
-    """``(scratch(device), a one-element fp32 tensor on the device)``: the second is the template the
+def scratch_and_f32(like: torch.Tensor) -> tuple:
+    """``(scratch of like's device, a one-element fp32 tensor on it)``: the second is the template the
     launchers allocate their fp32 outputs from with ``Tensor.new_empty_strided`` (no dtype or device
     argument to parse: about half the host cost of ``torch.empty``); never read or written."""
-    f32 = _F32.get(device)
+    key = like.get_device()
+    f32 = _F32.get(key)
     if f32 is None:
-        scratch(device)
-        f32 = _F32[device]
-    return _SCRATCH[device], f32
+        scratch(like.device)
+        f32 = _F32[key]
+    return _SCRATCH[key], f32
 
 
 @triton.jit
@@ -270,15 +281,18 @@ def zero_steps(words: int, n_programs: int) -> int:
     return -(-words // (n_programs * ZERO_BLOCK))
 
 
-def partials(device: torch.device, n_programs: int) -> torch.Tensor:
-    """Per-device buffer of the select programs' partial sums (3 fp64 per program; each call writes
-    every element it reads, so it needs no zeroing); grown, never per call, outside graph capture."""
-    buf = _PARTIALS.get(device)
+def partials(like: torch.Tensor, n_programs: int) -> torch.Tensor:
+    """Per-device buffer (``like``'s device) of the select programs' partial sums (3 fp64 per program;
+    each call writes every element it reads, so it needs no zeroing); grown, never per call, outside
+    graph capture."""
+    key = like.get_device()
+    buf = _PARTIALS.get(key)
     if buf is None or buf.numel() < 3 * n_programs:
+        device = like.device
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("ohem_cross_entropy: a new input size inside CUDA graph capture needs a larger "
                                "partial-sum buffer; run one step of this size eagerly before capturing")
-        buf = _PARTIALS[device] = torch.empty(3 * n_programs, dtype=torch.float64, device=device)
+        buf = _PARTIALS[key] = torch.empty(3 * n_programs, dtype=torch.float64, device=device)
     return buf
 
 
@@ -286,7 +300,6 @@ def select_launch(losses: torch.Tensor, work: torch.Tensor, p: int, n_programs: 
                   tb: int) -> tuple:
     """Launch the select pass (after a forward kernel, or alone for an empty batch):
     returns (loss () fp32, state (STATE_SIZE,) int32, bad_labels () fp32)."""
-    dev = losses.device
     launch = _SELECT_LAUNCH.get(n_programs)
     if launch is None:
         launch = _SELECT_LAUNCH[n_programs] = ((n_programs,),
@@ -296,6 +309,6 @@ def select_launch(losses: torch.Tensor, work: torch.Tensor, p: int, n_programs: 
     state = work.new_empty_strided((STATE_SIZE,), (1,))
     result = losses.new_empty_strided((), ())
     bad = losses.new_empty_strided((), ())
-    _ohem_ce_select_kernel.run(losses, work, partials(dev, n_programs), state, result, bad, p, hi, lo, tb, launch[1],
+    _ohem_ce_select_kernel.run(losses, work, partials(losses, n_programs), state, result, bad, p, hi, lo, tb, launch[1],
                                BLOCK=RED_BLOCK, grid=launch[0], warmup=False, num_warps=8)
     return result, state, bad

@@ -312,7 +312,7 @@ def ohem_ce_up_fwd(logits_lr: torch.Tensor, target: torch.Tensor, keep_ratio: fl
             ((n, h, w), (h * w, w, 1)))
     p, grid, n_sel, args, tail, consts, (losses_size, losses_stride) = meta
     hi, lo, tb = _scalars(keep_ratio, thresh)
-    work, f32 = scratch_and_f32(logits_lr.device)
+    work, f32 = scratch_and_f32(logits_lr)
     losses = f32.new_empty_strided(losses_size, losses_stride)      # (N, H, W) fp32, row-major
     try:
         if p:

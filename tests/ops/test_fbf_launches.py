@@ -182,3 +182,24 @@ def test_every_launch_keeps_a_132_sm_gpu_busy(fbf, size, layout, dtype, monkeypa
             assert work["waves"] >= 2 or work["loads_per_thread"] >= 4, (launch.name, launch.path, work)
             if launch.name == "reduce":
                 assert work["programs"] >= K.SM_COUNT_H200, work
+
+
+def test_workspace_follows_the_current_stream(device):
+    """One workspace per (device, stream, thread): the raw stream handle the launchers read is the
+    current stream's (checked on a GPU; on the CPU the key's stream is 0)."""
+    high, low = torch.randn(1, 3, 4, 4, device=device), torch.randn(1, 2, 4, 4, device=device)
+    weight, bias = torch.randn(5, 5, device=device), torch.randn(5, device=device)
+    with ops.use_impl("fast"):
+        ops.fbf(high, low, weight, bias)
+    index = high.get_device()
+    streams = {key[1] for key in K._WORKSPACES if key[0] == index}
+    if device.type != "cuda":
+        assert streams == {0}
+        return
+    assert K._current_raw_stream(index) == torch.cuda.current_stream(index).cuda_stream
+    side = torch.cuda.Stream(device)
+    with torch.cuda.stream(side):
+        ops.fbf(high, low, weight, bias)
+        assert K._current_raw_stream(index) == side.cuda_stream
+    torch.cuda.synchronize(device)
+    assert side.cuda_stream in {key[1] for key in K._WORKSPACES if key[0] == index}

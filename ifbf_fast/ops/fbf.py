@@ -69,9 +69,10 @@ def fbf_ref(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor, bias: t
 
 # --- the fast path -----------------------------------------------------------------------------------
 #
-# Layers (STYLE.md, flash-attention): Triton kernels (kernels/fbf_jit.py) + launchers (kernels/fbf.py)
+# Layers (docs/DESIGN.md section 4): Triton kernels (kernels/fbf_jit.py) + launchers (kernels/fbf.py)
 # -> two custom ops with fake kernels -> autograd registration -> the public ``fbf``. ``custom_op``
-# rather than ``triton_op`` so that torch.compile can also trace it under the Triton interpreter (GPU.md 5).
+# rather than ``triton_op`` so that torch.compile can also trace it under the Triton interpreter
+# (docs/DESIGN.md section 7).
 #
 # Two routes to the same launchers:
 # * eager, on plain tensors: ``_eager_apply``, one C++ autograd node around the launchers. A custom

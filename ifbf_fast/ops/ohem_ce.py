@@ -13,9 +13,9 @@ the hard set when it holds at least k pixels (it then contains the k largest), e
 Fast path (``ohem_cross_entropy_fast``, kernels in ``ifbf_fast.kernels.ohem_ce``): Triton, no host
 synchronisation, exact on-device k-th value by radix select, one fp32 per pixel saved for backward,
 three device launches for forward and backward. Eager calls go through one C++ autograd node around
-the launchers (``make_eager_route``, the lightest path); under ``torch.compile`` and on fake tensors the same launchers run as
-custom ops (``ifbf_fast::ohem_ce_fwd`` / ``ohem_ce_bwd``, with fake kernels and autograd), so the
-compiled graph keeps the loss in one piece.
+the launchers (``make_eager_route``, the lightest path); under ``torch.compile`` and on fake tensors
+the same launchers run as custom ops (``ifbf_fast::ohem_ce_fwd`` / ``ohem_ce_bwd``, with fake kernels
+and autograd), so the compiled graph keeps the loss in one piece.
 Its gradient equals the reference's wherever no tie sits at the k-th largest loss; with a tie, the
 tied pixels share the remaining weight equally. A label outside ``[0, C)`` that is not
 ``ignore_index`` turns the loss and the whole gradient into NaN (``set_label_check(True)`` or

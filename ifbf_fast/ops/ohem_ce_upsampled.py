@@ -4,8 +4,9 @@
 ``ohem_cross_entropy(interpolate(logits, (H, W), bilinear, align_corners=False), target)``. Its fast path
 (kernels in ``ifbf_fast.kernels.ohem_ce_upsampled``) interpolates on the fly and never stores the
 full-size logits or their gradient: three device launches for forward and backward, the same select
-pass as the plain op. Eager calls run through one C++ autograd node (``ohem_ce.make_eager_route``); compiled calls and fake
-tensors through the custom ops ``ifbf_fast::ohem_ce_up_fwd`` / ``ohem_ce_up_bwd`` (see ``ohem_ce.py``).
+pass as the plain op. Eager calls run through one C++ autograd node (``ohem_ce.make_eager_route``);
+compiled calls and fake tensors through the custom ops ``ifbf_fast::ohem_ce_up_fwd`` / ``ohem_ce_up_bwd``
+(see ``ohem_ce.py``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def _kernels():
 _ohem_ce_up_fwd_op, _ohem_ce_up_bwd_op = _oc.make_ops("ohem_ce_up", lambda: _kernels(),
                                                       lambda logits, target: tuple(target.shape))
 
-_eager_apply = _oc.make_eager_route("OhemCEUpsampledBackward", lambda: _kernels(), "ohem_ce_up_fwd", "ohem_ce_up_bwd")
+_eager_apply = _oc.make_eager_route("OhemCEUpsampledBackward", lambda: _kernels(), "ohem_ce_up_fwd",
+                                    "ohem_ce_up_bwd")
 
 _CHECKED: set = set()
 

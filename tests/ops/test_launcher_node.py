@@ -212,3 +212,26 @@ def test_argument_errors_are_readable():
         launcher_apply("ToyBackward", _forward, _backward, 2, x, 1.0, 3.0)
     with pytest.raises(TypeError, match="launcher_apply\\(name"):
         launcher_apply("ToyBackward", _forward)
+
+
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
+def test_anomaly_mode_and_node_hooks():
+    """The node under anomaly mode (its forward traceback recorded, a NaN gradient named with the node)
+    and with hooks registered on grad_fn."""
+    x, w = _toy_inputs(torch.float32)
+    seen = []
+    with torch.autograd.detect_anomaly(check_nan=True):
+        out, _ = _apply(x, w)
+        out.grad_fn.register_prehook(lambda grad_outputs: seen.append("pre"))
+        out.grad_fn.register_hook(lambda grad_inputs, grad_outputs: seen.append(len(grad_inputs)))
+        gx, gw = torch.autograd.grad(out.sum(), [x, w])
+    assert seen == ["pre", 2]
+    torch.testing.assert_close(gx, 3.0 * w.detach())
+
+    def backward(grad, x, w, state):
+        return grad * float("nan"), None
+
+    out, _ = launcher_apply("ToyBackward", _forward, backward, 2, x, w, 3.0)
+    with torch.autograd.detect_anomaly(check_nan=True), pytest.warns(UserWarning, match="ToyBackward"), \
+            pytest.raises(RuntimeError, match="ToyBackward.*nan|nan.*ToyBackward"):
+        out.sum().backward()

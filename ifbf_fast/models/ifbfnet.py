@@ -28,6 +28,9 @@ Ablation switches (paper Table 2 / Table 3). Every combination builds and runs:
 * ``fbf=False``: both FBFs become plain concatenation (``FBF(enabled=False)``, no parameters).
 * ``spatial=False``: no spatial stream and no ``fbf2``; the head takes ``D`` (``1x1 256->128 +NA``).
 * ``spatial_channels``: the width of the spatial stream's last conv (Table 3: 16..256).
+* ``decoder_channels``: the decoder width D (ASPP output, fuse convs, both FBFs' high input; the
+  paper's 256, the default). Narrower is for quick experiments and the tests: the FBFs' channel
+  counts are D + 64 and D + ``spatial_channels``.
 * ``aux=False``: no aux head (and no ``"aux"`` output).
 
 With every switch off, the network is backbone -> 1x1 reduce -> upsample x4 -> two 3x3 convs -> head,
@@ -73,10 +76,14 @@ class IFBFNet(nn.Module):
     def __init__(self, num_classes: int = 19, backbone: str = "resnet101", output_stride: int = 16,
                  spatial_channels: int = 128, aspp: bool = True, skip: bool = True, fbf: bool = True,
                  spatial: bool = True, aux: bool = True, norm_act: NormActArg = None,
-                 pretrained: Optional[str] = None, upsample_logits: bool = True):
+                 pretrained: Optional[str] = None, upsample_logits: bool = True,
+                 decoder_channels: int = HIGH_CHANNELS):
         super().__init__()
         if output_stride not in (8, 16):
             raise ValueError(f"IFBFNet: output_stride must be 8 or 16; got {output_stride}")
+        if isinstance(decoder_channels, bool) or not isinstance(decoder_channels, int) or decoder_channels < 1:
+            raise ValueError(f"IFBFNet: decoder_channels must be a positive integer; got {decoder_channels!r}")
+        d = decoder_channels
         na = resolve_norm_act(norm_act)
         self.num_classes, self.output_stride = num_classes, output_stride
         self.switches = dict(aspp=aspp, skip=skip, fbf=fbf, spatial=spatial, aux=aux)
@@ -85,23 +92,23 @@ class IFBFNet(nn.Module):
         self.backbone = resnet(backbone, output_stride, na, return_stages=(1, 4))
         s1_ch, s4_ch = self.backbone.out_channels[1], self.backbone.out_channels[4]
         if aspp:
-            self.aspp = ASPP(s4_ch, na, HIGH_CHANNELS, rates=aspp_rates(output_stride), dropout=0.1)
+            self.aspp = ASPP(s4_ch, na, d, rates=aspp_rates(output_stride), dropout=0.1)
         else:
-            self.aspp = ConvNormAct(s4_ch, HIGH_CHANNELS, 1, na)
+            self.aspp = ConvNormAct(s4_ch, d, 1, na)
 
         if skip:
             self.reduce_low = ConvNormAct(s1_ch, LOW_CHANNELS, 3, na)
-            self.fbf1 = FBF(HIGH_CHANNELS, LOW_CHANNELS, enabled=fbf)
-        fuse_in = HIGH_CHANNELS + LOW_CHANNELS if skip else HIGH_CHANNELS
-        self.fuse = nn.Sequential(ConvNormAct(fuse_in, HIGH_CHANNELS, 3, na),
-                                  ConvNormAct(HIGH_CHANNELS, HIGH_CHANNELS, 3, na))
+            self.fbf1 = FBF(d, LOW_CHANNELS, enabled=fbf)
+        fuse_in = d + LOW_CHANNELS if skip else d
+        self.fuse = nn.Sequential(ConvNormAct(fuse_in, d, 3, na),
+                                  ConvNormAct(d, d, 3, na))
 
         if spatial:
             self.spatial = nn.Sequential(ConvNormAct(3, SPATIAL_MID, 7, na, stride=2),
                                          ConvNormAct(SPATIAL_MID, SPATIAL_MID, 3, na, stride=2),
                                          ConvNormAct(SPATIAL_MID, spatial_channels, 1, na))
-            self.fbf2 = FBF(HIGH_CHANNELS, spatial_channels, enabled=fbf)
-        head_in = HIGH_CHANNELS + spatial_channels if spatial else HIGH_CHANNELS
+            self.fbf2 = FBF(d, spatial_channels, enabled=fbf)
+        head_in = d + spatial_channels if spatial else d
         self.head = nn.Sequential(OrderedDict(
             proj=ConvNormAct(head_in, HEAD_CHANNELS, 1, na),
             cls=nn.Conv2d(HEAD_CHANNELS, num_classes, 1)))

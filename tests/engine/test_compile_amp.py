@@ -13,7 +13,8 @@ from ifbf_fast.nn import IFBFLoss, norm_act
 
 def _model_and_batch(seed=0):
     torch.manual_seed(seed)
-    model = build_model({"backbone": "resnet18", "norm_act": norm_act("inplace_abn_sync")})
+    model = build_model({"backbone": "resnet18", "norm_act": norm_act("inplace_abn_sync"),
+                         "decoder_channels": 64, "spatial_channels": 16})   # narrow: faster interpreted FBFs
     x = torch.randn(2, 3, 32, 40)
     y = torch.randint(0, 19, (2, 32, 40))
     y[0, :4] = 255

@@ -18,7 +18,11 @@ CPU = torch.device("cpu")
 
 def _setup(norm="inplace_abn_sync", fp16=False, momentum=0.9):
     torch.manual_seed(0)
-    model = build_model({"backbone": "resnet18", "norm_act": norm_act(norm), "upsample_logits": False})
+    # A narrow decoder (D = 64) and spatial stream (16): the FBFs have 128 and 80 channels, not 320 and
+    # 384, so the interpreted FBF kernels (the bulk of a step's time here) take a fraction; every fast
+    # path still runs.
+    model = build_model({"backbone": "resnet18", "norm_act": norm_act(norm), "upsample_logits": False,
+                         "decoder_channels": 64, "spatial_channels": 16})
     model.train()
     args = parse_args(["--lr", "0.01", "--iters", "10", "--warmup-iters", "2", "--data", ".",
                        "--momentum", str(momentum)])
@@ -182,9 +186,15 @@ def test_compiled_step_has_no_graph_break_and_matches_eager():
         explanation = dynamo.explain(step._forward_loss)(batch["image"], batch["label"])
     assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
     assert explanation.graph_count == 1
+    # Dropout off: the compiled graph draws its second step's dropout masks differently from eager
+    # (after one step both agree to ~1e-6; after two, dropout on, by up to 5% of the largest element of
+    # the decoder's momentum; dropout off, by 4e-5).
     states = []
     for compiled in (False, True):
         model, opt, step = _setup()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
         if compiled:
             dynamo.reset()
             step.compile(backend="aot_eager")
@@ -195,4 +205,4 @@ def test_compiled_step_has_no_graph_break_and_matches_eager():
         states.append(_state(model, opt, step))
     worst = max(float((a - b).abs().max() / (a.abs().max() + 1e-12))
                 for k, a in states[0].items() if a.is_floating_point() for b in [states[1][k]])
-    assert worst < 1e-3, worst
+    assert worst < 1e-4, worst

@@ -144,6 +144,18 @@ def test_ablation_parameter_differences():
     assert wide.head.proj.conv.in_channels == 272 and wide.fbf2.channels == 272
 
 
+def test_decoder_channels_sets_the_decoder_width():
+    m = IFBFNet(backbone="resnet18", num_classes=3, decoder_channels=32, spatial_channels=16, norm_act="abn")
+    assert m.fbf1.channels == 32 + 64 and m.fbf2.channels == 32 + 16
+    assert m.fuse[1].conv.out_channels == 32 and m.head.proj.conv.in_channels == 48
+    out = m(torch.randn(2, 3, 33, 33))
+    assert out["out"].shape == (2, 3, 33, 33) and out["aux"].shape == (2, 3, 33, 33)
+    assert IFBFNet(backbone="resnet18").fbf1.channels == 256 + 64        # the paper's D = 256 by default
+    for bad in (0, -8, 2.5, True, "64"):
+        with pytest.raises(ValueError, match="decoder_channels must be a positive integer"):
+            IFBFNet(backbone="resnet18", decoder_channels=bad)
+
+
 def test_no_aux_head():
     m = IFBFNet(backbone="resnet18", num_classes=3, aux=False, norm_act="abn")
     out = m(torch.randn(2, 3, 33, 33))

@@ -25,6 +25,7 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from . import SUPPORTED_DTYPES, cdiv as _cdiv
+from ._launch import PlannedLaunch
 from .fbf_jit import (_fbf_reduce_kernel, _fbf_scale_kernel, _chain_epilogue, _gate_epilogue,  # noqa: F401
                       _param_grads, _reduce_part, _reduce_row, _scale_part, _scale_rows)
 
@@ -190,10 +191,10 @@ def _workspace(like: torch.Tensor, device_index: int, counts: int, floats: int) 
 # ------------------------------------------------------------------------------------------------
 
 class Launch(NamedTuple):
-    """One kernel launch as planned: the launcher calls ``kernel.run`` (what ``kernel[grid](...)``
-    calls, without the lambda; looked up per call, so that a patched ``run``, as the launch counter's,
-    is seen), ``grid_t`` its grid; ``args`` the scalar and constexpr arguments after the
-    pointers, in signature order (positional: binding keywords costs host time)."""
+    """One kernel launch as planned: ``grid_t`` its grid; ``args`` the scalar and constexpr arguments
+    after the pointers, in signature order (positional: binding keywords costs host time). The
+    launchers call ``fast[0]`` (``fast[1]`` with ``args_alt``), a ``_launch.PlannedLaunch`` that binds
+    Triton's arguments once per plan and pointer properties instead of on every call."""
 
     name: str            # "reduce" or "scale"
     backward: bool
@@ -207,6 +208,7 @@ class Launch(NamedTuple):
     kernel: object
     args: tuple
     args_alt: tuple      # the reduce with HAS_GRAD_STATS (the backward when stats were used)
+    fast: tuple = ()     # (PlannedLaunch for args, PlannedLaunch for args_alt)
 
 
 class Plan(NamedTuple):
@@ -249,8 +251,9 @@ def _reduce_launch(tensors, x0, x1, g, weight, n, c0, c1, h, w, elt, device_inde
     scalars = (n, c0, c1, hw, w, splits, blocks_per_split, *_strides(x0, flat), *_strides(x1, flat),
                *_strides(g, flat), weight.stride(0), weight.stride(1))
     tail = (flat, path == "rows", block_c, block_hw, *EPILOGUE_TILE)
+    fast = tuple(PlannedLaunch(_fbf_reduce_kernel, (grid,), 9, {"num_warps": warps}) for _ in range(2))
     return Launch("reduce", has_g, path, flat, grid, warps, splits, (block_c, block_hw), (grid,), _fbf_reduce_kernel,
-                  scalars + (has_g, False) + tail, scalars + (has_g, True) + tail)
+                  scalars + (has_g, False) + tail, scalars + (has_g, True) + tail, fast)
 
 
 def _scale_launch(tensors, s0, s1, d0, d1, n, c0, c1, h, w, elt, backward, s1_at_c0, d1_at_c0) -> Launch:
@@ -266,7 +269,9 @@ def _scale_launch(tensors, s0, s1, d0, d1, n, c0, c1, h, w, elt, backward, s1_at
     warps = SCALE_WARPS
     args = (n, c0, c1, hw, w, *_strides(s0, flat), *_strides(s1, flat), *_strides(d0, flat), *_strides(d1, flat),
             backward, s1_at_c0, d1_at_c0, flat, path == "rows", block_c, block_hw, BLOCK_GW)
-    return Launch("scale", backward, path, flat, grid, warps, 1, (block_c, block_hw), (grid,), _fbf_scale_kernel, args, args)
+    fast = (PlannedLaunch(_fbf_scale_kernel, (grid,), 8, {"num_warps": warps}),) * 2
+    return Launch("scale", backward, path, flat, grid, warps, 1, (block_c, block_hw), (grid,), _fbf_scale_kernel, args,
+                  args, fast)
 
 
 _PLANS: Dict[tuple, Plan] = {}
@@ -344,10 +349,8 @@ def fwd(high: torch.Tensor, low: torch.Tensor, weight: torch.Tensor,
     (out_size, out_stride), (stats_size, stats_stride) = plan.alloc
     stats = scratch.new_empty_strided(stats_size, stats_stride)      # fp32 like the scratch
     out = high.new_empty_strided(out_size, out_stride)
-    red.kernel.run(high, low, high, stats, scratch, stats, weight, bias, counter, *red.args, grid=red.grid_t,
-                   warmup=False, num_warps=red.num_warps)
-    sc.kernel.run(high, low, out, out, stats, stats, stats, stats, *sc.args, grid=sc.grid_t, warmup=False,
-                  num_warps=sc.num_warps)
+    red.fast[0]((high, low, high, stats, scratch, stats, weight, bias, counter, *red.args))
+    sc.fast[0]((high, low, out, out, stats, stats, stats, stats, *sc.args))
     return (out, stats, plan.bwd_plans) if with_bwd_plans else (out, stats)
 
 
@@ -387,11 +390,11 @@ def bwd(grad_out: torch.Tensor, high: torch.Tensor, low: torch.Tensor, weight: t
         grad_bias = weight.new_empty_strided(gb_size, gb_stride)
     else:
         grad_bias = _empty(gb_size, bias_dtype, high.device)
-    red.kernel.run(high, low, grad_out, stats, scratch, stats if grad_stats is None else grad_stats, weight,
-                   weight, counter, *(red.args if grad_stats is None else red.args_alt), grid=red.grid_t,
-                   warmup=False, num_warps=red.num_warps)
-    sc.kernel.run(grad_out, grad_out, grad_high, grad_low, stats, scratch, grad_weight, grad_bias, *sc.args,
-                  grid=sc.grid_t, warmup=False, num_warps=sc.num_warps)
+    if grad_stats is None:
+        red.fast[0]((high, low, grad_out, stats, scratch, stats, weight, weight, counter, *red.args))
+    else:
+        red.fast[1]((high, low, grad_out, stats, scratch, grad_stats, weight, weight, counter, *red.args_alt))
+    sc.fast[0]((grad_out, grad_out, grad_high, grad_low, stats, scratch, grad_weight, grad_bias, *sc.args))
     return grad_high, grad_low, grad_weight, grad_bias
 
 

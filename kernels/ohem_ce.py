@@ -60,6 +60,7 @@ import triton
 import triton.language as tl
 
 from . import cdiv as _cdiv
+from ._launch import PlannedLaunch
 from .ohem_ce_select import (N_PROGRAM_SLOT, RED_BLOCK, SCRATCH_SIZE, STATE_CUT, STATE_INV_N,
                              STATE_K, STATE_KTH, STATE_N_BAD, STATE_N_NAN, STATE_N_VALID, STATE_SIZE,
                              STATE_TIE_W, _STATE_CUT, _STATE_INV_N, _STATE_TIE_W, _ohem_ce_fwd_epilogue,
@@ -311,12 +312,12 @@ def _fwd_meta(logits: torch.Tensor, target: torch.Tensor) -> tuple:
         _check_offsets(logits, target)
         grid = (_cdiv(h * w, block_p * FWD_TILES), n)
         n_prog = grid[0] * grid[1]
+        consts = dict(BLOCK_P=block_p, BLOCK_C=block_c, TILES=FWD_TILES, FLAT_HW=_flat_hw(logits, target),
+                      num_warps=warps)
         meta = _FWD_META[key] = (p, grid, _cdiv(p, RED_BLOCK) if p else 1,
                                  (c, h * w, w) + tuple(logits.stride()) + tuple(target.stride()),
-                                 (n_prog,),
-                                 dict(BLOCK_P=block_p, BLOCK_C=block_c, TILES=FWD_TILES,
-                                      FLAT_HW=_flat_hw(logits, target), num_warps=warps),
-                                 ((n, h, w), (h * w, w, 1)))
+                                 (n_prog,), consts, ((n, h, w), (h * w, w, 1)),
+                                 PlannedLaunch(_ohem_ce_fwd_kernel, grid, 4, consts))
     return meta
 
 
@@ -327,16 +328,15 @@ def ohem_ce_fwd(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float, t
 
     ``thresh < 0`` means no threshold. Arguments are assumed checked (``check_ohem_args``).
     """
-    p, grid, n_sel, args, tail, consts, (losses_size, losses_stride) = _fwd_meta(logits, target)
+    p, grid, n_sel, args, tail, consts, (losses_size, losses_stride), launch = _fwd_meta(logits, target)
     hi, lo, tb = _scalars(keep_ratio, thresh)
     work, f32 = scratch_and_f32(logits)
     losses = f32.new_empty_strided(losses_size, losses_stride)      # (N, H, W) fp32, row-major
     try:
         if p:
-            # kernel.run, what kernel[grid](...) calls, without the lambda (looked up per call: a
-            # patched run, as the launch counter's, is seen)
-            _ohem_ce_fwd_kernel.run(logits, target, losses, work, *args, ignore_index, hi, lo, *tail, grid=grid,
-                                    warmup=False, **consts)
+            # a PlannedLaunch (kernels/_launch.py): Triton's binding once per plan and pointer properties;
+            # ignore_index and the keep-ratio / threshold bits may change between calls of one plan
+            launch((logits, target, losses, work, *args, ignore_index, hi, lo, *tail), (ignore_index, hi, lo))
         out = select_launch(losses, work, p, n_sel, hi, lo, tb)
     except BaseException:
         work.zero_()            # a failed launch must not leave the scratch dirty for the next call
@@ -355,15 +355,16 @@ def ohem_ce_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tens
         n, c, h, w = logits.shape
         block_p, block_c, warps = block_sizes(c)
         _check_offsets(logits, target, grad_logits)
-        meta = _BWD_META[key] = ((_cdiv(h * w, block_p), n), n * c * h * w,
+        grid = (_cdiv(h * w, block_p), n)
+        consts = dict(BLOCK_P=block_p, BLOCK_C=block_c, FLAT_HW=_flat_hw(logits, target, grad_logits),
+                      num_warps=warps)
+        meta = _BWD_META[key] = (grid, n * c * h * w,
                                  (c, h * w, w) + tuple(logits.stride()) + tuple(target.stride())
-                                 + tuple(grad_logits.stride()),
-                                 dict(BLOCK_P=block_p, BLOCK_C=block_c,
-                                      FLAT_HW=_flat_hw(logits, target, grad_logits), num_warps=warps))
-    grid, numel, args, consts = meta
+                                 + tuple(grad_logits.stride()), consts,
+                                 PlannedLaunch(_ohem_ce_bwd_kernel, grid, 6, consts))
+    grid, numel, args, consts, launch = meta
     if numel:
-        _ohem_ce_bwd_kernel.run(grad_out, logits, target, losses, state, grad_logits, *args, grid=grid,
-                                warmup=False, **consts)
+        launch((grad_out, logits, target, losses, state, grad_logits, *args))
     return grad_logits
 
 

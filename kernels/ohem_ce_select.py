@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import PlannedLaunch
+
 FINE1 = 0
 COARSE1 = FINE1 + 65536
 FINE2 = COARSE1 + 256
@@ -302,13 +304,16 @@ def select_launch(losses: torch.Tensor, work: torch.Tensor, p: int, n_programs: 
     returns (loss () fp32, state (STATE_SIZE,) int32, bad_labels () fp32)."""
     launch = _SELECT_LAUNCH.get(n_programs)
     if launch is None:
-        launch = _SELECT_LAUNCH[n_programs] = ((n_programs,),
+        launch = _SELECT_LAUNCH[n_programs] = (PlannedLaunch(_ohem_ce_select_kernel, (n_programs,), 6,
+                                                             dict(BLOCK=RED_BLOCK, num_warps=8)),
                                                zero_steps(ZERO1_END, n_programs))
     # The per-call outputs from tensors of their dtypes on the device (int32 scratch, fp32 losses):
     # new_empty_strided parses no dtype or device.
     state = work.new_empty_strided((STATE_SIZE,), (1,))
     result = losses.new_empty_strided((), ())
     bad = losses.new_empty_strided((), ())
-    _ohem_ce_select_kernel.run(losses, work, partials(losses, n_programs), state, result, bad, p, hi, lo, tb, launch[1],
-                               BLOCK=RED_BLOCK, grid=launch[0], warmup=False, num_warps=8)
+    # p (the pixel count) is not in this plan's key, and hi / lo / tb come from the call's keep ratio and
+    # threshold: all four are per-call scalars of the PlannedLaunch (kernels/_launch.py)
+    launch[0]((losses, work, partials(losses, n_programs), state, result, bad, p, hi, lo, tb, launch[1]),
+              (p, hi, lo, tb))
     return result, state, bad

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import PlannedLaunch
 from .ohem_ce import (FWD_TILES, RED_BLOCK, _STATE_CUT, _STATE_INV_N, _STATE_TIE_W, _cdiv, _check_offsets,
                       _flat_hw, _ohem_ce_fwd_epilogue, _ohem_ce_labels, _ohem_ce_pixel_offsets, _ohem_ce_tile_histogram,
                       _ohem_ce_tile_loss, _scalars, block_sizes, scratch_and_f32, select_launch)
@@ -302,22 +303,21 @@ def ohem_ce_up_fwd(logits_lr: torch.Tensor, target: torch.Tensor, keep_ratio: fl
         _check_offsets(logits_lr, target)
         grid = (_cdiv(h * w, block_p * FWD_TILES), n)
         n_prog = grid[0] * grid[1]
+        # four gathered tiles live at once: twice the threads
+        consts = dict(BLOCK_P=block_p, BLOCK_C=block_c, TILES=FWD_TILES, FLAT_HW=_flat_hw(target),
+                      num_warps=2 * warps)
         meta = _UP_FWD_META[key] = (
             p, grid, max(_cdiv(p, RED_BLOCK), 1),
             (c, h * w, w, h_in, w_in) + _scales((h_in, w_in), (h, w)) + tuple(logits_lr.stride())
             + tuple(target.stride()),
-            (n_prog,),
-            # four gathered tiles live at once: twice the threads
-            dict(BLOCK_P=block_p, BLOCK_C=block_c, TILES=FWD_TILES, FLAT_HW=_flat_hw(target), num_warps=2 * warps),
-            ((n, h, w), (h * w, w, 1)))
-    p, grid, n_sel, args, tail, consts, (losses_size, losses_stride) = meta
+            (n_prog,), consts, ((n, h, w), (h * w, w, 1)), PlannedLaunch(_ohem_ce_up_fwd_kernel, grid, 4, consts))
+    p, grid, n_sel, args, tail, consts, (losses_size, losses_stride), launch = meta
     hi, lo, tb = _scalars(keep_ratio, thresh)
     work, f32 = scratch_and_f32(logits_lr)
     losses = f32.new_empty_strided(losses_size, losses_stride)      # (N, H, W) fp32, row-major
     try:
         if p:
-            _ohem_ce_up_fwd_kernel.run(logits_lr, target, losses, work, *args, ignore_index, hi, lo, *tail, grid=grid,
-                                       warmup=False, **consts)       # kernel[grid](...) without the lambda
+            launch((logits_lr, target, losses, work, *args, ignore_index, hi, lo, *tail), (ignore_index, hi, lo))
         out = select_launch(losses, work, p, n_sel, hi, lo, tb)
     except BaseException:
         work.zero_()
@@ -349,12 +349,12 @@ def ohem_ce_up_bwd(grad_out: torch.Tensor, logits_lr: torch.Tensor, target: torc
         meta = _UP_BWD_META[key] = (
             grid, out.numel() > 0 and h * w > 0,
             (c, h, w, h_in, w_in) + _scales((h_in, w_in), (h, w)) + (_f32(h / h_in), _f32(w / w_in))
-            + tuple(logits_lr.stride()) + tuple(target.stride()) + tuple(out.stride()), consts)
-    grid, run, args, consts = meta
+            + tuple(logits_lr.stride()) + tuple(target.stride()) + tuple(out.stride()), consts,
+            PlannedLaunch(_ohem_ce_up_bwd_kernel, grid, 6, consts))
+    grid, run, args, consts, launch = meta
     if not run:
         return out.zero_() if out.numel() else out
-    _ohem_ce_up_bwd_kernel.run(grad_out, logits_lr, target, losses, state, out, *args, grid=grid, warmup=False,
-                               **consts)
+    launch((grad_out, logits_lr, target, losses, state, out, *args))
     return out
 
 

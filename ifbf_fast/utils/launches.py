@@ -131,6 +131,9 @@ def _patched_triton(count: LaunchCount, stub: bool) -> Iterator[None]:
         return
     classes = [c for c in (jit.JITFunction, interpreter.InterpretedFunction) if hasattr(c, "run")]
     saved = {c: c.run for c in classes}
+    # The package's launchers bind compiled kernels once and then call Triton's C launcher directly
+    # (kernels/_launch.py); paused, every launch goes through the patched run below.
+    from ifbf_fast.kernels import _launch as planned
 
     def wrap(cls):
         original = saved[cls]
@@ -149,9 +152,11 @@ def _patched_triton(count: LaunchCount, stub: bool) -> Iterator[None]:
 
     for c in classes:
         c.run = wrap(c)
+    planned.pause()
     try:
         yield
     finally:
+        planned.resume()
         for c, fn in saved.items():
             c.run = fn
 

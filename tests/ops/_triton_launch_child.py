@@ -211,15 +211,20 @@ def main() -> None:
         fbf._PLANS.clear()
         network = {}
 
-        def attempt(name, fn, expected):
+        def attempt(name, fn, expected, planned=None):
             launched, refused = fc.launches, fc.refused
+            fc.log.clear()
             try:
                 fn()
                 error = None
             except Exception as exc:      # reported, not raised: the test names the case
                 error = f"{type(exc).__name__}: {str(exc)[:300]}"
             network[name] = {"launches": fc.launches - launched, "refused": fc.refused - refused,
-                             "expected": expected, "error": error}
+                             "expected": expected, "error": error,
+                             # (programs, threads per program) as the driver received them, and as planned
+                             "driver": [[e["driver"]["grid"][0] * e["driver"]["grid"][1] * e["driver"]["grid"][2],
+                                         e["driver"]["block"][0]] for e in fc.log],
+                             "planned": planned}
 
         for fbf_name, (ch, cl) in {"fbf1": (256, 64), "fbf2": (256, 128)}.items():
             for layout in ("nchw", "channels_last"):
@@ -232,7 +237,10 @@ def main() -> None:
                 def run(high=high, low=low, weight=weight, bias=bias, grad=grad):
                     out, stats, plans = fbf.fwd(high, low, weight, bias, True)
                     fbf.bwd(grad, high, low, weight, stats, None, bias.dtype, plans)
-                attempt(f"{fbf_name}_{layout}_219", run, 4)
+                pf = fbf.plan_fwd(high, low, weight, device_index=0)
+                pb = fbf.plan_bwd(grad, high, low, weight, device_index=0)
+                planned = [[lc.grid, 32 * lc.num_warps] for lc in (pf.reduce, pf.scale, pb.reduce, pb.scale)]
+                attempt(f"{fbf_name}_{layout}_219", run, 4, planned)
         target = torch.zeros(4, 876, 876, dtype=torch.uint8)
         one = torch.ones((), dtype=torch.float32)
         for variant, shape, fwd, bwd in (

@@ -19,7 +19,9 @@ decide at import whether they are interpreted: the host case imports them with T
 the import only, and only when there is no CUDA device (so no GPU bench can ever time the interpreter;
 bench/conftest.py still refuses TRITON_INTERPRET in the environment), see ``_host_case_kernels``. With
 CUDA the host case uses CUDA tensors, the Triton launches stubbed the same way. The reference's time
-includes its (small) CPU compute; the fast path's stubbed kernels compute nothing.
+includes its (small) CPU compute; the fast path's stubbed kernels compute nothing. The stub replaces
+``JITFunction.run`` whole, so Triton's per-launch binding is not in these figures:
+``bench/launch_host.py`` times the same calls through Triton's real launch path (no GPU needed).
 
     python -m pytest bench/bench_fbf.py --benchmark-only -k host
 """

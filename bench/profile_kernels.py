@@ -16,6 +16,10 @@ forward+backward call,
 * ``counted_launches``: kernels launched per call counted at dispatch (``ifbf_fast.utils.launches``);
 * the kernels that take the most device time.
 
+The fast Triton ops run a second time as ``<provider>_triton_launch``: every launch through Triton's
+``JITFunction.run`` instead of the launches bound once per plan (``kernels/_launch.py``), so the
+host time that binding saves on the card's host shows in the same run.
+
 The callables are the benches' own (``make_case`` of each bench file), on the same shapes, so a row
 here explains a row of the results table. ``gpu_report.py`` runs this as its ``kernel_profile``
 stage and puts the markdown under the results table.
@@ -64,12 +68,33 @@ def _cases(device: str, smoke: bool) -> Dict[str, Dict[str, Callable[[], Callabl
             p: (lambda p=p: O.make_upsampled_case(p, "fwd_bwd", O.LOWRES, O.UP_SIZE, bf16, device=device))
             for p in ("fast_unfused", "fast_fused")},
     }
+    # The fast Triton ops once more with every launch through JITFunction.run: the host time the bound
+    # launches of kernels/_launch.py save, on this card's host, in the same run.
+    for case, fast in (("fbf fbf2 219x219 bf16 nchw", "fast"), ("ohem_ce 4x19x876x876 bf16", "fast"),
+                       ("ohem_ce_upsampled 4x19x219x219->876x876 bf16", "fast_fused")):
+        cases[case][f"{fast}_triton_launch"] = _triton_launch_path(cases[case][fast])
     for layer in ("layer1", "layer3"):
         c, h, w = A.GPU_LAYERS[layer]
         cases[f"abn {layer} bf16 channels_last"] = {
             p: (lambda p=p, c=c, h=h, w=w: A.make_case(p, A.BATCH, c, h, w, bf16, "channels_last", device)[0])
             for p in ("bn_act", "fast")}
     return cases
+
+
+def _triton_launch_path(build: Callable[[], Callable[[], object]]) -> Callable[[], Callable[[], object]]:
+    """The builder of ``build``'s step with the bound Triton launches off for the duration of each call."""
+    def builder():
+        from ifbf_fast.kernels import _launch
+        step = build()
+
+        def run():
+            _launch.set_enabled(False)
+            try:
+                return step()
+            finally:
+                _launch.set_enabled(True)
+        return run
+    return builder
 
 
 def _sync(device: str) -> None:

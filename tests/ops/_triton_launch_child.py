@@ -193,6 +193,24 @@ def main() -> None:
         _launch.set_enabled(True)
         report["alignment"] = steps
 
+        # A launch hook (what a profiler registers) sends every launch through Triton's path, so the hook
+        # sees each one; removed, the bound launches resume.
+        from triton import knobs
+        seen = []
+        hook = seen.append
+        knobs.runtime.launch_enter_hook.add(hook)
+        try:
+            triton_runs[0] = 0
+            cases["fbf_nchw_bf16"]()
+            hooked = {"triton_runs": triton_runs[0], "hook_calls": len(seen)}
+        finally:
+            knobs.runtime.launch_enter_hook.remove(hook)
+        cases["fbf_nchw_bf16"]()              # binds (nothing was bound while the hook was there)
+        triton_runs[0] = 0
+        cases["fbf_nchw_bf16"]()
+        hooked["after_removal_runs"] = triton_runs[0]
+        report["hooks"] = hooked
+
         # A per-call scalar that changes (the keep ratio's bits): a new binding, then bound again.
         run = cases["ohem_bf16"]
         keep[0] = 0.5

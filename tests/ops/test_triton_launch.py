@@ -78,6 +78,11 @@ def test_alignment_change_rebinds(report):
     assert steps["misaligned"]["functions"][:3] != steps["aligned"]["functions"][:3]
 
 
+def test_launch_hooks_see_every_launch(report):
+    # with a launch hook registered (a profiler), every launch takes Triton's path and reaches the hook
+    assert report["hooks"] == {"triton_runs": 4, "hook_calls": 4, "after_removal_runs": 0}
+
+
 def test_per_call_scalar_change_rebinds(report):
     r = report["ohem_new_keep_ratio"]
     assert r["first_runs"] == 3 and r["second_runs"] == 0 and r["launches"] == 6

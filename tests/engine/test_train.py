@@ -154,13 +154,19 @@ def test_too_many_consecutive_nonfinite_steps_stop_the_run():
 
 
 @pytest.mark.slow
-def test_two_steps_with_every_fast_path(city, tmp_path):
+def test_two_steps_with_every_fast_path(city, tmp_path, monkeypatch):
     """impl=fast: the Triton FBF and OHEM kernels (interpreter on CPU) and the C++ ABN all run in
     training and in its end-of-training evaluation; asking for "fast" raises instead of falling back, so
     this fails if any path is missing. The evaluation runs at scale 0.5 (32x64): under the interpreter a
-    full-size forward of the FBF kernels costs more than the two training steps."""
+    full-size forward of the FBF kernels costs more than the two training steps. The decoder is built
+    64 wide (train.py's model with ``decoder_channels=64``, as the engine tests do): the interpreted
+    FBF kernels' (C, C) epilogue at the paper's 256 was most of this test's time."""
+    import ifbf_fast.models as models
+
+    build = models.build_model
+    monkeypatch.setattr(models, "build_model", lambda spec: build(dict(spec, decoder_channels=64)))
     out = train(tiny(city, tmp_path, iters=2, crop_size=32, batch_size=2, ckpt_every=2, impl="fast",
-                     eval_scales=[0.5]))
+                     eval_scales=[0.5], spatial_channels=16))
     assert len(out["losses"]) == 2 and all(v == v for v in out["losses"])
 
 

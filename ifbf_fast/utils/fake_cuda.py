@@ -23,7 +23,8 @@ launches host-side (``bench/bench_launch.py``).
 
 The kernel modules must be imported inside a process where ``TRITON_INTERPRET`` was never set (a
 subprocess under the test suite), since ``@triton.jit`` decides at import whether it builds interpreter
-objects.
+objects. Use it in a process of its own, on a machine without a GPU: the stand-in library stays loaded
+(as ``libcuda.so.1``) after the block, so that process cannot reach a real driver any more.
 """
 
 from __future__ import annotations

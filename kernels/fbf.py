@@ -191,9 +191,9 @@ def _workspace(like: torch.Tensor, device_index: int, counts: int, floats: int) 
 # ------------------------------------------------------------------------------------------------
 
 class Launch(NamedTuple):
-    """One kernel launch as planned: ``grid_t`` its grid; ``args`` the scalar and constexpr arguments
-    after the pointers, in signature order (positional: binding keywords costs host time). The
-    launchers call ``fast[0]`` (``fast[1]`` with ``args_alt``), a ``_launch.PlannedLaunch`` that binds
+    """One kernel launch as planned: ``args`` the scalar and constexpr arguments after the pointers, in
+    signature order (positional: binding keywords costs host time). The launchers call ``fast[0]``
+    (``fast[1]`` with ``args_alt``), a ``_launch.PlannedLaunch`` (the kernel and its grid) that binds
     Triton's arguments once per plan and pointer properties instead of on every call."""
 
     name: str            # "reduce" or "scale"
@@ -204,11 +204,9 @@ class Launch(NamedTuple):
     num_warps: int
     splits: int          # hw splits of the reduce (1 for the scale)
     block: Tuple[int, int]
-    grid_t: tuple
-    kernel: object
     args: tuple
     args_alt: tuple      # the reduce with HAS_GRAD_STATS (the backward when stats were used)
-    fast: tuple = ()     # (PlannedLaunch for args, PlannedLaunch for args_alt)
+    fast: tuple          # (PlannedLaunch for args, PlannedLaunch for args_alt)
 
 
 class Plan(NamedTuple):
@@ -252,7 +250,7 @@ def _reduce_launch(tensors, x0, x1, g, weight, n, c0, c1, h, w, elt, device_inde
                *_strides(g, flat), weight.stride(0), weight.stride(1))
     tail = (flat, path == "rows", block_c, block_hw, *EPILOGUE_TILE)
     fast = tuple(PlannedLaunch(_fbf_reduce_kernel, (grid,), 9, {"num_warps": warps}) for _ in range(2))
-    return Launch("reduce", has_g, path, flat, grid, warps, splits, (block_c, block_hw), (grid,), _fbf_reduce_kernel,
+    return Launch("reduce", has_g, path, flat, grid, warps, splits, (block_c, block_hw),
                   scalars + (has_g, False) + tail, scalars + (has_g, True) + tail, fast)
 
 
@@ -270,8 +268,7 @@ def _scale_launch(tensors, s0, s1, d0, d1, n, c0, c1, h, w, elt, backward, s1_at
     args = (n, c0, c1, hw, w, *_strides(s0, flat), *_strides(s1, flat), *_strides(d0, flat), *_strides(d1, flat),
             backward, s1_at_c0, d1_at_c0, flat, path == "rows", block_c, block_hw, BLOCK_GW)
     fast = (PlannedLaunch(_fbf_scale_kernel, (grid,), 8, {"num_warps": warps}),) * 2
-    return Launch("scale", backward, path, flat, grid, warps, 1, (block_c, block_hw), (grid,), _fbf_scale_kernel, args,
-                  args, fast)
+    return Launch("scale", backward, path, flat, grid, warps, 1, (block_c, block_hw), args, args, fast)
 
 
 _PLANS: Dict[tuple, Plan] = {}

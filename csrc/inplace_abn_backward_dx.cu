@@ -9,7 +9,7 @@ namespace abn_cuda {
 void backward_dx_cuda(const at::Tensor& y, const at::Tensor& dy, const at::Tensor& invstd, const Opt& weight,
                       const Opt& bias, const Opt& mean_dz, const Opt& mean_dz_xhat, double eps, Act act, double slope,
                       at::Tensor& dx) {
-  const c10::cuda::CUDAGuard guard(y.device());
+  IFBF_CUDA_GUARD(y.device());
   const Geometry g = geometry_of(y);
   c10::optional<at::Tensor> wk, bk, mk, xk;
   const float* pw = opt_ptr(weight, wk);

@@ -9,7 +9,7 @@ namespace abn_cuda {
 
 Sums backward_reduce_cuda(const at::Tensor& y, const at::Tensor& dy, const Opt& weight, const Opt& bias, double eps,
                           Act act, double slope) {
-  const c10::cuda::CUDAGuard guard(y.device());
+  IFBF_CUDA_GUARD(y.device());
   const Geometry g = geometry_of(y);
   const auto popt = y.options().dtype(at::kFloat);
   auto sum_dz = at::empty({g.c}, popt);
@@ -31,7 +31,7 @@ Sums backward_reduce_cuda(const at::Tensor& y, const at::Tensor& dy, const Opt& 
 void backward_reduce_params_cuda(const at::Tensor& y, const at::Tensor& dy, const Opt& weight, const Opt& bias,
                                  double eps, Act act, double slope, bool training, at::Tensor& dweight,
                                  at::Tensor& dbias, at::Tensor& mean_dz, at::Tensor& mean_dz_xhat) {
-  const c10::cuda::CUDAGuard guard(y.device());
+  IFBF_CUDA_GUARD(y.device());
   const Geometry g = geometry_of(y);
   c10::optional<at::Tensor> wk, bk;
   const float* pw = opt_ptr(weight, wk);

@@ -8,7 +8,7 @@ namespace abn_cuda {
 
 void forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd, const Opt& weight,
                   const Opt& bias, double eps, Act act, double slope, at::Tensor& y) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  IFBF_CUDA_GUARD(x.device());
   const Geometry g = geometry_of(x);
   c10::optional<at::Tensor> wk, bk;
   const float* pw = opt_ptr(weight, wk);

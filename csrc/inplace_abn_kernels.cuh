@@ -10,7 +10,11 @@
 // has fewer than 2^31 elements, else int64_t.
 #pragma once
 
+#ifdef IFBF_SIMT_EMU
+#include "simt/simt_emu.h"  // the CPU stand-in for the CUDA execution model (tests only)
+#else
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 
@@ -28,6 +32,24 @@ template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
 };
+
+// Every vector access of the hot loops goes through these two: under the CPU emulator they check the
+// alignment that a GPU would fault on; on the GPU they are the plain load and store.
+template <typename V>
+__device__ __forceinline__ V vload(const V* p) {
+#ifdef IFBF_SIMT_EMU
+  simt::check_aligned<V>(p);
+#endif
+  return *p;
+}
+
+template <typename V>
+__device__ __forceinline__ void vstore(V* p, const V& v) {
+#ifdef IFBF_SIMT_EMU
+  simt::check_aligned<V>(p);
+#endif
+  *p = v;
+}
 
 // --- reduction states ---------------------------------------------------------------------------
 
@@ -194,8 +216,8 @@ __global__ void __launch_bounds__(kThreads, plan::blocks_per_sm(plan::kReduceNCS
     for (int k = 0; k < U; ++k) {
       const index_t j = chunk * kUnit + k * kWarp + lane;
       if (j < sp.body) {
-        xv[k] = reinterpret_cast<const V*>(xr)[j];
-        if (Red::kTwoInputs) dv[k] = reinterpret_cast<const V*>(dr)[j];
+        xv[k] = vload(reinterpret_cast<const V*>(xr) + j);
+        if (Red::kTwoInputs) dv[k] = vload(reinterpret_cast<const V*>(dr) + j);
       }
     }
 #pragma unroll
@@ -243,8 +265,8 @@ __global__ void __launch_bounds__(kThreads, plan::blocks_per_sm(plan::kReduceNSC
       for (int k = 0; k < U; ++k) {
         const index_t r = r0 + k * by;
         if (r < M) {
-          xv[k] = *reinterpret_cast<const V*>(x + r * C + c0);
-          if (Red::kTwoInputs) dv[k] = *reinterpret_cast<const V*>(dy + r * C + c0);
+          xv[k] = vload(reinterpret_cast<const V*>(x + r * C + c0));
+          if (Red::kTwoInputs) dv[k] = vload(reinterpret_cast<const V*>(dy + r * C + c0));
         }
       }
 #pragma unroll
@@ -402,8 +424,8 @@ __global__ void __launch_bounds__(kThreads, plan::blocks_per_sm(plan::kMapNCS))
     for (int k = 0; k < U; ++k) {
       const index_t j = chunk * kUnit + k * kWarp + lane;
       if (j < sp.body) {
-        av[k] = ar[j];
-        if (Map::kTwoInputs) bv[k] = br[j];
+        av[k] = vload(ar + j);
+        if (Map::kTwoInputs) bv[k] = vload(br + j);
       }
     }
 #pragma unroll
@@ -413,7 +435,7 @@ __global__ void __launch_bounds__(kThreads, plan::blocks_per_sm(plan::kMapNCS))
         V ov;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) ov.v[e] = f(ch, av[k].v[e], Map::kTwoInputs ? bv[k].v[e] : scalar_t(0));
-        orow[j] = ov;
+        vstore(orow + j, ov);
       }
     }
     if (VEC > 1 && chunk == 0 && lane < sp.head + sp.tail) {  // the unaligned ends, one element per lane
@@ -444,8 +466,8 @@ __global__ void __launch_bounds__(kThreads, plan::blocks_per_sm(plan::kMapNSC))
     for (int k = 0; k < U; ++k) {
       const index_t r = r0 + k * by;
       if (r < M) {
-        av[k] = *reinterpret_cast<const V*>(a + r * C + c0);
-        if (Map::kTwoInputs) bv[k] = *reinterpret_cast<const V*>(b + r * C + c0);
+        av[k] = vload(reinterpret_cast<const V*>(a + r * C + c0));
+        if (Map::kTwoInputs) bv[k] = vload(reinterpret_cast<const V*>(b + r * C + c0));
       }
     }
 #pragma unroll
@@ -455,7 +477,7 @@ __global__ void __launch_bounds__(kThreads, plan::blocks_per_sm(plan::kMapNSC))
         V ov;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) ov.v[j] = f(ch[j], av[k].v[j], Map::kTwoInputs ? bv[k].v[j] : scalar_t(0));
-        *reinterpret_cast<V*>(out + r * C + c0) = ov;
+        vstore(reinterpret_cast<V*>(out + r * C + c0), ov);
       }
     }
   }

@@ -7,15 +7,22 @@
 // Everything here has internal linkage (anonymous namespace): each unit gets the copies it uses.
 // ATen/cuda/CUDAContext.h is avoided on purpose: it pulls in cuSPARSE/cuBLAS headers that a bare
 // toolkit (nvcc + runtime, as on the build machines) does not ship.
+//
+// Under IFBF_SIMT_EMU (the CPU emulator of csrc/simt/simt_emu.h, for the tests) the same code runs on CPU
+// tensors: launch_kernel() then runs the kernel's blocks on the CPU, and the device guard, the stream and
+// the multiprocessor count are the emulator's. Nothing else differs.
 #include <ATen/Dispatch.h>
+#ifndef IFBF_SIMT_EMU
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <algorithm>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "inplace_abn.h"
 #include "inplace_abn_kernels.cuh"
@@ -24,6 +31,35 @@ namespace ifbf {
 namespace {
 
 using cuda::kThreads;
+
+#ifdef IFBF_SIMT_EMU
+#define IFBF_CUDA_GUARD(device) ((void)(device))
+using Stream = int;
+Stream current_stream() { return 0; }
+int num_sms() { return simt::sms(); }
+
+template <typename... P, typename... A>
+void launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, Stream, A&&... args) {
+  simt::launch(kernel, grid, block, std::forward<A>(args)...);
+}
+#else
+#define IFBF_CUDA_GUARD(device) const c10::cuda::CUDAGuard device_guard_(device)
+using Stream = cudaStream_t;
+Stream current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+int num_sms() {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  return sms;
+}
+
+// kernel<<<grid, block, 0, stream>>>(args...), then the launch error check.
+template <typename... P, typename... A>
+void launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, Stream stream, A&&... args) {
+  kernel<<<grid, block, 0, stream>>>(std::forward<A>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
 
 // fp32, fp16 and bf16 only on CUDA (inplace_abn.cpp rejects fp64 there).
 #define IFBF_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                 \
@@ -39,12 +75,6 @@ void dispatch_index(int64_t numel, F f) {
   } else {
     f(int64_t{0});
   }
-}
-
-int num_sms() {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  return sms;
 }
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -88,7 +118,7 @@ void reduce(const Geometry& g, const scalar_t* x, const scalar_t* dy, const Red&
             const at::TensorOptions& opts) {
   using St = typename Red::State;
   static_assert(sizeof(St) % sizeof(float) == 0, "state must be a whole number of floats");
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   int64_t p0;
   const int vec = vector_width(g, p0, x, dy);
   const plan::Launch L = plan::plan_reduce(g.channels_last, g.n, g.c, g.s, vec, Red::kTwoInputs ? 2 : 1, num_sms());
@@ -99,26 +129,23 @@ void reduce(const Geometry& g, const scalar_t* x, const scalar_t* dy, const Red&
     dispatch_vec<scalar_t>(vec, [&](auto v) {
       constexpr int V = decltype(v)::value;
       if (!g.channels_last) {
-        cuda::reduce_ncs_kernel<Red, V, scalar_t, index_t><<<dim3(L.grid_x), kThreads, 0, stream>>>(
-            x, dy, red, index_t(g.n * g.c), index_t(g.c), index_t(g.s), index_t(L.chunks), index_t(p0), pp);
+        launch_kernel(&cuda::reduce_ncs_kernel<Red, V, scalar_t, index_t>, dim3(L.grid_x), dim3(kThreads), stream,
+                      x, dy, red, index_t(g.n * g.c), index_t(g.c), index_t(g.s), index_t(L.chunks), index_t(p0), pp);
       } else {
-        cuda::reduce_nsc_kernel<Red, V, scalar_t, index_t>
-            <<<dim3(L.grid_x, L.grid_y), dim3(L.block_x, L.block_y), 0, stream>>>(x, dy, red, index_t(g.n),
-                                                                                 index_t(g.c), pp);
+        launch_kernel(&cuda::reduce_nsc_kernel<Red, V, scalar_t, index_t>, dim3(L.grid_x, L.grid_y),
+                      dim3(L.block_x, L.block_y), stream, x, dy, red, index_t(g.n), index_t(g.c), pp);
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   const plan::Launch C = plan::plan_combine(g.c, L.groups);
-  cuda::combine_kernel<St, Fin><<<C.grid_x, kThreads, 0, stream>>>(reinterpret_cast<const St*>(pp), L.groups, g.c,
-                                                                   fin);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(&cuda::combine_kernel<St, Fin>, dim3(C.grid_x), dim3(kThreads), stream,
+                reinterpret_cast<const St*>(pp), L.groups, g.c, fin);
 }
 
 // out = f(a, b) elementwise with per-channel constants (b unused when Map::kTwoInputs is false).
 template <typename Map, typename scalar_t>
 void map(const Geometry& g, const scalar_t* a, const scalar_t* b, scalar_t* out, const Map& f) {
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   int64_t p0;
   const int vec = vector_width(g, p0, a, b, static_cast<const scalar_t*>(out));
   const plan::Launch L = plan::plan_map(g.channels_last, g.n, g.c, g.s, vec, Map::kTwoInputs ? 2 : 1, num_sms());
@@ -127,14 +154,12 @@ void map(const Geometry& g, const scalar_t* a, const scalar_t* b, scalar_t* out,
     dispatch_vec<scalar_t>(vec, [&](auto v) {
       constexpr int V = decltype(v)::value;
       if (!g.channels_last) {
-        cuda::map_ncs_kernel<Map, V, scalar_t, index_t><<<dim3(L.grid_x), kThreads, 0, stream>>>(
-            a, b, out, f, index_t(g.n * g.c), index_t(g.c), index_t(g.s), index_t(L.chunks), index_t(p0));
+        launch_kernel(&cuda::map_ncs_kernel<Map, V, scalar_t, index_t>, dim3(L.grid_x), dim3(kThreads), stream,
+                      a, b, out, f, index_t(g.n * g.c), index_t(g.c), index_t(g.s), index_t(L.chunks), index_t(p0));
       } else {
-        cuda::map_nsc_kernel<Map, V, scalar_t, index_t>
-            <<<dim3(L.grid_x, L.grid_y), dim3(L.block_x, L.block_y), 0, stream>>>(a, b, out, f, index_t(g.n),
-                                                                                 index_t(g.c));
+        launch_kernel(&cuda::map_nsc_kernel<Map, V, scalar_t, index_t>, dim3(L.grid_x, L.grid_y),
+                      dim3(L.block_x, L.block_y), stream, a, b, out, f, index_t(g.n), index_t(g.c));
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }

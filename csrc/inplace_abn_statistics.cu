@@ -40,7 +40,7 @@ int64_t k_stride(const Geometry& g) { return g.channels_last ? 1 : g.s; }
 }  // namespace
 
 Stats statistics_cuda(const at::Tensor& x) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  IFBF_CUDA_GUARD(x.device());
   const Geometry g = geometry_of(x);
   const auto sopt = x.options().dtype(at::kDouble);
   auto mean = at::empty({g.c}, sopt);
@@ -57,7 +57,7 @@ Stats statistics_cuda(const at::Tensor& x) {
 }
 
 void train_statistics_cuda(const at::Tensor& x, TrainStats& st) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  IFBF_CUDA_GUARD(x.device());
   const Geometry g = geometry_of(x);
   IFBF_DISPATCH_CUDA_TYPES(x.scalar_type(), "inplace_abn_cuda", [&] {
     const scalar_t* px = x.const_data_ptr<scalar_t>();
@@ -74,30 +74,28 @@ void train_statistics_cuda(const at::Tensor& x, TrainStats& st) {
 
 void eval_statistics_cuda(const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
                           at::Tensor& mean, at::Tensor& invstd, at::Tensor& invstd_saved) {
-  const c10::cuda::CUDAGuard guard(running_mean.device());
+  IFBF_CUDA_GUARD(running_mean.device());
   const int64_t c = running_mean.numel();
   if (c == 0) return;
   const auto rm = running_mean.contiguous(), rv = running_var.contiguous();
-  eval_statistics_kernel<<<ceil_div(c, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      rm.const_data_ptr<float>(), rv.const_data_ptr<float>(), eps, c, mean.data_ptr<double>(),
-      invstd.data_ptr<double>(), invstd_saved.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(&eval_statistics_kernel, dim3(ceil_div(c, kThreads)), dim3(kThreads), current_stream(),
+                rm.const_data_ptr<float>(), rv.const_data_ptr<float>(), eps, c, mean.data_ptr<double>(),
+                invstd.data_ptr<double>(), invstd_saved.data_ptr<float>());
 }
 
 void running_update_cuda(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,
                          const at::Tensor& running_mean, const at::Tensor& running_var,
                          const at::Tensor& num_batches_tracked, double momentum) {
-  const c10::cuda::CUDAGuard guard(running_mean.device());
+  IFBF_CUDA_GUARD(running_mean.device());
   TORCH_CHECK_VALUE(running_mean.scalar_type() == at::kFloat,
                     "inplace_abn_running_update: running buffers on CUDA must be float32; got ",
                     running_mean.scalar_type());
   const int64_t c = running_mean.numel();
   const int64_t blocks = std::max<int64_t>(ceil_div(c, kThreads), 1);  // the counter thread runs for C = 0 too
-  running_update_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      mean.const_data_ptr<double>(), var.const_data_ptr<double>(), count.const_data_ptr<double>(), momentum, c,
-      running_mean.data_ptr<float>(), running_var.data_ptr<float>(),
-      num_batches_tracked.defined() ? num_batches_tracked.data_ptr<int64_t>() : nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(&running_update_kernel, dim3(blocks), dim3(kThreads), current_stream(), mean.const_data_ptr<double>(),
+                var.const_data_ptr<double>(), count.const_data_ptr<double>(), momentum, c,
+                running_mean.data_ptr<float>(), running_var.data_ptr<float>(),
+                num_batches_tracked.defined() ? num_batches_tracked.data_ptr<int64_t>() : nullptr);
 }
 
 }  // namespace abn_cuda

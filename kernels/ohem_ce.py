@@ -344,6 +344,12 @@ def ohem_ce_fwd(logits: torch.Tensor, target: torch.Tensor, keep_ratio: float, t
     return (out[0],) + (losses,) + out[1:]
 
 
+def bwd_grid(shape) -> tuple:
+    """The backward's grid for logits of ``shape`` (N, C, H, W): one program per BLOCK_P pixels of an image."""
+    n, c, h, w = shape
+    return (_cdiv(h * w, block_sizes(c)[0]), n)
+
+
 def ohem_ce_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, losses: torch.Tensor,
                 state: torch.Tensor, grad_logits: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the backward; writes every element of ``grad_logits`` (allocated like ``logits`` if None)."""
@@ -355,7 +361,7 @@ def ohem_ce_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tens
         n, c, h, w = logits.shape
         block_p, block_c, warps = block_sizes(c)
         _check_offsets(logits, target, grad_logits)
-        grid = (_cdiv(h * w, block_p), n)
+        grid = bwd_grid(logits.shape)
         consts = dict(BLOCK_P=block_p, BLOCK_C=block_c, FLAT_HW=_flat_hw(logits, target, grad_logits),
                       num_warps=warps)
         meta = _BWD_META[key] = (grid, n * c * h * w,

@@ -7,7 +7,8 @@ each kernel by module and attribute.
 Used by the tests (docs/DESIGN.md section 7): every kernel configuration that the launchers use is
 compiled for sm_80 (A100) and sm_90 (H100/H200) so that type errors, shared-memory overflows and
 register spills are caught on machines that have no GPU. ``ptxas -v`` (shipped inside the triton
-package) reports registers and spills; the PTX shows whether global loads were vectorised.
+package) reports registers and spills; the PTX shows whether global loads were vectorised, and the
+cubin's SASS (``cuobjdump``, also shipped with triton) how many of them each thread keeps in flight.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ class AotResult:
     spill_loads: int
     vector_loads: bool    # ld.global.v2 / v4 present in the PTX
     ptx: str
+    sass: str = ""        # cuobjdump -sass of the cubin ("" where cuobjdump is absent)
+
+    @property
+    def loads_in_flight(self) -> int:
+        """16-byte global loads each thread issues before it uses the first (ifbf_fast.utils.sass)."""
+        from .sass import loads_in_flight
+        return loads_in_flight(self.sass)
 
     @property
     def spills(self) -> int:
@@ -73,13 +81,16 @@ def ptxas_report(ptx: str) -> tuple:
 
 def compile_kernel(fn, signature: Mapping[str, str], constexprs: Optional[Mapping[str, object]] = None,
                    archs: Iterable[int] = ARCHS, divisible_by_16: Sequence[str] = (),
-                   num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> list:
+                   num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+                   sass_archs: Iterable[int] = ()) -> list:
     """Compile ``fn`` (a ``@triton.jit`` function, or an autotuned/heuristics wrapper of one) once per arch.
 
     ``signature`` maps every argument name to its Triton type (``"*fp32"``, ``"*bf16"``, ``"i32"``,
     ``"i64"``, ``"fp32"``, ``"constexpr"``); ``constexprs`` gives the values of the constexpr ones;
     ``divisible_by_16`` names the arguments a real launch would mark as divisible by 16 (pointers
     from the caching allocator, sizes that are multiples of 16), which enables vectorised accesses.
+    ``sass_archs``: the archs whose cubin is disassembled into ``AotResult.sass`` (about half a second
+    per kernel, so only where a test reads it).
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -104,10 +115,12 @@ def compile_kernel(fn, signature: Mapping[str, str], constexprs: Optional[Mappin
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         ptx = ck.asm["ptx"]
         regs, stores, loads = ptxas_report(ptx)
+        from .sass import cuobjdump_path, disassemble
+        sass = disassemble(ck.asm["cubin"]) if arch in sass_archs and cuobjdump_path() else ""
         results.append(AotResult(kernel=jit_fn.__name__, arch=arch, shared=int(ck.metadata.shared),
                                  num_warps=int(ck.metadata.num_warps), registers=regs, spill_stores=stores,
                                  spill_loads=loads, vector_loads=bool(re.search(r"ld\.global(\.\w+)*\.v[24]", ptx)),
-                                 ptx=ptx))
+                                 ptx=ptx, sass=sass))
     return results
 
 
@@ -133,6 +146,7 @@ class KernelSpec:
     divisible_by_16: Sequence[str] = ()
     num_warps: Optional[int] = None
     num_stages: Optional[int] = None
+    sass_archs: Sequence[int] = ()   # disassemble the cubins of these archs (AotResult.sass)
 
 
 def _compile_specs_here(specs: Sequence[KernelSpec], archs: Sequence[int]) -> list:
@@ -141,7 +155,7 @@ def _compile_specs_here(specs: Sequence[KernelSpec], archs: Sequence[int]) -> li
     for spec in specs:
         fn = getattr(importlib.import_module(spec.module), spec.attr)
         out.append(compile_kernel(fn, spec.signature, spec.constexprs, archs, spec.divisible_by_16,
-                                  spec.num_warps, spec.num_stages))
+                                  spec.num_warps, spec.num_stages, spec.sass_archs))
     return out
 
 

@@ -131,9 +131,16 @@ def _loop_bodies(ptx: str):
     return bodies
 
 
-def test_every_kernel_configuration_compiles_vectorised_for_sm80_and_sm90():
+@pytest.fixture(scope="module")
+def compiled():
+    """(specs, results) of every configuration compiled for sm_80 and sm_90, once per module."""
     specs = aot_specs()
-    results = compile_kernels([s for _, s, _ in specs])
+    return specs, compile_kernels([dataclasses.replace(s, sass_archs=(90,)) if name.split("/")[2] in VECTORISED
+                                   else s for name, s, _ in specs])
+
+
+def test_every_kernel_configuration_compiles_vectorised_for_sm80_and_sm90(compiled):
+    specs, results = compiled
     lines, failures = [], []
     for (name, _, launch), per_arch in zip(specs, results):
         assert [r.arch for r in per_arch] == [80, 90]
@@ -159,3 +166,39 @@ def test_every_kernel_configuration_compiles_vectorised_for_sm80_and_sm90():
                     failures.append(f"{name} sm_{r.arch}: scale without 16-byte loads and stores")
     print("\n".join(lines))
     assert not failures, "\n".join(failures)
+
+
+def _h200_grid(name):
+    """The H200's grid for the launch ``name`` (direction_kernel/dtype/layout/path) at its AOT shapes."""
+    direction_kernel, dname, layout, _ = name.split("/")
+    direction, kernel = direction_kernel.split("_")
+    dtype = DTYPES[dname]
+    high, low, grad = _layout_inputs(layout, dtype)
+    weight = torch.empty(384, 384, 1, 1, device="meta")
+    plan = K.plan_fwd(high, low, weight, 0) if direction == "fwd" else K.plan_bwd(grad, high, low, weight, 0)
+    return getattr(plan, kernel).grid
+
+
+def test_hot_kernels_keep_enough_bytes_in_flight_on_an_h200(compiled, monkeypatch):
+    """Little's law from the compiled code: every vectorised reduce and scale keeps at least the H200's
+    share of 3 MB per SM in flight (ifbf_fast.utils.sass): resident blocks (ptxas registers, warps, the
+    H200 grid) x threads x the 16-byte loads each thread issues before it uses the first (SASS)."""
+    from ifbf_fast.utils import sass
+    if not sass.cuobjdump_path():
+        pytest.skip("no cuobjdump (it ships with triton under backends/nvidia/bin)")
+    monkeypatch.setattr(K, "_SM_COUNT", {0: K.SM_COUNT_H200})
+    specs, results = compiled
+    need = sass.H200_BYTES_IN_FLIGHT // sass.H200_SMS
+    lines, short = [], []
+    for (name, _, launch), per_arch in zip(specs, results):
+        if name.split("/")[2] not in VECTORISED:
+            continue
+        r = next(r for r in per_arch if r.arch == 90)
+        grid = _h200_grid(name)
+        got = sass.bytes_in_flight_per_sm(r.num_warps, r.registers, r.loads_in_flight, grid, r.shared)
+        lines.append(f"{name:45s} regs {r.registers:3d} warps {r.num_warps} loads in flight {r.loads_in_flight} "
+                     f"grid {grid:6d}: {got / 1024:5.1f} KiB per SM")
+        if got < need:
+            short.append(lines[-1])
+    print("\n".join(lines))
+    assert not short, f"below {need / 1024:.1f} KiB per SM:\n" + "\n".join(short)

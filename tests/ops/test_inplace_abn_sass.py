@@ -23,6 +23,8 @@ from collections import Counter
 import pytest
 import torch
 
+from ifbf_fast.utils.sass import cuobjdump_path, loads_in_flight
+
 A = importlib.import_module("ifbf_fast.ops.inplace_abn")   # the module (ifbf_fast.ops.inplace_abn is also the op)
 
 _C = pytest.importorskip("ifbf_fast._C")
@@ -34,12 +36,6 @@ REGISTERS_PER_SM = 65536
 THREADS = 256
 
 
-def _cuobjdump():
-    import triton
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    return path if os.path.exists(path) else shutil.which("cuobjdump")
-
-
 def _run(*args):
     return subprocess.run(args, check=True, capture_output=True, text=True, timeout=300).stdout
 
@@ -47,7 +43,7 @@ def _run(*args):
 @pytest.fixture(scope="module")
 def sm90():
     """{mangled kernel name: (Counter of SASS opcodes, resource usage dict)} of the sm_90 code."""
-    tool = _cuobjdump()
+    tool = cuobjdump_path()
     if tool is None:
         pytest.skip("no cuobjdump (it ships with triton under backends/nvidia/bin)")
     so = _C.__file__
@@ -72,30 +68,6 @@ def sm90():
 
 
 _BODIES = {}   # mangled name -> the function's SASS text, filled by the sm90 fixture with the rest
-_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
-
-
-def loads_in_flight(sass: str) -> int:
-    """The most 128-bit global loads (LDG.*.128) issued back to back before an instruction reads one of
-    their destination registers (4 per load) or uses one as an address: how many 16-byte loads each
-    thread has in flight at once, in program order."""
-    pending, count, best = set(), 0, 0
-    for m in _INSTRUCTION.finditer(sass):
-        op, operands = m.group(1), m.group(2).split(",")
-        is_load = op.startswith("LDG") and ".128" in op
-        # sources: every register operand, except the destination of an instruction that writes one
-        first = 0 if op.startswith("ST") else 1
-        sources = set()
-        for text in operands[first:]:
-            for reg, wide in re.findall(r"\bR(\d+)(\.64)?", text):
-                sources.update((int(reg), int(reg) + 1) if wide else (int(reg),))
-        if pending and sources & pending:
-            best, pending, count = max(best, count), set(), 0
-        if is_load:
-            dest = int(re.match(r"\s*R(\d+)", operands[0]).group(1))
-            pending |= set(range(dest, dest + 4))
-            count += 1
-    return max(best, count)
 
 
 def _blocks_per_sm():
@@ -169,15 +141,42 @@ def test_hot_loops_keep_four_loads_in_flight(sm90):
     assert seen and not bad, bad
 
 
-def test_loads_in_flight_reads_the_dependences():
-    """The SASS reader counts loads up to their first use: load-use pairs give 1, a batch gives 4."""
-    def ins(i, text):
-        return f"        /*{i * 16:04x}*/                   {text} ;\n"
-    batched = "".join(ins(i, f"LDG.E.128.CONSTANT R{12 + 4 * i}, desc[UR6][R2.64+0x{i * 512:x}]") for i in range(4))
-    batched += ins(4, "PRMT R6, R12, 0x7632, R6") + ins(5, "FFMA R7, R16, R9, R10")
-    assert loads_in_flight(batched) == 4
-    serial = "".join(ins(2 * i, f"LDG.E.128 R12, desc[UR6][R2.64+0x{i * 512:x}]")
-                     + ins(2 * i + 1, "FADD R40, R40, R13") for i in range(4))
-    assert loads_in_flight(serial) == 1
-    chased = ins(0, "LDG.E.128 R12, desc[UR6][R2.64]") + ins(1, "LDG.E.128 R16, desc[UR6][R12.64]")
-    assert loads_in_flight(chased) == 1
+# launch_model's phase names -> (kernel family, functor) of the instantiations it launches
+PHASES = {"statistics_reduce": "StatsRed", "backward_reduce": "BackwardRed", "forward_map": "ForwardMap",
+          "backward_map": "BackwardMap"}
+
+
+def test_network_launches_keep_enough_bytes_in_flight_on_an_h200(sm90):
+    """Little's law from the compiled code (ifbf_fast.utils.sass), at every InPlace-ABN of the network
+    (test_inplace_abn_bytes.py NETWORK, batches 2 and 4, both layouts, bf16 and fp32): the resident blocks
+    of the vectorised kernel (its SASS registers, the grid the plan gives each SM) x 256 threads x the
+    16-byte loads each thread has in flight keep at least the H200's share of 3 MB per SM."""
+    from ifbf_fast.utils import sass
+    from .test_inplace_abn_bytes import BATCHES, NETWORK
+    families = {}
+    for name, ((kernel, functor, dtype, _vec), _ops, usage) in _vectorised(sm90).items():
+        f = families.setdefault((kernel, functor, dtype), {"regs": 0, "loads": 99})
+        f["regs"] = max(f["regs"], usage.get("REG", 0))
+        f["loads"] = min(f["loads"], loads_in_flight(_BODIES[name]))
+    need = sass.H200_BYTES_IN_FLIGHT // sass.H200_SMS
+    short, worst = [], None
+    for label, (c, side) in NETWORK.items():
+        for batch in BATCHES:
+            for channels_last in (False, True):
+                for dtype, dname in ((torch.bfloat16, "BFloat16"), (torch.float32, "float")):
+                    for m in A.launch_model((batch, c, side, side), dtype, channels_last):
+                        if m["name"] not in PHASES or m["vec"] * (2 if dname == "BFloat16" else 4) != 16:
+                            continue
+                        kernel = ("reduce" if "reduce" in m["name"] else "map") + ("_nsc" if channels_last else "_ncs")
+                        f = families[(kernel, PHASES[m["name"]], dname)]
+                        programs = m["grid"][0] * m["grid"][1]
+                        threads = m["block"][0] * m["block"][1]
+                        got = sass.bytes_in_flight_per_sm(threads // 32, f["regs"], f["loads"], programs)
+                        row = (got, f"{label} x{batch} {'nhwc' if channels_last else 'nchw'} {dname} {m['name']}: "
+                                    f"{programs} programs, {f['regs']} registers, {f['loads']} loads in flight, "
+                                    f"{got / 1024:.1f} KiB per SM")
+                        worst = min(worst, row) if worst else row
+                        if got < need:
+                            short.append(row[1])
+    print(f"\nleast in flight: {worst[1]}")
+    assert not short, f"below {need / 1024:.1f} KiB per SM:\n" + "\n".join(short)

@@ -9,6 +9,7 @@ live here, not in ``kernels/`` (which imports nothing from ``ifbf_fast``).
 """
 import dataclasses
 
+import pytest
 import torch
 
 from ifbf_fast.kernels import ohem_ce as K
@@ -154,3 +155,39 @@ def test_integer_arguments_of_one_compile():
     results = compile_kernels(specs, archs=(90,))
     for name, spec, per_arch in zip(names, specs, results):
         assert per_arch and f".entry {spec.attr}" in per_arch[0].ptx, name
+
+
+def test_hot_kernels_keep_enough_bytes_in_flight_on_an_h200():
+    """Little's law from the compiled code (ifbf_fast.utils.sass): the NCHW forward and backward at
+    4 x 19 x 876^2, the DRAM-bound passes over the logits, keep at least the H200's share of 3 MB per SM
+    in flight: resident blocks (ptxas registers, shared memory, the H200 grid) x threads x the 16-byte
+    loads each thread issues before it uses the first (SASS). Not held to it, and printed: the select
+    pass (its 12 MB loss buffer stays in the 50-60 MB L2) and channels-last logits (19 classes: 38- or
+    76-byte pixels, scalar loads)."""
+    from ifbf_fast.utils import sass
+    if not sass.cuobjdump_path():
+        pytest.skip("no cuobjdump (it ships with triton under backends/nvidia/bin)")
+    shape = (4, 19, 876, 876)
+    logits = torch.empty(shape, device="meta", dtype=torch.bfloat16)
+    target = torch.empty(4, 876, 876, device="meta", dtype=torch.uint8)
+    fwd_grid, bwd_grid = K._fwd_meta(logits, target)[1], K.bwd_grid(shape)
+    cases = []
+    for dtype in DTYPES:
+        for channels_last in (False, True):
+            fwd, bwd = kernel_specs(19, dtype, channels_last=channels_last)
+            cases += [(f"fwd {dtype} {'cl' if channels_last else 'nchw'}", fwd, fwd_grid, not channels_last),
+                      (f"bwd {dtype} {'cl' if channels_last else 'nchw'}", bwd, bwd_grid, not channels_last)]
+    cases.append(("select", select_kernel_specs()[0], (-(-shape[0] * shape[2] * shape[3] // S.RED_BLOCK),), False))
+    results = compile_kernels([dataclasses.replace(spec, sass_archs=(90,)) for _, spec, _, _ in cases], archs=(90,))
+    need = sass.H200_BYTES_IN_FLIGHT // sass.H200_SMS
+    lines, short = [], []
+    for (name, _, grid, held), (r,) in zip(cases, results):
+        programs = grid[0] * (grid[1] if len(grid) > 1 else 1)
+        got = sass.bytes_in_flight_per_sm(r.num_warps, r.registers, r.loads_in_flight, programs, r.shared)
+        lines.append(f"{name:28s} regs {r.registers:3d} warps {r.num_warps} smem {r.shared:6d} loads in flight "
+                     f"{r.loads_in_flight} programs {programs:6d}: {got / 1024:5.1f} KiB per SM"
+                     + ("" if held else " (not held)"))
+        if held and got < need:
+            short.append(lines[-1])
+    print("\n" + "\n".join(lines))
+    assert not short, f"below {need / 1024:.1f} KiB per SM:\n" + "\n".join(short)

@@ -43,6 +43,15 @@ __global__ void selftest_partial_warp(int live, float* out) {
   out[threadIdx.x] = __shfl_down_sync(0xffffffffu, float(threadIdx.x), 1);
 }
 
+// A race: each thread writes its slot and reads its neighbour's without a barrier between; what it reads
+// depends on which of the two ran first, so the schedules disagree.
+__global__ void selftest_race(float seq, float* out) {
+  __shared__ float slot[64];
+  slot[threadIdx.x] = seq * 1000.f + float(threadIdx.x);  // a stale slot holds the previous call's seq
+  out[threadIdx.x] = slot[(threadIdx.x + 1) % blockDim.x];
+  __syncthreads();
+}
+
 // One 16-byte load (the kernels' vload) from p.
 __global__ void selftest_vector_load(const float* p, float* out) {
   using V = ifbf::cuda::Vec<float, 4>;
@@ -100,6 +109,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     simt::launch(&selftest_partial_warp, dim3(1), dim3(32), live, out.data_ptr<float>());
     return out;
   });
+  m.def("selftest_race", [](int threads, int seq) {
+    TORCH_CHECK_VALUE(threads >= 1 && threads <= 64, "selftest_race: 1 to 64 threads; got ", threads);
+    auto out = at::zeros({threads}, at::kFloat);
+    simt::launch(&selftest_race, dim3(1), dim3(threads), float(seq), out.data_ptr<float>());
+    return out;
+  });
+  m.def("set_schedule", [](int mode, uint64_t seed) {
+    TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "set_schedule: mode 0 (ascending), 1 (descending) or 2 (shuffled); got ",
+                      mode);
+    simt::schedule() = {mode, seed};
+  }, "the order of blocks, and of threads between barriers: 0 ascending, 1 descending, 2 shuffled by seed");
   m.def("selftest_vector_load", [](const Tensor& buf, int64_t offset) {
     auto out = at::zeros({1}, at::kFloat);
     simt::launch(&selftest_vector_load, dim3(1), dim3(1), buf.const_data_ptr<float>() + offset, out.data_ptr<float>());

@@ -11,7 +11,8 @@
 // Because blocks run one at a time, a function-local `static` is exactly per-block shared memory, so
 // __shared__ expands to it. Between barriers a thread runs alone: the fibers interleave only at barriers,
 // which is one of the schedules a GPU may pick (a kernel whose result depends on the schedule is wrong on
-// both). What this cannot show: timing, memory-ordering bugs between barriers, warp-synchronous code
+// both; simt::schedule() picks ascending, descending or shuffled orders of blocks and threads, so the
+// tests can compare them). What this cannot show: timing, memory-ordering bugs between barriers, warp-synchronous code
 // without a shuffle or barrier, and misaligned accesses other than those through simt::vload/vstore,
 // which check their 16-byte alignment (a GPU faults with "misaligned address" there).
 //
@@ -71,6 +72,20 @@ struct Stats {
 
 inline Stats& stats() {
   static Stats s;
+  return s;
+}
+
+// The order in which the emulator runs the blocks of a grid and, between barriers, the threads of a
+// block: 0 ascending, 1 descending, 2 a pseudo-random permutation from `seed` (fresh per block and per
+// barrier phase). A kernel whose result depends on it has a race (two threads touching one location
+// between barriers, or blocks that depend on each other's order): the tests compare the schedules.
+struct Schedule {
+  int mode = 0;
+  uint64_t seed = 0;
+};
+
+inline Schedule& schedule() {
+  static Schedule s;
   return s;
 }
 
@@ -160,9 +175,19 @@ inline void run_block(const std::function<void()>& body, int nthreads) {
     makecontext(&t.ctx, entry, 0);
   }
   const int warps = (nthreads + kWarp - 1) / kWarp;
+  std::vector<int> order(nthreads);
+  uint64_t rng = schedule().seed * 0x9E3779B97F4A7C15ull + (uint64_t(blockIdx.x) << 32) + blockIdx.y + 1;
   for (;;) {
     bool live = false;
-    for (int i = 0; i < nthreads; ++i) {
+    for (int i = 0; i < nthreads; ++i) order[i] = schedule().mode == 1 ? nthreads - 1 - i : i;
+    if (schedule().mode == 2) {
+      for (int i = nthreads - 1; i > 0; --i) {  // Fisher-Yates with a 64-bit LCG
+        rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+        std::swap(order[i], order[int((rng >> 33) % uint64_t(i + 1))]);
+      }
+    }
+    for (int k = 0; k < nthreads; ++k) {
+      const int i = order[k];
       Thread& t = b.threads[i];
       if (t.wait != Wait::Run) continue;
       threadIdx = t.tid;
@@ -226,14 +251,22 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, A&&... args) {
   gridDim = grid;
   blockDim = block;
   const std::function<void()> body = [&] { std::apply(kernel, params); };
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = {x, y, z};
-        detail::run_block(body, int(threads));
-        ++st.blocks;
-        st.threads += int64_t(threads);
-      }
+  const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
+  std::vector<uint64_t> order(nblocks);
+  for (uint64_t i = 0; i < nblocks; ++i) order[i] = schedule().mode == 1 ? nblocks - 1 - i : i;
+  if (schedule().mode == 2) {
+    uint64_t rng = schedule().seed * 0xD1B54A32D192ED03ull + nblocks;
+    for (uint64_t i = nblocks - 1; i > 0; --i) {
+      rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+      std::swap(order[i], order[(rng >> 33) % (i + 1)]);
+    }
+  }
+  for (const uint64_t linear : order) {
+    blockIdx = {unsigned(linear % grid.x), unsigned(linear / grid.x % grid.y), unsigned(linear / grid.x / grid.y)};
+    detail::run_block(body, int(threads));
+    ++st.blocks;
+    st.threads += int64_t(threads);
+  }
 }
 
 // 16-byte vector accesses (Vec<T, N> of inplace_abn_kernels.cuh): a misaligned one faults on a GPU.

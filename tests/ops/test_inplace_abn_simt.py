@@ -37,6 +37,7 @@ def emu():
     m = simt_emu.load()
     yield m
     m.set_sms(132)
+    m.set_schedule(0, 0)
 
 
 class Guarded:
@@ -320,3 +321,58 @@ def test_network_planes_bf16(emu, shape, channels_last):
         assert t.guards_intact()
     planned = A.launch_model(shape, torch.bfloat16, channels_last)
     assert [(grid[0], grid[1]) for grid, _ in emu.launches()] == [tuple(p["grid"]) for p in planned]
+
+
+def _chain(emu, shape, dtype, channels_last, act="leaky_relu"):
+    """Every output of the training chain and of the primitives, for the schedule comparison."""
+    x, w, b, g = _inputs(shape, dtype, channels_last, 0, seed=11)
+    c = shape[1]
+    mean, invstd = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
+    saved, rm, rv = torch.empty(c), torch.zeros(c), torch.ones(c)
+    nbt = torch.tensor(0, dtype=torch.long)
+    emu.train_statistics(x.t, mean, invstd, saved, rm, rv, nbt, MOMENTUM, EPS)
+    y = torch.empty_like(x.t)
+    emu.forward(x.t, mean, invstd, w, b, EPS, simt_emu.ACT[act], SLOPE, y)
+    dy = torch.randn(shape, generator=g).to(dtype)
+    dy = dy.contiguous(memory_format=torch.channels_last) if channels_last else dy
+    dw, db, mdz, mdzx = (torch.empty(c) for _ in range(4))
+    emu.backward_reduce_params(y, dy, w, b, EPS, simt_emu.ACT[act], SLOPE, True, dw, db, mdz, mdzx)
+    dx = torch.empty_like(y)
+    emu.backward_dx(y, dy, saved, w, b, mdz, mdzx, EPS, simt_emu.ACT[act], SLOPE, dx)
+    stats = emu.statistics(x.t)
+    sums = emu.backward_reduce(y, dy, w, b, EPS, simt_emu.ACT[act], SLOPE)
+    return [mean, invstd, saved, rm, rv, nbt, y, dw, db, mdz, mdzx, dx, *stats, *sums]
+
+
+@pytest.mark.parametrize("sms", [132, 1], ids=["h200", "1sm"])
+@pytest.mark.parametrize("shape, channels_last, dtype", [
+    pytest.param((2, 5, 37, 41), False, torch.bfloat16, id="nchw-bf16"),
+    pytest.param((3, 20, 9, 11), True, torch.float32, id="nhwc-c20-fp32"),
+    pytest.param((2, 16, 5, 7), True, torch.float16, id="nhwc-c16-fp16"),
+])
+def test_results_do_not_depend_on_the_schedule(emu, shape, channels_last, dtype, sms):
+    """Blocks in ascending, descending and two shuffled orders, and threads between barriers likewise:
+    bitwise the same results (no race between threads of a block, no order between blocks; the
+    reductions are deterministic)."""
+    emu.set_sms(sms)
+    runs = []
+    for mode, seed in ((0, 0), (1, 0), (2, 1), (2, 2)):
+        emu.set_schedule(mode, seed)
+        runs.append(_chain(emu, shape, dtype, channels_last))
+    emu.set_schedule(0, 0)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_schedules_expose_a_race(emu):
+    """The emulator's schedules do show a race: threads that read a neighbour's shared slot without a
+    barrier see its new value in one order and the previous call's in the other."""
+    emu.set_schedule(0, 0)
+    emu.selftest_race(64, 0)                   # the slots now hold call 0's values
+    up = emu.selftest_race(64, 1)              # ascending: each neighbour has not written yet
+    emu.set_schedule(1, 0)
+    down = emu.selftest_race(64, 2)            # descending: each neighbour already has
+    emu.set_schedule(0, 0)
+    assert up[:63].tolist() == [float(i + 1) for i in range(63)]           # call 0's stale values
+    assert down[:63].tolist() == [2000.0 + i + 1 for i in range(63)]       # call 2's own

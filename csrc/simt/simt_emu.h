@@ -217,16 +217,11 @@ inline void run_block(const std::function<void()>& body, int nthreads) {
       released = true;
     }
     if (released) continue;
-    int waiting = 0;
-    for (int i = 0; i < nthreads; ++i) {
-      live = live || b.threads[i].wait != Wait::Done;
-      waiting += b.threads[i].wait == Wait::Block;
-    }
+    for (int i = 0; i < nthreads; ++i) live = live || b.threads[i].wait != Wait::Done;
     if (!live) break;
     // __syncthreads: the threads that returned do not take part (sm_70 and later count only live threads)
     for (int i = 0; i < nthreads; ++i)
       if (b.threads[i].wait == Wait::Block) b.threads[i].wait = Wait::Run;
-    (void)waiting;
   }
 }
 
@@ -288,7 +283,7 @@ template <typename T>
 T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "simt: shuffles of up to 8 bytes");
   using namespace simt::detail;
-  if (mask != 0xffffffffu || width != kWarp) throw simt::Error("simt: only full-warp shuffles are emulated");
+  if (mask != 0xffffffffu || width != kWarp) throw simt::Error("only full-warp shuffles are emulated");
   Block& b = block();
   const int t = b.current, lane = t % kWarp;
   std::memcpy(&b.slots[t], &v, sizeof(T));

@@ -67,6 +67,7 @@ struct LaunchRecord {
 
 struct Stats {
   int64_t launches = 0, blocks = 0, threads = 0, switches = 0;
+  int64_t vector_bytes = 0, narrow_bytes = 0;  // through vload/vstore: 16-byte accesses, and narrower ones
   std::vector<LaunchRecord> records;
 };
 
@@ -265,8 +266,10 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, A&&... args) {
 }
 
 // 16-byte vector accesses (Vec<T, N> of inplace_abn_kernels.cuh): a misaligned one faults on a GPU.
+// Counted by width, so that a test sees which share of a pass's bytes moved as 16-byte vectors.
 template <typename V>
 inline void check_aligned(const void* p) {
+  (sizeof(V) == 16 ? stats().vector_bytes : stats().narrow_bytes) += int64_t(sizeof(V));
   if (reinterpret_cast<uintptr_t>(p) % alignof(V) != 0) {
     std::ostringstream m;
     m << "misaligned address: a " << sizeof(V) << "-byte vector access at " << p << " (" << alignof(V)

@@ -288,7 +288,8 @@ NETWORK = [
 @pytest.mark.parametrize("shape, channels_last", NETWORK)
 def test_network_planes_bf16(emu, shape, channels_last):
     """The planes of the network (odd 55^2 and 110^2 rows, hundreds of blocks) in bf16 with the H200's
-    plans: forward and backward against float64, every element written, the launches as planned."""
+    plans: forward and backward against float64, every element written, the launches as planned, and
+    the forward map's bytes moved as 16-byte vectors but for the rows' unaligned ends."""
     emu.set_sms(132)
     emu.reset()
     x, w, b, g = _inputs(shape, torch.bfloat16, channels_last, 0, seed=5)
@@ -299,7 +300,14 @@ def test_network_planes_bf16(emu, shape, channels_last):
     xd = x.t.double()
     torch.testing.assert_close(mean, xd.mean(_dims(xd)), rtol=1e-10, atol=1e-12)
     y = Guarded(shape, torch.bfloat16, channels_last)
+    before = emu.counts()
     emu.forward(x.t, mean, invstd, w, b, EPS, simt_emu.ACT["leaky_relu"], SLOPE, y.t)
+    after = emu.counts()
+    # The map reads x and writes y: all but the rows' unaligned heads and tails as 16-byte vectors
+    # (55^2 and 110^2 are odd: every NCHW row starts at a different offset from a 16-byte boundary).
+    moved = 2 * x.t.numel() * x.t.element_size()
+    assert after["narrow_bytes"] == before["narrow_bytes"]
+    assert after["vector_bytes"] - before["vector_bytes"] >= 0.99 * moved
     gain = w.double().abs() + EPS
     y_ref = _act_fwd("leaky_relu", (xd - _bc(mean, xd)) * _bc(invstd * gain, xd) + _bc(b.double(), xd))
     torch.testing.assert_close(y.t.double(), y_ref, **TOL[torch.bfloat16])

@@ -12,6 +12,7 @@ write outside it, or an element left unwritten, shows as a changed guard or a Na
 recorded launches are compared with the plans of ``ifbf_fast.ops.inplace_abn.launch_model``.
 """
 import importlib
+import os
 
 import pytest
 import torch
@@ -28,8 +29,13 @@ TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float16: dict(rtol=2e-3,
 GUARD = 24   # NaN elements before and after every tensor
 
 
-# No source tree or no C++ compiler: skip, saying why. Any other build failure fails the tests.
-pytestmark = pytest.mark.skipif(simt_emu.unavailable() is not None, reason=str(simt_emu.unavailable()))
+# No source tree or no C++ compiler: skip, saying why. Any other build failure fails the tests. On a GPU
+# machine (IFBF_TEST_GPU=1) the CUDA kernels themselves are tested (test_inplace_abn.py): the emulator
+# would only spend the lent machine's time.
+_ON_GPU = os.environ.get("IFBF_TEST_GPU", "0") not in ("", "0")
+pytestmark = pytest.mark.skipif(_ON_GPU or simt_emu.unavailable() is not None,
+                                reason="IFBF_TEST_GPU=1: the CUDA kernels run on the GPU instead" if _ON_GPU
+                                else str(simt_emu.unavailable()))
 
 
 @pytest.fixture(scope="module")

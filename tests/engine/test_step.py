@@ -176,9 +176,41 @@ def test_train_step_refuses_an_optimizer_that_cannot_skip_on_the_device():
 
 
 @pytest.mark.slow
+def _capturing_aot_eager(graphs: list):
+    """aot_eager that keeps every forward and backward graph AOTAutograd hands it."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+    return aot_autograd(fw_compiler=keep, bw_compiler=keep)
+
+
+def _cudagraph_blocker(gm):
+    """The first node inductor's CUDA-graph trees would refuse (torch._inductor.utils), or None."""
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+    return get_first_incompatible_cudagraph_node(gm)
+
+
+def test_cudagraph_check_sees_a_host_read():
+    """The check used below does flag what breaks a capture: a data-dependent shape (nonzero)."""
+    import torch._dynamo as dynamo
+    dynamo.reset()
+    graphs = []
+    f = torch.compile(lambda x: torch.nonzero(x > 0).float().sum() * x, backend=_capturing_aot_eager(graphs),
+                      fullgraph=True)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        f(torch.randn(8, requires_grad=True)).sum().backward()
+    assert graphs and any(_cudagraph_blocker(gm) is not None for gm in graphs)
+    dynamo.reset()
+
+
 def test_compiled_step_has_no_graph_break_and_matches_eager():
     """train.py --compile: forward and loss in one graph (zero breaks, every fast op), the backward
-    through AOTAutograd; aot_eager keeps the kernels, so the state after two steps matches eager."""
+    through AOTAutograd; aot_eager keeps the kernels, so the state after two steps matches eager; and
+    neither graph holds a node that would keep CUDA graphs (--compile-mode reduce-overhead) from
+    capturing it."""
     import torch._dynamo as dynamo
     model, opt, step = _setup()
     batch = _batch(1)
@@ -189,7 +221,7 @@ def test_compiled_step_has_no_graph_break_and_matches_eager():
     # Dropout off: the compiled graph draws its second step's dropout masks differently from eager
     # (after one step both agree to ~1e-6; after two, dropout on, by up to 5% of the largest element of
     # the decoder's momentum; dropout off, by 4e-5).
-    states = []
+    states, graphs = [], []
     for compiled in (False, True):
         model, opt, step = _setup()
         for m in model.modules():
@@ -197,12 +229,18 @@ def test_compiled_step_has_no_graph_break_and_matches_eager():
                 m.p = 0.0
         if compiled:
             dynamo.reset()
-            step.compile(backend="aot_eager")
+            step.compile(backend=_capturing_aot_eager(graphs))
         with ops.use_impl("fast"):
             for s in (1, 2):
                 torch.manual_seed(s)
                 step(_batch(s))
         states.append(_state(model, opt, step))
+    # --compile-mode reduce-overhead replays these graphs as CUDA graphs: nothing in the forward or the
+    # backward that inductor would refuse to capture (ops tagged cudagraph_unsafe, data-dependent
+    # shapes or host reads).
+    assert len(graphs) >= 2, "expected a forward and a backward graph"
+    for gm in graphs:
+        assert _cudagraph_blocker(gm) is None, _cudagraph_blocker(gm).format_node()
     worst = max(float((a - b).abs().max() / (a.abs().max() + 1e-12))
                 for k, a in states[0].items() if a.is_floating_point() for b in [states[1][k]])
     assert worst < 1e-4, worst

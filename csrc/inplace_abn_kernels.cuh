@@ -51,6 +51,24 @@ __device__ __forceinline__ void vstore(V* p, const V& v) {
   *p = v;
 }
 
+// The scalar accesses of the NCS rows' unaligned heads and tails: plain on the GPU, counted by the
+// emulator, so that a test adds up every full-size byte a pass moves (each element exactly once).
+template <typename T>
+__device__ __forceinline__ T sload(const T* p) {
+#ifdef IFBF_SIMT_EMU
+  simt::count_scalar(sizeof(T));
+#endif
+  return *p;
+}
+
+template <typename T>
+__device__ __forceinline__ void sstore(T* p, const T& v) {
+#ifdef IFBF_SIMT_EMU
+  simt::count_scalar(sizeof(T));
+#endif
+  *p = v;
+}
+
 // --- reduction states ---------------------------------------------------------------------------
 
 struct DPair {  // two float64 sums: the shifted sums of the statistics (d = x - K, sum d, sum d^2)
@@ -229,7 +247,7 @@ __global__ void __launch_bounds__(kThreads, plan::blocks_per_sm(plan::kReduceNCS
     }
     if (VEC > 1 && chunk == 0 && lane < sp.head + sp.tail) {  // the unaligned ends, one element per lane
       const index_t i = lane < sp.head ? lane : S - sp.tail + (lane - sp.head);
-      red.update(s, ch, x[base + i], Red::kTwoInputs ? dy[base + i] : scalar_t(0));
+      red.update(s, ch, sload(x + base + i), Red::kTwoInputs ? sload(dy + base + i) : scalar_t(0));
     }
     s = warp_reduce(s);
     if (lane == 0) partial[(n * chunks + chunk) * C + c] = s;
@@ -440,7 +458,7 @@ __global__ void __launch_bounds__(kThreads, plan::blocks_per_sm(plan::kMapNCS))
     }
     if (VEC > 1 && chunk == 0 && lane < sp.head + sp.tail) {  // the unaligned ends, one element per lane
       const index_t i = base + (lane < sp.head ? lane : S - sp.tail + (lane - sp.head));
-      out[i] = f(ch, a[i], Map::kTwoInputs ? b[i] : scalar_t(0));
+      sstore(out + i, f(ch, sload(a + i), Map::kTwoInputs ? sload(b + i) : scalar_t(0)));
     }
   }
 }

@@ -139,6 +139,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const auto& s = simt::stats();
     return pybind11::dict(pybind11::arg("launches") = s.launches, pybind11::arg("blocks") = s.blocks,
                           pybind11::arg("threads") = s.threads, pybind11::arg("switches") = s.switches,
-                          pybind11::arg("vector_bytes") = s.vector_bytes, pybind11::arg("narrow_bytes") = s.narrow_bytes);
-  }, "launches, blocks, threads, fiber switches and the bytes of vload/vstore by width since the last reset");
+                          pybind11::arg("vector_bytes") = s.vector_bytes, pybind11::arg("narrow_bytes") = s.narrow_bytes,
+                          pybind11::arg("scalar_bytes") = s.scalar_bytes);
+  }, "launches, blocks, threads, fiber switches, and the bytes of vload/vstore by width and of sload/sstore, "
+     "since the last reset");
 }

@@ -68,6 +68,7 @@ struct LaunchRecord {
 struct Stats {
   int64_t launches = 0, blocks = 0, threads = 0, switches = 0;
   int64_t vector_bytes = 0, narrow_bytes = 0;  // through vload/vstore: 16-byte accesses, and narrower ones
+  int64_t scalar_bytes = 0;                     // through sload/sstore: the NCS rows' unaligned ends
   std::vector<LaunchRecord> records;
 };
 
@@ -264,6 +265,8 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, A&&... args) {
     st.threads += int64_t(threads);
   }
 }
+
+inline void count_scalar(size_t bytes) { stats().scalar_bytes += int64_t(bytes); }
 
 // 16-byte vector accesses (Vec<T, N> of inplace_abn_kernels.cuh): a misaligned one faults on a GPU.
 // Counted by width, so that a test sees which share of a pass's bytes moved as 16-byte vectors.

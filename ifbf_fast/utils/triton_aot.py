@@ -22,6 +22,8 @@ import sys
 import tempfile
 from typing import Dict, Iterable, Mapping, Optional, Sequence
 
+from .sass import cuobjdump_path, disassemble, loads_in_flight
+
 ARCHS = (80, 90)
 # Shared memory a block may use (opt-in maximum): A100 163 KiB, H100 227 KiB.
 MAX_SHARED = {80: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -45,7 +47,6 @@ class AotResult:
     @property
     def loads_in_flight(self) -> int:
         """16-byte global loads each thread issues before it uses the first (ifbf_fast.utils.sass)."""
-        from .sass import loads_in_flight
         return loads_in_flight(self.sass)
 
     @property
@@ -115,7 +116,6 @@ def compile_kernel(fn, signature: Mapping[str, str], constexprs: Optional[Mappin
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         ptx = ck.asm["ptx"]
         regs, stores, loads = ptxas_report(ptx)
-        from .sass import cuobjdump_path, disassemble
         sass = disassemble(ck.asm["cubin"]) if arch in sass_archs and cuobjdump_path() else ""
         results.append(AotResult(kernel=jit_fn.__name__, arch=arch, shared=int(ck.metadata.shared),
                                  num_warps=int(ck.metadata.num_warps), registers=regs, spill_stores=stores,

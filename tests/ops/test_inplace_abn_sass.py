@@ -42,7 +42,7 @@ def _run(*args):
 
 @pytest.fixture(scope="module")
 def sm90():
-    """{mangled kernel name: (Counter of SASS opcodes, resource usage dict)} of the sm_90 code."""
+    """{mangled kernel name: (Counter of SASS opcodes, resource usage dict, SASS text)} of the sm_90 code."""
     tool = cuobjdump_path()
     if tool is None:
         pytest.skip("no cuobjdump (it ships with triton under backends/nvidia/bin)")
@@ -62,12 +62,7 @@ def sm90():
         if "ifbf" in name:
             ops[name.strip()] = Counter(re.findall(r"\b((?:LDG|STG|LDL|STL)(?:\.[A-Z0-9]+)*)", body))
             bodies[name.strip()] = body
-    _BODIES.clear()
-    _BODIES.update(bodies)
-    return {name: (ops[name], usage.get(name, {})) for name in ops}
-
-
-_BODIES = {}   # mangled name -> the function's SASS text, filled by the sm90 fixture with the rest
+    return {name: (ops[name], usage.get(name, {}), bodies[name]) for name in ops}
 
 
 def _blocks_per_sm():
@@ -90,15 +85,15 @@ def _parse(name):
 
 def _vectorised(sm90):
     found = {}
-    for name, (ops, usage) in sm90.items():
+    for name, (ops, usage, body) in sm90.items():
         parsed = _parse(name)
         if parsed and parsed[0] in KERNELS and parsed[3] * DTYPES[parsed[2]] == 16:
-            found[name] = (parsed, ops, usage)
+            found[name] = (parsed, ops, usage, body)
     return found
 
 
 def test_every_kernel_family_has_vectorised_code(sm90):
-    seen = {(k, f, d) for (k, f, d, _), _, _ in _vectorised(sm90).values()}
+    seen = {(k, f, d) for (k, f, d, _), _, _, _ in _vectorised(sm90).values()}
     want = {(k, f, d) for k in KERNELS for f in FUNCTORS for d in DTYPES
             if (f.endswith("Red")) == k.startswith("reduce")}
     assert want <= seen, sorted(want - seen)
@@ -106,7 +101,7 @@ def test_every_kernel_family_has_vectorised_code(sm90):
 
 def test_hot_loops_use_128_bit_accesses(sm90):
     bad = []
-    for name, ((kernel, functor, dtype, vec), ops, _) in _vectorised(sm90).items():
+    for name, ((kernel, functor, dtype, vec), ops, _, _) in _vectorised(sm90).items():
         tensors = FUNCTORS[functor]
         ldg = sum(n for op, n in ops.items() if op.startswith("LDG") and ".128" in op)
         stg = sum(n for op, n in ops.items() if op.startswith("STG") and ".128" in op)
@@ -118,7 +113,7 @@ def test_hot_loops_use_128_bit_accesses(sm90):
 def test_no_spills_and_registers_fit_the_planned_occupancy(sm90):
     per_sm = _blocks_per_sm()
     bad = []
-    for name, (ops, usage) in sm90.items():
+    for name, (ops, usage, _body) in sm90.items():
         parsed = _parse(name)
         if parsed is None:
             continue
@@ -135,8 +130,8 @@ def test_hot_loops_keep_four_loads_in_flight(sm90):
     each of y and dy) before it uses the first: the compiler kept the unrolled loads together."""
     from collections import defaultdict
     seen = defaultdict(list)
-    for name, ((kernel, functor, dtype, _vec), _ops, _usage) in _vectorised(sm90).items():
-        seen[(kernel, functor, dtype)].append(loads_in_flight(_BODIES[name]))
+    for (kernel, functor, dtype, _vec), _ops, _usage, body in _vectorised(sm90).values():
+        seen[(kernel, functor, dtype)].append(loads_in_flight(body))
     bad = {k: v for k, v in seen.items() if min(v) < 4}
     assert seen and not bad, bad
 
@@ -154,10 +149,10 @@ def test_network_launches_keep_enough_bytes_in_flight_on_an_h200(sm90):
     from ifbf_fast.utils import sass
     from .test_inplace_abn_bytes import BATCHES, NETWORK
     families = {}
-    for name, ((kernel, functor, dtype, _vec), _ops, usage) in _vectorised(sm90).items():
+    for (kernel, functor, dtype, _vec), _ops, usage, body in _vectorised(sm90).values():
         f = families.setdefault((kernel, functor, dtype), {"regs": 0, "loads": 99})
         f["regs"] = max(f["regs"], usage.get("REG", 0))
-        f["loads"] = min(f["loads"], loads_in_flight(_BODIES[name]))
+        f["loads"] = min(f["loads"], loads_in_flight(body))
     need = sass.H200_BYTES_IN_FLIGHT // sass.H200_SMS
     short, worst = [], None
     for label, (c, side) in NETWORK.items():

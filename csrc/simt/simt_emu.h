@@ -121,7 +121,7 @@ struct Block {
   std::vector<std::unique_ptr<char[]>> stacks;
   ucontext_t main;
   int current = -1;
-  std::function<void()> body;
+  const std::function<void()>* body = nullptr;  // the launch's kernel call, shared by its blocks
   std::string error;
   std::vector<uint64_t> slots;  // one 8-byte slot per thread: the values a shuffle exchanges
 };
@@ -142,7 +142,7 @@ inline void yield(Wait w) {
 inline void entry() {
   Block& b = block();
   try {
-    b.body();
+    (*b.body)();
   } catch (const std::exception& e) {
     if (b.error.empty()) b.error = e.what();
   }
@@ -162,7 +162,7 @@ inline std::string where(unsigned warp = ~0u) {
 // Runs the block's threads until all have returned; barriers release when every participant waits.
 inline void run_block(const std::function<void()>& body, int nthreads) {
   Block& b = block();
-  b.body = body;
+  b.body = &body;
   b.error.clear();
   b.threads.assign(nthreads, Thread{});
   b.slots.assign(nthreads, 0);

@@ -397,7 +397,8 @@ def bytes_model(shape, logits_dtype: torch.dtype, target_dtype: torch.dtype = to
 
     ``launches`` maps each launch to its bytes; ``l2`` lists traffic that stays in L2 (the histogram
     atomics, one 4-byte atomic per valid pixel on 256 KiB; scratch, state and partial sums, below
-    ``SMALL_BYTES``), ``total`` sums the launches and ``minimum`` is :func:`op_minimum`. The
+    ``SMALL_BYTES``; the select programs that hold the k-th's top bin read their losses a second time,
+    at most the whole buffer, just after the first), ``total`` sums the launches and ``minimum`` is :func:`op_minimum`. The
     backward reads every logit whatever the keep ratio (its loads are not masked by the kept flag).
     """
     n, c, h, w = shape
@@ -410,4 +411,5 @@ def bytes_model(shape, logits_dtype: torch.dtype, target_dtype: torch.dtype = to
         "_ohem_ce_bwd_kernel": logits + labels + 4 * pixels + logits,   # logits, labels, losses in; grad out
     }
     return {"launches": launches, "total": sum(launches.values()), "minimum": op_minimum(pixels, logits, labels),
-            "l2": {"histogram_atomics": 4 * pixels, "scratch_and_state": SMALL_BYTES}}
+            "l2": {"histogram_atomics": 4 * pixels, "scratch_and_state": SMALL_BYTES,
+                   "second_histogram_reread": 4 * pixels}}

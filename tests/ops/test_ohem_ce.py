@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ifbf_fast import ops
 from ifbf_fast.kernels import ohem_ce as K
+from ifbf_fast.kernels import ohem_ce_select as S
 from ifbf_fast.ops import ohem_ce as O
 from ifbf_fast.ops.ohem_ce import num_kept, ohem_cross_entropy_fast, ohem_cross_entropy_ref
 
@@ -244,6 +245,37 @@ def test_device_k_matches_num_kept(device, n_valid, keep_ratio):
     assert int(state[K.STATE_N_VALID]) == n_valid
     assert round(1.0 / inv_n) == num_kept(n_valid, keep_ratio) == int(state[K.STATE_K])
 
+
+
+@pytest.mark.parametrize("keep_ratio", [0.75, 0.3])
+def test_exact_kth_over_several_select_programs_and_every_chunk(device, keep_ratio):
+    """The select pass over more than one program (12,871 losses: three full RED_BLOCKs and a partial
+    one): the k-th largest of the forward's own loss buffer, bitwise, and the mean of the top k. Inputs
+    are drawn until the losses that share the k-th's top 16 bits (the ones the second histogram counts)
+    lie in every HIST_CHUNK of every full program, so that a chunk the second histogram skipped shows
+    (logits of scale 0.02: the losses crowd around log 3, a few hundred per 1/256-octave bin)."""
+    shape = (1, 3, 61, 211)
+    pixels = shape[0] * shape[2] * shape[3]
+    assert pixels > 3 * K.RED_BLOCK and K.RED_BLOCK % S.HIST_CHUNK == 0
+    chunks = 3 * K.RED_BLOCK // S.HIST_CHUNK
+    for _ in range(20):
+        logits, target = _inputs(shape, torch.float32, device, scale=0.02)
+        loss, losses, state, _ = K.ohem_ce_fwd(logits, target, keep_ratio, -1.0, 255)
+        flat = losses.reshape(-1).cpu()
+        valid = flat >= 0
+        k = num_kept(int(valid.sum()), keep_ratio)
+        kth = flat[valid].topk(k).values[-1]
+        kth_bits = int(kth.view(torch.int32))
+        in_bin = (flat.view(torch.int32) >> 15) == (kth_bits >> 15)
+        hit = in_bin[:chunks * S.HIST_CHUNK].view(chunks, S.HIST_CHUNK).any(1)
+        if bool(hit.all()):
+            break
+    else:
+        raise RuntimeError("no draw put the k-th's bin in every chunk in 20 draws")
+    assert int(state[K.STATE_K]) == k and int(state[K.STATE_N_VALID]) == int(valid.sum())
+    assert int(state[K.STATE_KTH]) == kth_bits
+    want = flat[valid].double().topk(k).values.sum() / k
+    torch.testing.assert_close(loss.cpu().double(), want, rtol=2e-7, atol=0)
 
 def test_bad_labels_poison_the_result_and_can_raise(device):
     logits, target = _inputs((2, 19, 7, 13), torch.float32, device)

@@ -3,9 +3,10 @@
     python -m pytest bench/bench_ohem_ce.py --benchmark-columns=median,iqr,rounds
 
 The training loss's shape (DESIGN section 3): batch 4 x 19 classes x 876 x 876 (the crop), bf16 and
-fp32 logits, uint8 labels (the loaders' dtype, read by the kernels as they are) with about 10% ignored
-pixels (255), keep_ratio 0.75, without and with the
-``thresh=0.7`` union; forward and forward+backward. Without CUDA these skip.
+fp32 logits, NCHW and channels_last (the CUDA default of a model that upsamples its own logits), uint8
+labels (the loaders' dtype, read by the kernels as they are) with about 10% ignored pixels (255),
+keep_ratio 0.75, without and with the ``thresh=0.7`` union; forward and forward+backward. Without CUDA
+these skip.
 
 ``test_host_ohem_ce`` (CPU, any machine): the host time of one fwd+bwd with every Triton launch
 stubbed (counted, not run), fast beside the reference and beside an empty autograd step (the
@@ -41,6 +42,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 THRESH = {"topk": None, "thresh0.7": 0.7}
 PROVIDERS = ("reference", "compiled_reference", "fast")
 PASSES = ("fwd", "fwd_bwd")
+LAYOUTS = ("nchw", "channels_last")
 IGNORE_FRAC = 0.1
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -107,21 +109,26 @@ def _provider_fn(provider: str) -> Callable:
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
 
-def make_inputs(shape: Sequence[int], dtype: torch.dtype, device: str = "cuda", ignore_index: int = 255):
-    """Logits as a network would give them (random, scale 3: losses spread over several octaves) and
-    uint8 labels (the loaders' dtype) with ``IGNORE_FRAC`` of the pixels ignored; never zeros."""
+def make_inputs(shape: Sequence[int], dtype: torch.dtype, device: str = "cuda", ignore_index: int = 255,
+                channels_last: bool = False):
+    """Logits as a network would give them (random, scale 3: losses spread over several octaves; NCHW or
+    channels_last) and uint8 labels (the loaders' dtype) with ``IGNORE_FRAC`` of the pixels ignored;
+    never zeros."""
     n, c, h, w = shape
     logits = (torch.randn(shape, device=device) * 3).to(dtype)
+    if channels_last:
+        logits = logits.contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, c, (n, h, w), device=device, dtype=torch.uint8)
     target[torch.rand(n, h, w, device=device) < IGNORE_FRAC] = ignore_index
     return logits, target
 
 
 def make_case(provider: str, pass_: str, shape: Sequence[int], dtype: torch.dtype,
-              thresh: Optional[float] = None, keep_ratio: float = 0.75, device: str = "cuda") -> Callable:
+              thresh: Optional[float] = None, keep_ratio: float = 0.75, device: str = "cuda",
+              channels_last: bool = False) -> Callable:
     """The callable a benchmark times: the loss (``pass_="fwd"``, no grad) or loss + grad_logits via
     autograd.grad (``"fwd_bwd"``), on inputs made once here."""
-    logits, target = make_inputs(shape, dtype, device)
+    logits, target = make_inputs(shape, dtype, device, channels_last=channels_last)
     fn = _provider_fn(provider)
     if pass_ == "fwd":
         def run():
@@ -140,23 +147,25 @@ def make_case(provider: str, pass_: str, shape: Sequence[int], dtype: torch.dtyp
 @pytest.mark.benchmark(group="ohem_ce", warmup=False)
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("thresh", list(THRESH))
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("pass_", PASSES)
-def test_ohem_ce(benchmark, pass_, dtype, thresh, provider):
+def test_ohem_ce(benchmark, pass_, dtype, layout, thresh, provider):
     from conftest import peak_bytes, synced     # bench/conftest.py (bench/ is on sys.path under pytest bench)
     torch.manual_seed(0)
-    run = synced(make_case(provider, pass_, SHAPE, DTYPES[dtype], THRESH[thresh]))
+    run = synced(make_case(provider, pass_, SHAPE, DTYPES[dtype], THRESH[thresh],
+                           channels_last=layout == "channels_last"))
     for _ in range(3):      # compile (torch.compile, Triton) and warm the allocator outside the timing
         run()
     peak = peak_bytes(run, torch.device("cuda"))
-    benchmark.group = f"ohem_ce {pass_} {'x'.join(map(str, SHAPE))} {dtype} {thresh}"
+    benchmark.group = f"ohem_ce {pass_} {'x'.join(map(str, SHAPE))} {dtype} {layout} {thresh}"
     benchmark(run)
     backward = pass_ == "fwd_bwd"
     nbytes = bytes_moved(SHAPE, DTYPES[dtype], backward=backward)
     median = benchmark.stats["median"]
     benchmark.extra_info.update(
         provider=provider, bytes_moved=nbytes, fast_path_bytes=fast_path_bytes(SHAPE, DTYPES[dtype], backward=backward),
-        gb_per_s=nbytes / median / 1e9, median_ms=median * 1e3, peak_bytes=peak, labels="uint8",
+        gb_per_s=nbytes / median / 1e9, median_ms=median * 1e3, peak_bytes=peak, labels="uint8", layout=layout,
         device=torch.cuda.get_device_name())
 
 

@@ -64,6 +64,9 @@ def _cases(device: str, smoke: bool) -> Dict[str, Dict[str, Callable[[], Callabl
             for p in ("reference", "fast")},
         "ohem_ce 4x19x876x876 bf16": {
             p: (lambda p=p: O.make_case(p, "fwd_bwd", O.SHAPE, bf16, device=device)) for p in ("reference", "fast")},
+        "ohem_ce 4x19x876x876 bf16 channels_last": {
+            p: (lambda p=p: O.make_case(p, "fwd_bwd", O.SHAPE, bf16, device=device, channels_last=True))
+            for p in ("reference", "fast")},
         "ohem_ce_upsampled 4x19x219x219->876x876 bf16": {
             p: (lambda p=p: O.make_upsampled_case(p, "fwd_bwd", O.LOWRES, O.UP_SIZE, bf16, device=device))
             for p in ("fast_unfused", "fast_fused")},

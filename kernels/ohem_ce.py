@@ -3,7 +3,8 @@
 Forward and backward in three launches, no host synchronisation, no fill:
 
 1. ``_ohem_ce_fwd_kernel``: per pixel, an fp32 log-sum-exp over the classes (pixels tiled against the
-   small class dimension, any strides: NCHW, channels_last, views); writes ONE fp32 per pixel (the
+   small class dimension, any strides: NCHW, channels_last, views; packed channels_last pixel rows are
+   loaded flat and regrouped, ``_ohem_ce_packed_load``); writes ONE fp32 per pixel (the
    loss, ``-1.0`` for ignored pixels: the sign bit marks them) and adds each valid loss to a 65,536-bin
    histogram of the top 16 of its 31 significant bits (one L2 atomic per pixel; a 256-bin histogram of
    the exponent, built per program, indexes it). Its last program (a ticket counter) picks the bin
@@ -94,6 +95,38 @@ def _ohem_ce_pixel_offsets(offs_p, W, stride_h, stride_w, FLAT_HW: tl.constexpr)
 
 
 @triton.jit
+def _ohem_ce_packed_load(ptr, p0, n_pix, C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The fp32 [BLOCK_P, BLOCK_C] tile of pixels ``p0 ..`` of a packed channels_last image (each pixel's
+    C classes contiguous, pixel after pixel): -inf past ``n_pix`` pixels and past C classes.
+
+    The tile's BLOCK_P * C elements are contiguous: one flat load (16-byte vectors where n_pix is a
+    multiple of 16 and the image 16-byte aligned, as at 876 x 876), regrouped per pixel by a gather
+    (through shared memory). A [BLOCK_P, BLOCK_C] load with row stride C (19: no power of two) would
+    issue one scalar load per element.
+    """
+    f = tl.arange(0, BLOCK_P * BLOCK_C)
+    n_el = tl.minimum(n_pix - p0, BLOCK_P) * C
+    flat = tl.load(ptr + p0 * C + f, mask=f < n_el)
+    pix = tl.arange(0, BLOCK_P)
+    cls = tl.arange(0, BLOCK_C)
+    src = pix[:, None] * C + tl.minimum(cls, C - 1)[None, :]
+    x = tl.reshape(tl.gather(flat, tl.reshape(src, [BLOCK_P * BLOCK_C]), 0), [BLOCK_P, BLOCK_C])
+    return tl.where(((p0 + pix) < n_pix)[:, None] & (cls < C)[None, :], x.to(tl.float32), -float("inf"))
+
+
+@triton.jit
+def _ohem_ce_packed_store(ptr, p0, n_pix, tile, C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Store the [BLOCK_P, BLOCK_C] ``tile`` as pixels ``p0 ..`` of a packed channels_last image (the
+    inverse of :func:`_ohem_ce_packed_load`: a gather into the flat order, one flat vectorised store of
+    the tile's BLOCK_P * C elements; columns past C are not stored)."""
+    f = tl.arange(0, BLOCK_P * BLOCK_C)
+    n_el = tl.minimum(n_pix - p0, BLOCK_P) * C
+    src = tl.minimum((f // C) * BLOCK_C + f % C, BLOCK_P * BLOCK_C - 1)     # C constexpr: no division
+    flat = tl.gather(tl.reshape(tile, [BLOCK_P * BLOCK_C]), src, 0)
+    tl.store(ptr + p0 * C + f, flat, mask=f < n_el)
+
+
+@triton.jit
 def _ohem_ce_labels(t):
     """Labels widened for comparisons: int64 stays int64 (2**40 + 1 must not wrap to a class id),
     narrower ones (uint8 from the loader, int32) become int32 (fewer registers)."""
@@ -150,6 +183,7 @@ def _ohem_ce_fwd_kernel(
     BLOCK_C: tl.constexpr,   # next power of two >= C
     TILES: tl.constexpr,     # tiles per program
     FLAT_HW: tl.constexpr,   # logits' and target's H x W planes are dense
+    PACKED_C: tl.constexpr,  # C when the logits are packed channels_last (see _ohem_ce_packed_load), else 0
 ):
     """One program: TILES x BLOCK_P pixels of image ``program_id(1)``; grid (cdiv(H*W, TILES*BLOCK_P), N)."""
     # int64 only for the image's base; offsets inside one image fit int32 (checked by the launcher).
@@ -171,11 +205,15 @@ def _ohem_ce_fwd_kernel(
         t = _ohem_ce_labels(tl.load(target_ptr + _ohem_ce_pixel_offsets(offs_p, W, stride_th, stride_tw, FLAT_HW),
                                     mask=mask_p, other=ignore_index))
         valid = mask_p & (t != ignore_index)
-        row = _ohem_ce_pixel_offsets(offs_p, W, stride_lh, stride_lw, FLAT_HW)
         # -inf padding is neutral for the max and the exp-sum. Ignored pixels are read too: a mask
         # that depends on the labels would stop the loads from vectorising.
-        x = tl.load(logits_ptr + row[:, None] + col[None, :], mask=mask_p[:, None] & mask_c[None, :],
-                    other=-float("inf")).to(tl.float32)
+        if PACKED_C > 0:
+            x = _ohem_ce_packed_load(logits_ptr, (tl.program_id(0) * TILES + i) * BLOCK_P, hw_total, PACKED_C,
+                                     BLOCK_P, BLOCK_C)
+        else:
+            row = _ohem_ce_pixel_offsets(offs_p, W, stride_lh, stride_lw, FLAT_HW)
+            x = tl.load(logits_ptr + row[:, None] + col[None, :], mask=mask_p[:, None] & mask_c[None, :],
+                        other=-float("inf")).to(tl.float32)
         loss, bad, is_nan = _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C)
         tl.store(loss_ptr + offs_p, loss, mask=mask_p)
         coarse += _ohem_ce_tile_histogram(scratch_ptr, loss, valid)
@@ -200,6 +238,7 @@ def _ohem_ce_bwd_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     FLAT_HW: tl.constexpr,   # logits', target's and grad's H x W planes are dense
+    PACKED_C: tl.constexpr,  # C when logits and grad are packed channels_last, else 0
 ):
     """grad = (softmax - onehot) * grad_out * weight / n_kept; grid (cdiv(H*W, BLOCK_P), N)."""
     n = tl.program_id(1).to(tl.int64)
@@ -224,18 +263,26 @@ def _ohem_ce_bwd_kernel(
     # gradient is selected to zero below (0 * coef: NaN only when the call is poisoned).
     t = _ohem_ce_labels(tl.load(target_ptr + _ohem_ce_pixel_offsets(offs_p, W, stride_th, stride_tw, FLAT_HW),
                                 mask=mask_p, other=-1))
-    row = _ohem_ce_pixel_offsets(offs_p, W, stride_lh, stride_lw, FLAT_HW)
-    x = tl.load(logits_ptr + row[:, None] + (offs_c * stride_lc)[None, :],
-                mask=mask_p[:, None] & mask_c[None, :], other=-float("inf")).to(tl.float32)
+    if PACKED_C > 0:
+        x = _ohem_ce_packed_load(logits_ptr, tl.program_id(0) * BLOCK_P, hw_total, PACKED_C, BLOCK_P,
+                                 BLOCK_C)
+    else:
+        row = _ohem_ce_pixel_offsets(offs_p, W, stride_lh, stride_lw, FLAT_HW)
+        x = tl.load(logits_ptr + row[:, None] + (offs_c * stride_lc)[None, :],
+                    mask=mask_p[:, None] & mask_c[None, :], other=-float("inf")).to(tl.float32)
     m = tl.where(mask_p, tl.max(x, axis=1), 0.0)
     e = tl.exp(x - m[:, None])
     s = tl.where(mask_p, tl.sum(e, axis=1), 1.0)
     prob = e / s[:, None]
     onehot = tl.where(offs_c[None, :] == t[:, None], 1.0, 0.0)
     grad = tl.where(kept[:, None], (prob - onehot) * coef[:, None], (0.0 * coef)[:, None])
-    grad_row = _ohem_ce_pixel_offsets(offs_p, W, stride_gh, stride_gw, FLAT_HW)
-    tl.store(grad_ptr + grad_row[:, None] + (offs_c * stride_gc)[None, :],
-             grad.to(grad_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
+    if PACKED_C > 0:
+        _ohem_ce_packed_store(grad_ptr, tl.program_id(0) * BLOCK_P, hw_total, grad.to(grad_ptr.dtype.element_ty),
+                              PACKED_C, BLOCK_P, BLOCK_C)
+    else:
+        grad_row = _ohem_ce_pixel_offsets(offs_p, W, stride_gh, stride_gw, FLAT_HW)
+        tl.store(grad_ptr + grad_row[:, None] + (offs_c * stride_gc)[None, :],
+                 grad.to(grad_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
 
 
 # --- host launchers ------------------------------------------------------------------------------
@@ -262,6 +309,19 @@ def _flat_hw(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
+
+
+def _packed_classes(*tensors: torch.Tensor) -> int:
+    """C when every (N, C, H, W) tensor is packed channels_last inside each image (class stride 1, pixel
+    stride C, row stride W * C; any batch stride) and C > 1, else 0 (the kernels' PACKED_C)."""
+    c = tensors[0].shape[1]
+    if c < 2:
+        return 0
+    for t in tensors:
+        _, _, h, w = t.shape
+        if t.stride(1) != 1 or (w > 1 and t.stride(3) != c) or (h > 1 and t.stride(2) != w * c):
+            return 0
+    return c
 
 
 def _check_offsets(*tensors: torch.Tensor) -> None:
@@ -313,7 +373,7 @@ def _fwd_meta(logits: torch.Tensor, target: torch.Tensor) -> tuple:
         grid = (_cdiv(h * w, block_p * FWD_TILES), n)
         n_prog = grid[0] * grid[1]
         consts = dict(BLOCK_P=block_p, BLOCK_C=block_c, TILES=FWD_TILES, FLAT_HW=_flat_hw(logits, target),
-                      num_warps=warps)
+                      PACKED_C=_packed_classes(logits), num_warps=warps)
         meta = _FWD_META[key] = (p, grid, _cdiv(p, RED_BLOCK) if p else 1,
                                  (c, h * w, w) + tuple(logits.stride()) + tuple(target.stride()),
                                  (n_prog,), consts, ((n, h, w), (h * w, w, 1)),
@@ -363,7 +423,7 @@ def ohem_ce_bwd(grad_out: torch.Tensor, logits: torch.Tensor, target: torch.Tens
         _check_offsets(logits, target, grad_logits)
         grid = bwd_grid(logits.shape)
         consts = dict(BLOCK_P=block_p, BLOCK_C=block_c, FLAT_HW=_flat_hw(logits, target, grad_logits),
-                      num_warps=warps)
+                      PACKED_C=_packed_classes(logits, grad_logits), num_warps=warps)
         meta = _BWD_META[key] = (grid, n * c * h * w,
                                  (c, h * w, w) + tuple(logits.stride()) + tuple(target.stride())
                                  + tuple(grad_logits.stride()), consts,

@@ -218,6 +218,31 @@ def test_layouts(device, dtype, layout):
         assert grad.is_contiguous(memory_format=torch.channels_last)
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout,packed", [("channels_last", True), ("every_other_image", True),
+                                           ("class_slice", False), ("one_class", False)])
+def test_channels_last_packed_rows_and_the_strided_path(device, dtype, layout, packed):
+    """Packed channels_last logits (each pixel's classes contiguous, pixel after pixel) take the flat
+    load and store regrouped by a gather (kernels/ohem_ce.py ``_ohem_ce_packed_load``), at any batch
+    stride; odd H*W (279 pixels: two full 128-pixel tiles and a partial one). A class slice of a wider
+    channels_last tensor (pixel stride 24, not C) and a single class take the strided tile loads."""
+    n, c = (2, 1) if layout == "one_class" else (2, 19)
+    shape = (2 * n if layout == "every_other_image" else n, 24 if layout == "class_slice" else c, 9, 31)
+    logits, target = _fresh_separated(shape, dtype, device, 0.75)
+    logits = logits.contiguous(memory_format=torch.channels_last)
+    if layout == "every_other_image":
+        logits, target = logits[::2], target[::2]
+    elif layout == "class_slice":
+        logits = logits[:, :c]
+        target = target.clamp(max=c - 1).where(target != 255, 255)
+        if not _separated_at_kth(logits, target, 0.75):
+            pytest.skip("slice drew a near-tie at the k-th value")
+    assert bool(K._packed_classes(logits)) == packed
+    _check_against_ref(logits, target, 0.75, grad_out=0.37)
+    _, grad = _run(ohem_cross_entropy_fast, logits, target)
+    assert grad.stride() == torch.empty_like(logits).stride()
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_every_grad_element_written(device, layout):
     logits, target = _inputs((2, 19, 7, 13), torch.float32, device)

@@ -8,6 +8,7 @@ the global loads were vectorised (pytest -s shows the table). The tables of what
 live here, not in ``kernels/`` (which imports nothing from ``ifbf_fast``).
 """
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -34,8 +35,11 @@ def kernel_specs(num_classes, logits_dtype, target_dtype=torch.int64, channels_l
     unit = "stride_lc" if channels_last else "stride_lw"
     common = {"C": "i32", "HW": "i32", "W": "i32", "stride_ln": "i32", "stride_lc": "i32", "stride_lh": "i32",
               "stride_lw": "i32", "stride_tn": "i32", "stride_th": "i32", "stride_tw": "constexpr",
-              unit: "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr", "FLAT_HW": "constexpr"}
-    consts = {"stride_tw": 1, unit: 1, "BLOCK_P": block_p, "BLOCK_C": block_c, "FLAT_HW": True}
+              unit: "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr", "FLAT_HW": "constexpr",
+              "PACKED_C": "constexpr"}
+    # channels_last logits of more than one class are packed (kernels/ohem_ce.py _packed_classes)
+    consts = {"stride_tw": 1, unit: 1, "BLOCK_P": block_p, "BLOCK_C": block_c, "FLAT_HW": True,
+              "PACKED_C": num_classes if channels_last and num_classes > 1 else 0}
     div = ["logits_ptr", "target_ptr", "HW", "stride_ln", "stride_tn"] + ([] if channels_last else ["stride_lc"])
     fwd_sig = dict(common, logits_ptr=f"*{lt}", target_ptr=f"*{tt}", loss_ptr="*fp32", scratch_ptr="*i32",
                    ignore_index="i32", keep_hi="i32", keep_lo="i32", n_programs="i32",
@@ -125,13 +129,17 @@ def test_every_launched_configuration_compiles_cleanly_for_sm80_and_sm90():
                         f"regs={r.registers:3d} spills={r.spills} smem={r.shared} vec={r.vector_loads}")
         assert_compiles_cleanly(per_arch)
     print("\n" + "\n".join(rows))
-    # NCHW at 19 classes, aligned as at 876 x 876: the forward's and the backward's logits loads (the
-    # backward's are no longer masked by the kept flag) and the select pass's loss loads must vectorise.
+    # 19 classes, NCHW and packed channels_last, aligned as at 876 x 876: the forward's and the backward's
+    # logits loads (the backward's are not masked by the kept flag) and the select pass's loss loads must
+    # vectorise, and so must the backward's gradient stores.
     for spec, per_arch in zip(specs, results):
         hot = (spec.attr in ("_ohem_ce_fwd_kernel", "_ohem_ce_bwd_kernel") and spec.constexprs.get("BLOCK_C") == 32
-               and spec.constexprs.get("stride_lw") == 1 and spec.divisible_by_16)
+               and 1 in (spec.constexprs.get("stride_lw"), spec.constexprs.get("stride_lc")) and spec.divisible_by_16)
         if hot or spec.attr == "_ohem_ce_select_kernel":
             assert all(r.vector_loads for r in per_arch), f"{spec.attr} {spec.signature.get('logits_ptr')}: scalar loads"
+        if hot and spec.attr == "_ohem_ce_bwd_kernel":
+            assert all(re.search(r"st\.global(\.\w+)*\.v[24]", r.ptx) for r in per_arch), \
+                f"{spec.attr} {spec.signature.get('logits_ptr')}: scalar gradient stores"
 
 
 def test_integer_arguments_of_one_compile():
@@ -158,13 +166,13 @@ def test_integer_arguments_of_one_compile():
 
 
 def test_hot_kernels_keep_enough_bytes_in_flight_on_an_h200():
-    """Little's law from the compiled code (ifbf_fast.utils.sass): the NCHW forward and backward at
-    4 x 19 x 876^2, the DRAM-bound passes over the logits, keep at least the H200's share of 3 MB per SM
-    in flight: resident blocks (ptxas registers, shared memory, the H200 grid) x threads x the 16-byte
+    """Little's law from the compiled code (ifbf_fast.utils.sass): the forward and backward at
+    4 x 19 x 876^2 in both layouts, the DRAM-bound passes over the logits, keep at least the H200's share
+    of 3 MB per SM in flight: resident blocks (ptxas registers, shared memory, the H200 grid) x threads x the 16-byte
     loads each thread issues before it uses the first (SASS). The select pass over the 12 MB loss buffer
     is held to it too (it ran one block per SM at 149 registers until its second histogram was chunked:
-    16 KiB per SM). Not held to it, and printed: channels-last logits (19 classes: 38- or 76-byte
-    pixels, scalar loads)."""
+    16 KiB per SM), and so are channels_last logits (packed pixel rows: flat loads regrouped by a
+    gather; strided [pixels, classes] tiles of 38- or 76-byte rows gave scalar loads, 0 in flight)."""
     from ifbf_fast.utils import sass
     if not sass.cuobjdump_path():
         pytest.skip("no cuobjdump (it ships with triton under backends/nvidia/bin)")
@@ -176,19 +184,18 @@ def test_hot_kernels_keep_enough_bytes_in_flight_on_an_h200():
     for dtype in DTYPES:
         for channels_last in (False, True):
             fwd, bwd = kernel_specs(19, dtype, channels_last=channels_last)
-            cases += [(f"fwd {dtype} {'cl' if channels_last else 'nchw'}", fwd, fwd_grid, not channels_last),
-                      (f"bwd {dtype} {'cl' if channels_last else 'nchw'}", bwd, bwd_grid, not channels_last)]
-    cases.append(("select", select_kernel_specs()[0], (-(-shape[0] * shape[2] * shape[3] // S.RED_BLOCK),), True))
-    results = compile_kernels([dataclasses.replace(spec, sass_archs=(90,)) for _, spec, _, _ in cases], archs=(90,))
+            cases += [(f"fwd {dtype} {'cl' if channels_last else 'nchw'}", fwd, fwd_grid),
+                      (f"bwd {dtype} {'cl' if channels_last else 'nchw'}", bwd, bwd_grid)]
+    cases.append(("select", select_kernel_specs()[0], (-(-shape[0] * shape[2] * shape[3] // S.RED_BLOCK),)))
+    results = compile_kernels([dataclasses.replace(spec, sass_archs=(90,)) for _, spec, _ in cases], archs=(90,))
     need = sass.H200_BYTES_IN_FLIGHT // sass.H200_SMS
     lines, short = [], []
-    for (name, _, grid, held), (r,) in zip(cases, results):
+    for (name, _, grid), (r,) in zip(cases, results):
         programs = grid[0] * (grid[1] if len(grid) > 1 else 1)
         got = sass.bytes_in_flight_per_sm(r.num_warps, r.registers, r.loads_in_flight, programs, r.shared)
         lines.append(f"{name:28s} regs {r.registers:3d} warps {r.num_warps} smem {r.shared:6d} loads in flight "
-                     f"{r.loads_in_flight} programs {programs:6d}: {got / 1024:5.1f} KiB per SM"
-                     + ("" if held else " (not held)"))
-        if held and got < need:
+                     f"{r.loads_in_flight} programs {programs:6d}: {got / 1024:5.1f} KiB per SM")
+        if got < need:
             short.append(lines[-1])
     print("\n" + "\n".join(lines))
     assert not short, f"below {need / 1024:.1f} KiB per SM:\n" + "\n".join(short)

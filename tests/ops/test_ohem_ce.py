@@ -414,9 +414,10 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.ifbf_fast.ohem_ce_fwd.default, (x, target, 0.75, 0.7, 255))
     torch.library.opcheck(torch.ops.ifbf_fast.ohem_ce_fwd.default,
                           (x.detach().contiguous(memory_format=torch.channels_last), target, 0.5, -1.0, 255))
-    _, losses, state, _ = K.ohem_ce_fwd(logits.detach(), target, 0.75, -1.0, 255)
-    torch.library.opcheck(torch.ops.ifbf_fast.ohem_ce_bwd.default,
-                          (torch.tensor(1.0, device=device), logits.detach(), target, losses, state))
+    for lg in (logits.detach(), logits.detach().contiguous(memory_format=torch.channels_last)):   # packed rows too
+        _, losses, state, _ = K.ohem_ce_fwd(lg, target, 0.75, -1.0, 255)
+        torch.library.opcheck(torch.ops.ifbf_fast.ohem_ce_bwd.default,
+                              (torch.tensor(1.0, device=device), lg, target, losses, state))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

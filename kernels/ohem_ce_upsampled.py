@@ -4,9 +4,13 @@ their host launchers (the ``ifbf_fast.ops.ohem_cross_entropy_upsampled`` fast pa
 The same loss as ``ohem_ce.py`` on ``interpolate(logits, (H, W), bilinear, align_corners=False)`` of
 1/4-resolution logits, interpolated on the fly, in three launches for forward and backward:
 
-* ``_ohem_ce_up_fwd_kernel``: ``_ohem_ce_fwd_kernel`` with each output pixel's logits gathered from
-  its four source pixels; it fills the same per-pixel loss buffer and first histogram, after which
-  the select pass of ``ohem_ce_select.py`` runs unchanged.
+* ``_ohem_ce_up_fwd_kernel``: ``_ohem_ce_fwd_kernel`` on the interpolated logits; it fills the same
+  per-pixel loss buffer and first histogram, after which the select pass of ``ohem_ce_select.py`` runs
+  unchanged. At an exact x4 of fp16 / bf16 logits (the training loss) it takes 4 x 32-pixel output
+  tiles and interpolates each as one small tensor-core matmul, exact bilinear weights [pixels, window]
+  @ the tile's source window [window, classes] (``_ohem_ce_bilinear_mma``: 0.6 warp-wide loads per
+  output pixel instead of 4 for gathering each pixel's four corners); other resizes and fp32 logits
+  gather.
 * ``_ohem_ce_up_bwd_kernel``: the gradient wrt the low-resolution logits, written once in their
   dtype and layout: a program OWNS a tile of low-resolution pixels and gathers the contributions of
   every output pixel whose bilinear sources reach it (no atomics, no fp32 buffer, no fill, no copy;
@@ -41,7 +45,8 @@ from .ohem_ce import (FWD_TILES, RED_BLOCK, _STATE_CUT, _STATE_INV_N, _STATE_TIE
 # The head's logits come at 1/4 resolution and are upsampled (bilinear, align_corners=False) to the
 # label size. These kernels take the low-resolution logits and interpolate on the fly, in fp32, so
 # the full-resolution logits and their gradient never exist. Forward: each output pixel gathers its
-# four source pixels (the low-resolution tensor is 1/16 of the full one and stays in L1/L2). Backward:
+# four source pixels (the low-resolution tensor is 1/16 of the full one and stays in L1/L2), or, at an
+# exact x4 of fp16 / bf16 logits, a 2-D output tile is one matmul with its source window. Backward:
 # a program owns OT_H x OT_W low-resolution pixels, walks the output window that reaches them in steps
 # of CH rows, computes the gradient G [P, C] of those output pixels in registers and applies the
 # transposed interpolation restricted to its own pixels as one small matmul, G^T @ M with M [P, L] the
@@ -77,6 +82,41 @@ def _ohem_ce_bilinear_tile(lr_ptr, Y, X, mask, offs_c, mask_c, h_in, w_in, scale
 
 
 @triton.jit
+def _ohem_ce_bilinear_mma(lr_ptr, oy, ox, y_first, x_first, offs_c, mask_c, h_in, w_in, scale_h, scale_w,
+                          stride_c, stride_h, stride_w, WIN_H: tl.constexpr, WIN_W: tl.constexpr,
+                          KW: tl.constexpr):
+    """fp32 logits [P, BLOCK_C] of the output pixels (oy, ox) of one 2-D output tile, -inf padding, as one
+    small matmul: bilinear weights [P, KW] @ the tile's low-resolution window [KW, BLOCK_C].
+
+    The window is the WIN_H x WIN_W source pixels from (source row of y_first, source column of
+    x_first), clamped to the image (a clamped duplicate gets weight 0: the weights compare the window's
+    unclamped coordinates with each pixel's clamped i0 / i1, so the edges weigh as PyTorch does). At an
+    exact x4 every weight is a multiple of 1/64 and fp16 / bf16 logits are exact in tf32: the tensor
+    core's products are exact, and each pixel's value is the fp32 sum of its four weighted corners, as
+    the gather path computes it up to the order of the additions. KW = next power of two of
+    WIN_H * WIN_W window pixels are read once per tile instead of four corners per output pixel.
+    """
+    y0, y1, ly = _ohem_ce_source_index(oy, scale_h, h_in)
+    x0, x1, lx = _ohem_ce_source_index(ox, scale_w, w_in)
+    ybase = _ohem_ce_source_index(y_first, scale_h, h_in)[0]
+    xbase = _ohem_ce_source_index(x_first, scale_w, w_in)[0]
+    k = tl.arange(0, KW)
+    ky = ybase + k // WIN_W
+    kx = xbase + k % WIN_W
+    in_win = k < WIN_H * WIN_W
+    wy = (tl.where(ky[None, :] == y0[:, None], 1.0 - ly[:, None], 0.0)
+          + tl.where(ky[None, :] == y1[:, None], ly[:, None], 0.0))
+    wx = (tl.where(kx[None, :] == x0[:, None], 1.0 - lx[:, None], 0.0)
+          + tl.where(kx[None, :] == x1[:, None], lx[:, None], 0.0))
+    weights = tl.where(in_win[None, :], wy * wx, 0.0)
+    src = tl.minimum(ky, h_in - 1) * stride_h + tl.minimum(kx, w_in - 1) * stride_w
+    win = tl.load(lr_ptr + src[:, None] + (offs_c * stride_c)[None, :], mask=in_win[:, None] & mask_c[None, :],
+                  other=0.0).to(tl.float32)
+    x = tl.dot(weights, win, input_precision="tf32")
+    return tl.where(mask_c[None, :], x, -float("inf"))
+
+
+@triton.jit
 def _ohem_ce_up_fwd_kernel(
     lr_ptr,         # (N, C, h, w) low-resolution logits, any strides
     target_ptr,     # (N, H, W) uint8/int32/int64 class ids, any strides
@@ -91,8 +131,12 @@ def _ohem_ce_up_fwd_kernel(
     keep_hi, keep_lo, n_programs,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr,
     FLAT_HW: tl.constexpr,   # the target's H x W plane is dense
+    MMA: tl.constexpr,       # exact x4 of fp16/bf16 logits: OT_H x OT_W output tiles by _ohem_ce_bilinear_mma
+    OT_H: tl.constexpr, OT_W: tl.constexpr,              # MMA: output tile (OT_H * OT_W == BLOCK_P)
+    WIN_H: tl.constexpr, WIN_W: tl.constexpr, KW: tl.constexpr,   # MMA: its source window
 ):
-    """_ohem_ce_fwd_kernel on bilinearly upsampled logits; grid (cdiv(H*W, TILES*BLOCK_P), N)."""
+    """_ohem_ce_fwd_kernel on bilinearly upsampled logits; grid (cdiv(H*W, TILES*BLOCK_P), N), or with MMA
+    (cdiv(cdiv(H, OT_H) * cdiv(W, OT_W), TILES), N) (tiles row-major over the image)."""
     n = tl.program_id(1).to(tl.int64)
     lr_ptr += n * stride_ln
     target_ptr += n * stride_tn
@@ -104,13 +148,28 @@ def _ohem_ce_up_fwd_kernel(
     n_bad = tl.zeros([], dtype=tl.int32)
     n_nan = tl.zeros([], dtype=tl.int32)
     for i in range(TILES):
-        offs_p = (tl.program_id(0) * TILES + i) * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < HW
+        tile = tl.program_id(0) * TILES + i
+        if MMA:
+            tiles_w = tl.cdiv(W, OT_W)
+            y_first = (tile // tiles_w) * OT_H
+            x_first = (tile % tiles_w) * OT_W
+            oy = y_first + tl.arange(0, BLOCK_P) // OT_W
+            ox = x_first + tl.arange(0, BLOCK_P) % OT_W
+            mask_p = (oy < HW // W) & (ox < W)
+            offs_p = oy * W + ox
+        else:
+            offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+            mask_p = offs_p < HW
         t = _ohem_ce_labels(tl.load(target_ptr + _ohem_ce_pixel_offsets(offs_p, W, stride_th, stride_tw, FLAT_HW),
                                     mask=mask_p, other=ignore_index))
         valid = mask_p & (t != ignore_index)
-        x = _ohem_ce_bilinear_tile(lr_ptr, offs_p // W, offs_p % W, mask_p, offs_c, mask_c, h_in, w_in,
-                                   scale_h, scale_w, stride_lc, stride_lh, stride_lw)
+        if MMA:
+            x = _ohem_ce_bilinear_mma(lr_ptr, oy, ox, y_first, x_first, offs_c, mask_c, h_in, w_in, scale_h,
+                                      scale_w, stride_lc, stride_lh, stride_lw, WIN_H, WIN_W, KW)
+            x = tl.where(mask_p[:, None], x, -float("inf"))
+        else:
+            x = _ohem_ce_bilinear_tile(lr_ptr, offs_p // W, offs_p % W, mask_p, offs_c, mask_c, h_in, w_in,
+                                       scale_h, scale_w, stride_lc, stride_lh, stride_lw)
         loss, bad, is_nan = _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C)
         tl.store(loss_ptr + offs_p, loss, mask=mask_p)
         coarse += _ohem_ce_tile_histogram(scratch_ptr, loss, valid)
@@ -291,7 +350,8 @@ def ohem_ce_up_fwd(logits_lr: torch.Tensor, target: torch.Tensor, keep_ratio: fl
                    ignore_index: int) -> tuple:
     """Forward on ``interpolate(logits_lr, target's size, bilinear)`` without materialising it:
     (loss, losses (N, H, W), state, bad_labels) as ``ohem_ce_fwd``."""
-    key = (logits_lr.shape, logits_lr.stride(), target.shape, target.stride())
+    # the dtype too: fp16 / bf16 logits may take the matmul path (forward_mma), fp32 ones do not
+    key = (logits_lr.shape, logits_lr.stride(), target.shape, target.stride(), logits_lr.dtype)
     meta = _UP_FWD_META.get(key)
     if meta is None:
         n, c, h_in, w_in = logits_lr.shape
@@ -301,10 +361,12 @@ def ohem_ce_up_fwd(logits_lr: torch.Tensor, target: torch.Tensor, keep_ratio: fl
             raise ValueError(f"ohem_ce kernels count pixels in int32; got {p} pixels")
         block_p, block_c, warps = block_sizes(c)
         _check_offsets(logits_lr, target)
-        grid = (_cdiv(h * w, block_p * FWD_TILES), n)
+        mma = forward_mma((h_in, w_in), (h, w), c, logits_lr.dtype)
+        tiles = _cdiv(h, mma["OT_H"]) * _cdiv(w, mma["OT_W"]) if mma["MMA"] else _cdiv(h * w, block_p)
+        grid = (_cdiv(tiles, FWD_TILES), n)
         n_prog = grid[0] * grid[1]
         # four gathered tiles live at once: twice the threads
-        consts = dict(BLOCK_P=block_p, BLOCK_C=block_c, TILES=FWD_TILES, FLAT_HW=_flat_hw(target),
+        consts = dict(BLOCK_P=block_p, BLOCK_C=block_c, TILES=FWD_TILES, FLAT_HW=_flat_hw(target), **mma,
                       num_warps=2 * warps)
         meta = _UP_FWD_META[key] = (
             p, grid, max(_cdiv(p, RED_BLOCK), 1),
@@ -323,6 +385,29 @@ def ohem_ce_up_fwd(logits_lr: torch.Tensor, target: torch.Tensor, keep_ratio: fl
         work.zero_()
         raise
     return (out[0], losses) + out[1:]
+
+
+MMA_FACTOR = 4          # the exact upsampling factor of the forward's matmul path (the network's x4)
+MMA_OT_H = 4            # its output tile: MMA_OT_H rows x BLOCK_P / MMA_OT_H columns
+
+
+def forward_mma(size_in: tuple, size_out: tuple, num_classes: int, dtype: torch.dtype) -> dict:
+    """The forward's MMA constexprs (``MMA`` False: the per-pixel gather of the four corners).
+
+    The matmul path takes exact x4 resizes of fp16 / bf16 logits (bilinear weights multiples of 1/64,
+    logits exact in tf32) with 16 to 64 class lanes (tl.dot's sizes: at least 16, and BLOCK_P >= 64
+    output pixels); fp32 logits would be rounded to tf32, so they gather.
+    """
+    block_p, block_c, _ = block_sizes(num_classes)
+    off = dict(MMA=False, OT_H=1, OT_W=1, WIN_H=1, WIN_W=1, KW=16)
+    if (dtype not in (torch.float16, torch.bfloat16) or not 16 <= block_c <= 64
+            or tuple(size_out) != (MMA_FACTOR * size_in[0], MMA_FACTOR * size_in[1])):
+        return off
+    ot_h, ot_w = MMA_OT_H, block_p // MMA_OT_H
+    # source rows / columns a tile of n output indices touches at x4: ceil((n - 1) / 4) + 2
+    win_h, win_w = -(-(ot_h - 1) // MMA_FACTOR) + 2, -(-(ot_w - 1) // MMA_FACTOR) + 2
+    return dict(MMA=True, OT_H=ot_h, OT_W=ot_w, WIN_H=win_h, WIN_W=win_w,
+                KW=max(triton.next_power_of_2(win_h * win_w), 16))
 
 
 def backward_launch(size_in: tuple, size_out: tuple, num_classes: int) -> dict:
@@ -364,11 +449,13 @@ def bytes_model(lowres_shape, size_out, logits_dtype: torch.dtype, target_dtype:
     """DRAM bytes of each launch of one fused fwd+bwd (see ``ohem_ce.bytes_model``), at low-resolution
     logits ``lowres_shape`` = (N, C, h, w) upsampled to ``size_out`` = (H, W).
 
-    Each byte is counted once per launch: the forward's four bilinear gathers and the backward's
-    overlapping windows re-read low-resolution logits, labels and losses that neighbouring programs
-    (running at the same time) have just brought into L2; those re-reads are listed under ``l2``
-    (at x4 with 7 x 7 owned pixels a window is 32 x 32 output pixels per 28 x 28 owned: 1.31x the
-    labels and losses, 81 / 49 of the low-resolution logits).
+    Each byte is counted once per launch: the forward's source windows (matmul path) or four bilinear
+    gathers per output pixel and the backward's overlapping windows re-read low-resolution logits,
+    labels and losses that neighbouring programs (running at the same time) have just brought into L2;
+    those re-reads are listed under ``l2`` (forward at x4: a 4 x 32 output tile reads 3 x 10 source
+    pixels where it owns 1 x 8, 3.75x the low-resolution logits, the gather 64x; backward at x4 with 7 x 7 owned
+    pixels a window is 32 x 32 output pixels per 28 x 28 owned: 1.31x the labels and losses, 81 / 49
+    of the low-resolution logits).
     """
     from .ohem_ce import SMALL_BYTES, _sizes, op_minimum
 
@@ -386,8 +473,13 @@ def bytes_model(lowres_shape, size_out, logits_dtype: torch.dtype, target_dtype:
         "_ohem_ce_up_bwd_kernel": logits + labels + 4 * pixels + logits,
     }
     halo = (ot_h + 2) * (ot_w + 2) / (ot_h * ot_w)
+    mma = forward_mma((h_in, w_in), tuple(size_out), c, logits_dtype)
+    # low-resolution logits read per one owned: the matmul path's window, or four corners per output pixel
+    fwd_reads = (mma["WIN_H"] * mma["WIN_W"] * MMA_FACTOR ** 2 / (mma["OT_H"] * mma["OT_W"]) if mma["MMA"]
+                 else 4 * pixels / max(n * h_in * w_in, 1))
     return {"launches": launches, "total": sum(launches.values()), "minimum": op_minimum(pixels, logits, labels),
             "l2": {"histogram_atomics": 4 * pixels, "scratch_and_state": SMALL_BYTES,
                    "second_histogram_reread": 4 * pixels,
                    "bwd_window_overlap": max(window_pixels - pixels, 0) * (tsz + 4),
-                   "bwd_logits_halo": int(logits * (halo - 1))}}
+                   "bwd_logits_halo": int(logits * (halo - 1)),
+                   "fwd_window_overlap": int(logits * max(fwd_reads - 1, 0.0))}}

@@ -80,11 +80,12 @@ def upsample_kernel_specs(num_classes, logits_dtype, size_in=(219, 219), size_ou
               "stride_tw": "constexpr", unit: "constexpr", "BLOCK_C": "constexpr"}
     consts = {"stride_tw": 1, unit: 1}
     div = ("lr_ptr", "target_ptr", "loss_ptr", "stride_ln", "stride_tn")
+    mma = KU.forward_mma(size_in, size_out, num_classes, logits_dtype)     # as a launch at these sizes
     fwd = KernelSpec(KU.__name__, "_ohem_ce_up_fwd_kernel",
                      dict(common, scratch_ptr="*i32", HW="i32", ignore_index="i32", keep_hi="i32", keep_lo="i32",
                           n_programs="i32", BLOCK_P="constexpr", TILES="constexpr",
-                          FLAT_HW="constexpr"),
-                     dict(consts, BLOCK_P=block_p, BLOCK_C=block_c, TILES=K.FWD_TILES, FLAT_HW=True),
+                          FLAT_HW="constexpr", **{k: "constexpr" for k in mma}),
+                     dict(consts, BLOCK_P=block_p, BLOCK_C=block_c, TILES=K.FWD_TILES, FLAT_HW=True, **mma),
                      divisible_by_16=div + ("scratch_ptr", "HW"), num_warps=2 * warps)
     launch = KU.backward_launch(size_in, size_out, num_classes)
     warps_b = launch.pop("num_warps")
@@ -199,3 +200,28 @@ def test_hot_kernels_keep_enough_bytes_in_flight_on_an_h200():
             short.append(lines[-1])
     print("\n" + "\n".join(lines))
     assert not short, f"below {need / 1024:.1f} KiB per SM:\n" + "\n".join(short)
+
+
+def test_fused_forward_issues_few_loads_per_output_pixel():
+    """The fused-upsampling forward at 4 x 19 x 219^2 -> 876^2 (the training loss) in fp16 / bf16, both
+    layouts: warp-wide global loads per output pixel, from the sm_90 SASS (every LDG of the kernel, the
+    epilogue's too, counted as if in the per-tile loop body: an upper bound). The per-pixel gather of
+    four corners issued 4 per pixel (64 2-byte loads per thread per 128-pixel tile at 8 warps: a load-
+    issue bound of 23-47 us at the network shape against a 5.4 us DRAM floor); the matmul path reads
+    each tile's source window once. The gather's figure (fp32 logits, which keep it) is printed beside."""
+    from ifbf_fast.utils import sass
+    if not sass.cuobjdump_path():
+        pytest.skip("no cuobjdump (it ships with triton under backends/nvidia/bin)")
+    cases = [(f"{dtype} {'cl' if cl else 'nchw'}", upsample_kernel_specs(19, dtype, channels_last=cl)[0])
+             for dtype in (torch.bfloat16, torch.float16, torch.float32) for cl in (False, True)]
+    results = compile_kernels([dataclasses.replace(spec, sass_archs=(90,)) for _, spec in cases], archs=(90,))
+    lines = []
+    for (name, spec), (r,) in zip(cases, results):
+        loads = len(re.findall(r"\bLDG(\.\w+)*\s", r.sass))
+        per_pixel = loads * r.num_warps / spec.constexprs["BLOCK_P"]
+        lines.append(f"{name:22s} MMA={spec.constexprs['MMA']!s:5s} regs {r.registers:3d} LDG per thread per tile "
+                     f"{loads:3d}: {per_pixel:.2f} warp loads per output pixel")
+        assert spec.constexprs["MMA"] == (spec.signature["lr_ptr"] != "*fp32"), name
+        if spec.constexprs["MMA"]:
+            assert per_pixel <= 0.75, lines[-1]
+    print("\n" + "\n".join(lines))

@@ -57,6 +57,29 @@ def test_matches_interpolate_then_reference(device, dtype, case, thresh):
         assert_within(got, ref_fp32, ref_lowp, "loss vs the unfused low-precision path", atol=0.0, extra_atol=1e-5)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("classes,layout", [(19, "nchw"), (19, "channels_last"), (12, "nchw"), (40, "nchw")])
+def test_forward_matmul_path_equals_the_gather_path(device, dtype, classes, layout):
+    """The forward's matmul interpolation (exact x4 of fp16 / bf16 logits, ``forward_mma``) against the
+    per-pixel gather of the four corners, which the same values in fp32 take: per-pixel losses equal up
+    to fp32 rounding (the order of four additions), over several programs of 8 tiles, every image edge
+    (89 = 2 x 32 + 25 output columns: a partial tile) and 16-, 32- and 64-lane class blocks (output tiles
+    of 4 x 64, 4 x 32 and 4 x 16 pixels). Loss and gradients against interpolate + the reference on this
+    path: test_matches_interpolate_then_reference (its exact-x4 case in fp16 / bf16)."""
+    shape, size = (2, classes, 9, 23), (36, 92)
+    plan = K.forward_mma(shape[2:], size, classes, dtype)
+    assert plan["MMA"] and not K.forward_mma(shape[2:], size, classes, torch.float32)["MMA"]
+    tiles = -(-size[0] // plan["OT_H"]) * -(-size[1] // plan["OT_W"])
+    assert tiles > 2 * K.FWD_TILES and size[1] % plan["OT_W"] != 0
+    logits, target = _fresh(shape, size, dtype, device)
+    if layout == "channels_last":
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    loss, losses, _, _ = K.ohem_ce_up_fwd(logits, target, 0.75, -1.0, 255)
+    loss32, losses32, _, _ = K.ohem_ce_up_fwd(logits.float(), target, 0.75, -1.0, 255)
+    torch.testing.assert_close(losses, losses32, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, loss32, rtol=1e-5, atol=1e-6)
+
 def test_layouts_all_ignored_and_switch(device):
     logits, target = _fresh((2, 19, 5, 9), (20, 36), torch.float32, device)
     cl = logits.contiguous(memory_format=torch.channels_last)

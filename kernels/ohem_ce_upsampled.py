@@ -453,9 +453,9 @@ def bytes_model(lowres_shape, size_out, logits_dtype: torch.dtype, target_dtype:
     gathers per output pixel and the backward's overlapping windows re-read low-resolution logits,
     labels and losses that neighbouring programs (running at the same time) have just brought into L2;
     those re-reads are listed under ``l2`` (forward at x4: a 4 x 32 output tile reads 3 x 10 source
-    pixels where it owns 1 x 8, 3.75x the low-resolution logits, the gather 64x; backward at x4 with 7 x 7 owned
-    pixels a window is 32 x 32 output pixels per 28 x 28 owned: 1.31x the labels and losses, 81 / 49
-    of the low-resolution logits).
+    pixels where it owns 1 x 8, 3.75x the low-resolution logits, the gather 64x; backward at x4 with
+    7 x 7 owned pixels a window is 32 x 32 output pixels per 28 x 28 owned: 1.31x the labels and
+    losses, 81 / 49 of the low-resolution logits).
     """
     from .ohem_ce import SMALL_BYTES, _sizes, op_minimum
 

@@ -95,6 +95,10 @@ def _ohem_ce_bilinear_mma(lr_ptr, oy, ox, y_first, x_first, offs_c, mask_c, h_in
     core's products are exact, and each pixel's value is the fp32 sum of its four weighted corners, as
     the gather path computes it up to the order of the additions. KW = next power of two of
     WIN_H * WIN_W window pixels are read once per tile instead of four corners per output pixel.
+    A non-finite logit reaches every pixel of the tile (0 x inf is NaN) and poisons the call; the
+    gather would carry a -inf logit of a class other than a pixel's label into a finite loss. A
+    network's logits are finite: a non-finite one means the step diverged, and the trainer's
+    non-finite rule skips it.
     """
     y0, y1, ly = _ohem_ce_source_index(oy, scale_h, h_in)
     x0, x1, lx = _ohem_ce_source_index(ox, scale_w, w_in)

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections import Counter
 from typing import Optional
 
 _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
@@ -42,6 +43,13 @@ def disassemble(cubin: bytes) -> str:
             f.write(cubin)
         return subprocess.run([tool, "-sass", path], check=True, capture_output=True, text=True,
                               timeout=300).stdout
+
+
+def memory_opcodes(sass: str) -> Counter:
+    """Counter of the global and local memory instructions (LDG, STG, LDL, STL with their modifiers,
+    e.g. ``LDG.E.128``) in SASS text: one per instruction in the code, not per execution."""
+    ops = (m.group(1) for m in _INSTRUCTION.finditer(sass))
+    return Counter(op for op in ops if op.startswith(("LDG", "STG", "LDL", "STL")))
 
 
 def loads_in_flight(sass: str) -> int:

@@ -18,12 +18,11 @@ import os
 import re
 import shutil
 import subprocess
-from collections import Counter
 
 import pytest
 import torch
 
-from ifbf_fast.utils.sass import cuobjdump_path, loads_in_flight
+from ifbf_fast.utils.sass import cuobjdump_path, loads_in_flight, memory_opcodes
 
 A = importlib.import_module("ifbf_fast.ops.inplace_abn")   # the module (ifbf_fast.ops.inplace_abn is also the op)
 
@@ -60,7 +59,7 @@ def sm90():
     for block in re.split(r"\n\s*Function : ", _run(tool, "-arch", "sm_90", "-sass", so))[1:]:
         name, body = block.split("\n", 1)
         if "ifbf" in name:
-            ops[name.strip()] = Counter(re.findall(r"\b((?:LDG|STG|LDL|STL)(?:\.[A-Z0-9]+)*)", body))
+            ops[name.strip()] = memory_opcodes(body)
             bodies[name.strip()] = body
     return {name: (ops[name], usage.get(name, {}), bodies[name]) for name in ops}
 

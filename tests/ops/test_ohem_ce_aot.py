@@ -217,7 +217,7 @@ def test_fused_forward_issues_few_loads_per_output_pixel():
     results = compile_kernels([dataclasses.replace(spec, sass_archs=(90,)) for _, spec in cases], archs=(90,))
     lines = []
     for (name, spec), (r,) in zip(cases, results):
-        loads = len(re.findall(r"\bLDG(\.\w+)*\s", r.sass))
+        loads = sum(n for op, n in sass.memory_opcodes(r.sass).items() if op.startswith("LDG"))
         per_pixel = loads * r.num_warps / spec.constexprs["BLOCK_P"]
         lines.append(f"{name:22s} MMA={spec.constexprs['MMA']!s:5s} regs {r.registers:3d} LDG per thread per tile "
                      f"{loads:3d}: {per_pixel:.2f} warp loads per output pixel")

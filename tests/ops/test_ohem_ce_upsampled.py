@@ -64,7 +64,7 @@ def test_forward_matmul_path_equals_the_gather_path(device, dtype, classes, layo
     """The forward's matmul interpolation (exact x4 of fp16 / bf16 logits, ``forward_mma``) against the
     per-pixel gather of the four corners, which the same values in fp32 take: per-pixel losses equal up
     to fp32 rounding (the order of four additions), over several programs of 8 tiles, every image edge
-    (89 = 2 x 32 + 25 output columns: a partial tile) and 16-, 32- and 64-lane class blocks (output tiles
+    (92 = 2 x 32 + 28 output columns: a partial tile) and 16-, 32- and 64-lane class blocks (output tiles
     of 4 x 64, 4 x 32 and 4 x 16 pixels). Loss and gradients against interpolate + the reference on this
     path: test_matches_interpolate_then_reference (its exact-x4 case in fp16 / bf16)."""
     shape, size = (2, classes, 9, 23), (36, 92)

@@ -26,6 +26,13 @@ def test_loads_counted_until_their_first_use():
     assert sass.loads_in_flight(_ins(0, "LDG.E R20, desc[UR6][R2.64]")) == 0
 
 
+
+def test_memory_opcodes_counts_each_memory_instruction_with_its_modifiers():
+    text = (_ins(0, "@!P0 LDG.E.U16 R4, desc[UR6][R2.64]") + _ins(1, "LDG.E.U16 R5, desc[UR6][R2.64+0x2]")
+            + _ins(2, "LDG.E.128.CONSTANT R12, desc[UR6][R8.64]") + _ins(3, "FADD R6, R4, R5")
+            + _ins(4, "STG.E.128 desc[UR6][R10.64], R12") + _ins(5, "STL.64 [R1], R2") + _ins(6, "LDS R7, [R3]"))
+    assert sass.memory_opcodes(text) == {"LDG.E.U16": 2, "LDG.E.128.CONSTANT": 1, "STG.E.128": 1, "STL.64": 1}
+
 def test_resident_blocks_follow_the_sm90_limits():
     assert sass.resident_blocks(4, 32) == 16                 # warps: 64 per SM
     assert sass.resident_blocks(1, 16) == 32                 # blocks: 32 per SM

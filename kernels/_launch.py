@@ -19,7 +19,9 @@ directly, with the same grid, stream, function handle and metadata that ``JITFun
 
 Triton's own path is taken instead (documented fallbacks, decided per call):
 
-* kernels built under the Triton interpreter (CPU tensors): ``kernel.run`` is the interpreter;
+* kernels built under the Triton interpreter (CPU tensors): ``kernel.run`` is the interpreter (which
+  ``_interpreter.patch``, applied when this module is imported under it, makes compute as the
+  compiled kernels do);
 * a Triton outside the tested 3.6-3.8 series, whose launch path may differ (``SUPPORTED``);
 * ``IFBF_TRITON_BYPASS=0`` in the environment when this module is imported, or ``set_enabled(False)``;
 * while ``ifbf_fast.utils.launches`` counts or stubs launches (it patches ``JITFunction.run``);
@@ -41,6 +43,11 @@ from typing import Optional
 
 import torch
 import triton
+
+from . import _interpreter
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):   # as each kernel module decides at import
+    _interpreter.patch()
 
 try:
     from triton import knobs as _knobs

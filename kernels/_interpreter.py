@@ -1,7 +1,7 @@
 """Triton's interpreter made to compute what the compiled kernels compute (CPU tensors under
 ``TRITON_INTERPRET=1``: the CPU tests' path, and a user's way to run the fast ops without a GPU).
 
-Two places where Triton's interpreter (3.6 to 3.8) departs from the compiled code, each patched once
+Three places where Triton's interpreter (3.6 to 3.8) departs from the compiled code, each patched once
 per process by :func:`patch` (called by ``_launch.py`` at import under the interpreter), each only
 where a probe shows the departure:
 
@@ -18,6 +18,11 @@ where a probe shows the departure:
   give ``-8.625``), so a bf16 result checked on the CPU carried up to one more ulp of error than the
   same kernel on a GPU, and a tolerance fitted to it would hide a real rounding bug. The patch rounds
   as the GPU does (NaN stays NaN, overflow goes to infinity).
+
+* **A bf16 ``tl.dot``** multiplies the operands' storage (the interpreter keeps bf16 as uint16 bit
+  patterns) as integers; the tensor cores multiply the values. The patch widens bf16 operands to
+  fp32 first (exact) and sums in fp32, as the compiled MMA does (fp32 accumulation of exact
+  products, up to the order of the additions).
 
 Compiled kernels (CUDA tensors) never pass through this code.
 """
@@ -64,9 +69,22 @@ def _bf16_cast_truncates(interpreter) -> bool:
     return int(np.asarray(out.data).view(np.uint16)[0]) != 0x3F81
 
 
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    """fp32 values of bf16 bit patterns (uint16): exact."""
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+def _bf16_dot_is_broken(interpreter) -> bool:
+    import triton.language as tl
+    one = interpreter.TensorHandle(np.full((16, 16), 0x3F80, dtype=np.uint16), tl.bfloat16)     # 1.0
+    acc = interpreter.TensorHandle(np.zeros((16, 16), dtype=np.float32), tl.float32)
+    out = interpreter.InterpreterBuilder.create_dot(None, one, one, acc, None, None)
+    return float(np.asarray(out.data)[0, 0]) != 16.0
+
+
 def patch() -> tuple:
     """Apply the fixes this Triton's interpreter needs (idempotent). Returns the names of the fixes
-    in force: ``"index"`` and / or ``"bf16_rne"``; ``()`` for an interpreter that needs neither."""
+    in force, of ``"index"``, ``"bf16_rne"`` and ``"bf16_dot"``; ``()`` for an interpreter that needs none."""
     if _DONE["patched"] is not None:
         return _DONE["patched"]
     try:
@@ -97,5 +115,19 @@ def patch() -> tuple:
 
         builder.cast_impl = cast_impl
         fixes.append("bf16_rne")
+    if _bf16_dot_is_broken(interpreter):
+        builder = interpreter.InterpreterBuilder
+        original_dot = builder.create_dot
+
+        def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+            if a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
+                a_data = bf16_bits_to_f32(a.data) if a.dtype.scalar == tl.bfloat16 else a.data.astype(np.float32)
+                b_data = bf16_bits_to_f32(b.data) if b.dtype.scalar == tl.bfloat16 else b.data.astype(np.float32)
+                out = np.matmul(a_data, b_data, dtype=np.float32).astype(d.data.dtype) + d.data
+                return interpreter.TensorHandle(out, d.dtype.scalar)
+            return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+        builder.create_dot = create_dot
+        fixes.append("bf16_dot")
     _DONE["patched"] = tuple(fixes)
     return _DONE["patched"]

@@ -11,12 +11,20 @@ The same loss as ``ohem_ce.py`` on ``interpolate(logits, (H, W), bilinear, align
   @ the tile's source window [window, classes] (``_ohem_ce_bilinear_mma``: 0.6 warp-wide loads per
   output pixel instead of 4 for gathering each pixel's four corners); other resizes and fp32 logits
   gather.
-* ``_ohem_ce_up_bwd_kernel``: the gradient wrt the low-resolution logits, written once in their
-  dtype and layout: a program OWNS a tile of low-resolution pixels and gathers the contributions of
-  every output pixel whose bilinear sources reach it (no atomics, no fp32 buffer, no fill, no copy;
-  bitwise deterministic). The price: the output windows of neighbouring tiles overlap by the
-  bilinear support (at x4 with 7 x 7 owned pixels, 32 x 32 output pixels per 28 x 28: 1.31x the
-  output-resolution work, the re-reads mostly from L2).
+* ``_ohem_ce_up_bwd_kernel`` / ``_ohem_ce_up_bwd_x4_kernel``: the gradient wrt the low-resolution
+  logits, written once in their dtype and layout: a program OWNS a tile of low-resolution pixels and
+  gathers the contributions of every output pixel whose bilinear sources reach it (no atomics, no
+  fp32 buffer, no fill, no copy; bitwise deterministic). The price: the output windows of
+  neighbouring tiles overlap by the bilinear support (at x4 with 7 x 7 owned pixels, 32 x 32 output
+  pixels per 28 x 28: 1.31x the output-resolution work, the re-reads mostly from L2). The gather
+  kernel re-gathers four corners per pixel and class lane and applies the transposed interpolation
+  as a dense fp32 matmul onto all 64 owned pixels (about 210 warp-wide instructions per output pixel
+  in its sm_90 SASS: issue-bound, 0.8-1.7 ms at 4 x 19 x 876^2). At an exact x4 of fp16 / bf16 logits
+  (the training loss) the x4 kernel takes it: windows aligned to the x4 pattern, so that each 4-row
+  step reads two source rows with the same fixed weights (loop-invariant), recomputes the logits as a
+  tensor-core matmul in the logits' dtype (exact), and scatters onto the two owned rows the step
+  reaches with a second one (the gradient as two bf16 pieces: 16 significant bits per term), 37 warp
+  instructions per output pixel (``test_fused_backward_issues_few_instructions_per_output_pixel``).
 
 What it shares (the per-tile loss, the label widening, the select launch, the argument helpers) is
 imported from ``ohem_ce.py``; the ``@triton.jit`` helpers are imported into this module's globals,
@@ -275,6 +283,127 @@ def _ohem_ce_up_bwd_kernel(
     tl.store(dst, acc.to(glr_ptr.dtype.element_ty), mask=mask_c[:, None] & own)
 
 
+@triton.jit
+def _ohem_ce_up_bwd_x4_kernel(
+    grad_out_ptr,   # () upstream gradient of the scalar loss
+    lr_ptr,         # (N, C, h, w) fp16 / bf16 low-resolution logits, any strides; (H, W) = (4 h, 4 w)
+    target_ptr,     # (N, H, W) any strides
+    loss_ptr,       # (N*H*W,) fp32 losses from the forward
+    state_ptr,      # (STATE_SIZE,) int32 from the forward
+    glr_ptr,        # (N, C, h, w) out, the logits' dtype, own strides: every element written once
+    C, H, W, h_in, w_in, scale_w,           # scale_w = fp32(w_in / W) = 0.25 (the columns' clamped map)
+    stride_ln, stride_lc, stride_lh, stride_lw,
+    stride_tn, stride_th, stride_tw,
+    stride_gn, stride_gc, stride_gh, stride_gw,
+    OT: tl.constexpr,                           # low-resolution rows / columns owned per program (7)
+    BLOCK_C: tl.constexpr,                      # 16..64
+):
+    """grad wrt the low-resolution logits at an exact x4; grid (cdiv(w_in, OT), cdiv(h_in, OT), N).
+
+    A program owns rows r0 .. r0 + OT - 1 and columns c0 .. c0 + OT - 1 and walks the output window
+    4 r0 - 2 .. 4 r0 + 4 OT + 1 (and likewise in x) in OT + 1 steps of 4 rows x 32 columns. At x4,
+    output row 4 a + 2 + rr (rr < 4) samples source rows a and a + 1 with weights 1 - ly, ly, ly =
+    (2 rr + 1) / 8, the same for every step: the recompute weights [P, 2 x 16] (two source rows x 16
+    columns) and the transposed-interpolation weights onto the owned columns are computed once. Per
+    step: the recompute is one matmul in the logits' dtype (weights multiples of 1/64: exact products,
+    fp32 sums; clamped reads at the image edges, where PyTorch's clamped index puts the same value);
+    the gradient [P, C] in fp32; then one matmul [C, 2 P] @ [2 P, 2 x 16] of the gradient's two bf16
+    pieces onto the two owned rows the step reaches, interleaved by column (column 2 lx + half): half
+    0, row r0 + i - 1, is complete and stored; half 1, row r0 + i, is carried into the next step's
+    accumulator. The row above the image folds into row 0 and the one below into row h_in - 1 (their
+    clamped aliases); columns use PyTorch's clamped map per pixel.
+
+    The next step's recompute is issued at the end of a step (a loop-carried value): with both
+    matmuls in one step, Triton lays the second out as a chain of the first (all 8 warps along its
+    32 rows, each 4x redundant: 64 instead of 16 tensor-core instructions per warp and step).
+    """
+    WIN: tl.constexpr = 4 * (OT + 1)            # output rows / columns of the window (32)
+    P: tl.constexpr = 4 * WIN                   # output pixels per step: 4 rows of the window
+    LW: tl.constexpr = 16                       # owned columns, padded for tl.dot (>= OT + 1)
+    KW: tl.constexpr = 16                       # source columns read per source row (OT + 2 <= 16)
+    n = tl.program_id(2).to(tl.int64)
+    lr_ptr += n * stride_ln
+    target_ptr += n * stride_tn
+    loss_ptr += n * H * W
+    glr_ptr += n * stride_gn
+    r0 = tl.program_id(1) * OT
+    c0 = tl.program_id(0) * OT
+    cut = tl.load(state_ptr + _STATE_CUT)
+    inv_n = tl.load(state_ptr + _STATE_INV_N).to(tl.float32, bitcast=True)
+    tie_w = tl.load(state_ptr + _STATE_TIE_W).to(tl.float32, bitcast=True)
+    g = tl.load(grad_out_ptr).to(tl.float32)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    # step pixel p = (row rr, column q) of the window's rows 4 (r0 + i) - 2 + rr, columns 4 c0 - 2 + q:
+    # its sources are rows r0 + i - 1 and r0 + i with weights 1 - ly, ly, ly = (2 rr + 1) / 8 (exact x4)
+    p = tl.arange(0, P)
+    rr = p // WIN
+    q = p % WIN
+    X = 4 * c0 - 2 + q
+    ly = (2 * rr + 1).to(tl.float32) * 0.125
+    lxq = (2 * (q % 4) + 1).to(tl.float32) * 0.125
+    # recompute weights [P, 2 * KW] onto source rows (r0 + i - 1, r0 + i) x columns c0 - 1 + kx (clamped
+    # reads: a clamped duplicate's weight adds to its original's, as PyTorch's clamped index gives)
+    k = tl.arange(0, 2 * KW)
+    ky = k // KW
+    kx = k % KW
+    wrow = tl.where(ky[None, :] == 1, ly[:, None], 1.0 - ly[:, None])
+    wcol = (tl.where(kx[None, :] == (q // 4)[:, None], 1.0 - lxq[:, None], 0.0)
+            + tl.where(kx[None, :] == (q // 4 + 1)[:, None], lxq[:, None], 0.0))
+    w_rec = (wrow * wcol).to(lr_ptr.dtype.element_ty)                     # multiples of 1/64: exact
+    src_col = tl.minimum(tl.maximum(c0 - 1 + kx, 0), w_in - 1) * stride_lw
+    in_win = kx < OT + 2
+    # transposed weights onto owned columns c0 + lx, PyTorch's clamped map per pixel (borders exact)
+    x0, x1, wx1 = _ohem_ce_source_index(X, scale_w, w_in)
+    lx = tl.arange(0, LW)[None, :]
+    wx = (tl.where((x0 - c0)[:, None] == lx, (1.0 - wx1)[:, None], 0.0)
+          + tl.where((x1 - c0)[:, None] == lx, wx1[:, None], 0.0))            # [P, LW]
+    wx = tl.where((X >= 0)[:, None], wx, 0.0)
+    b0 = wx * (1.0 - ly)[:, None]                                            # onto row r0 + i - 1
+    b1 = wx * ly[:, None]                                                    # onto row r0 + i
+    # B [P, 2 * LW], column 2 * lx + half: half 0 onto row r0 + i - 1, half 1 onto row r0 + i; its rows
+    # doubled for the gradient's two bf16 pieces (K = 2 * P, row 2 * p + piece)
+    bw = tl.reshape(tl.join(b0, b1), (P, 2 * LW)).to(tl.bfloat16)
+    bw2 = tl.reshape(tl.permute(tl.join(bw, bw), (0, 2, 1)), (2 * P, 2 * LW))
+    lxs = tl.arange(0, LW)[None, :]
+    c = c0 + lxs
+    own_c = mask_c[:, None] & (lxs < OT) & (c < w_in)
+    dst_c = glr_ptr + (offs_c * stride_gc)[:, None] + c * stride_gw
+    acc = tl.zeros([BLOCK_C, 2 * LW], dtype=tl.float32)
+    zero = tl.zeros([BLOCK_C, LW], dtype=tl.float32)
+    src_row = tl.minimum(tl.maximum(r0 - 1 + ky, 0), h_in - 1) * stride_lh
+    x_next = tl.dot(w_rec, tl.load(lr_ptr + (src_row + src_col)[:, None] + (offs_c * stride_lc)[None, :],
+                                   mask=in_win[:, None] & mask_c[None, :], other=0.0))
+    for i in range(OT + 1):
+        Y = 4 * (r0 + i) - 2 + rr
+        mask_p = (Y >= 0) & (Y < H) & (X >= 0) & (X < W)
+        bits = tl.load(loss_ptr + Y * W + X, mask=mask_p, other=-1.0).to(tl.int32, bitcast=True)
+        weight = tl.where(bits > cut, 1.0, tl.where(bits == cut, tie_w, 0.0))
+        coef = g * inv_n * weight                    # NaN everywhere when poisoned
+        kept = mask_p & (weight != 0.0)
+        t = _ohem_ce_labels(tl.load(target_ptr + Y * stride_th + X * stride_tw, mask=mask_p, other=-1))
+        # softmax in base 2 (log2(e) folded into the logits: one multiply-add and one ex2 per element)
+        x = tl.where(mask_c[None, :], x_next * 1.4426950408889634, -float("inf"))
+        m = tl.where(mask_p, tl.max(x, axis=1), 0.0)
+        e = tl.math.exp2(x - m[:, None])
+        rs = coef / tl.where(mask_p, tl.sum(e, axis=1), 1.0)
+        grad = e * rs[:, None] - tl.where(offs_c[None, :] == t[:, None], coef[:, None], 0.0)
+        grad = tl.where(kept[:, None], grad, (0.0 * coef)[:, None])
+        hi = grad.to(tl.bfloat16)
+        lo = (grad - hi.to(tl.float32)).to(tl.bfloat16)
+        a = tl.reshape(tl.permute(tl.join(hi, lo), (1, 0, 2)), (BLOCK_C, 2 * P))
+        out = tl.dot(a, bw2, acc)
+        done, cur = tl.split(tl.reshape(out, (BLOCK_C, LW, 2)))
+        done += tl.where(r0 + i == h_in, cur, 0.0)                                # the row below the image
+        r = r0 + i - 1
+        tl.store(dst_c + r * stride_gh, done.to(glr_ptr.dtype.element_ty), mask=own_c & (i > 0) & (r < h_in))
+        cur += tl.where((i == 0) & (r0 == 0), done, 0.0)                          # the row above the image
+        acc = tl.reshape(tl.join(cur, zero), (BLOCK_C, 2 * LW))
+        src_row = tl.minimum(tl.maximum(r0 + i + ky, 0), h_in - 1) * stride_lh
+        x_next = tl.dot(w_rec, tl.load(lr_ptr + (src_row + src_col)[:, None] + (offs_c * stride_lc)[None, :],
+                                       mask=in_win[:, None] & mask_c[None, :], other=0.0))
+
+
 # --- host launchers ------------------------------------------------------------------------------
 
 UP_TILE = (8, 8)             # (TH, TW): the footprint rule below (which resizes are fused) is stated for it
@@ -423,23 +552,62 @@ def backward_launch(size_in: tuple, size_out: tuple, num_classes: int) -> dict:
                 BLOCK_C=max(triton.next_power_of_2(num_classes), 16), num_warps=UP_BWD_WARPS)
 
 
+X4_OWNED = 7                 # the x4 backward: low-resolution rows / columns a program owns (32-wide windows)
+X4_WARPS = 8
+# sm_90 with up to 32 class lanes: capped at 128 registers, two 8-warp blocks per SM without spills
+# (140-146 uncapped: one); sm_80 (no wgmma: 230-255 registers) and 64 lanes would spill under the cap.
+X4_MAXNREG = 128
+
+
+def backward_x4(size_in: tuple, size_out: tuple, num_classes: int, dtype: torch.dtype,
+                arch: int | None = 90) -> dict | None:
+    """The x4 backward's launch options (``_ohem_ce_up_bwd_x4_kernel``), or None where the gather
+    backward (``backward_launch``) takes the resize: an exact x4 of fp16 / bf16 logits (the training
+    loss) with 16 to 64 class lanes. fp32 logits keep the gather: the recompute's matmul would round
+    them (fp16 / bf16 values and the x4 weights are exact in the logits' own dtype). ``arch``: the
+    device's compute capability (major * 10 + minor; None under the interpreter), which sets the
+    register cap."""
+    block_c = max(triton.next_power_of_2(num_classes), 16)
+    if (dtype not in (torch.float16, torch.bfloat16) or block_c > 64
+            or tuple(size_out) != (MMA_FACTOR * size_in[0], MMA_FACTOR * size_in[1])):
+        return None
+    opts = dict(OT=X4_OWNED, BLOCK_C=block_c, num_warps=X4_WARPS)
+    if arch == 90 and block_c <= 32:
+        opts["maxnreg"] = X4_MAXNREG
+    return opts
+
+
+def _arch(t: torch.Tensor) -> int | None:
+    if not t.is_cuda:
+        return None
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
+
+
 def ohem_ce_up_bwd(grad_out: torch.Tensor, logits_lr: torch.Tensor, target: torch.Tensor, losses: torch.Tensor,
                    state: torch.Tensor) -> torch.Tensor:
     """Gradient wrt the low-resolution logits (their dtype, laid out like ``empty_like``), one launch."""
     out = torch.empty_like(logits_lr)
-    key = (logits_lr.shape, logits_lr.stride(), target.shape, target.stride(), out.stride())
+    # the dtype too: fp16 / bf16 logits at an exact x4 take the x4 kernel (backward_x4), fp32 ones do not
+    key = (logits_lr.shape, logits_lr.stride(), target.shape, target.stride(), out.stride(), logits_lr.dtype)
     meta = _UP_BWD_META.get(key)
     if meta is None:
         n, c, h_in, w_in = logits_lr.shape
         h, w = target.shape[-2:]
         _check_offsets(logits_lr, target, out)
-        consts = backward_launch((h_in, w_in), (h, w), c)
-        grid = (_cdiv(w_in, consts["OT_W"]), _cdiv(h_in, consts["OT_H"]), n)
-        meta = _UP_BWD_META[key] = (
-            grid, out.numel() > 0 and h * w > 0,
-            (c, h, w, h_in, w_in) + _scales((h_in, w_in), (h, w)) + (_f32(h / h_in), _f32(w / w_in))
-            + tuple(logits_lr.stride()) + tuple(target.stride()) + tuple(out.stride()), consts,
-            PlannedLaunch(_ohem_ce_up_bwd_kernel, grid, 6, consts))
+        strides = tuple(logits_lr.stride()) + tuple(target.stride()) + tuple(out.stride())
+        # the plan assumes one GPU architecture per process (the register cap depends on it)
+        x4 = backward_x4((h_in, w_in), (h, w), c, logits_lr.dtype, _arch(logits_lr))
+        if x4 is not None:
+            grid = (_cdiv(w_in, x4["OT"]), _cdiv(h_in, x4["OT"]), n)
+            args = (c, h, w, h_in, w_in, _scales((h_in, w_in), (h, w))[1]) + strides
+            launch = PlannedLaunch(_ohem_ce_up_bwd_x4_kernel, grid, 6, x4)
+        else:
+            consts = backward_launch((h_in, w_in), (h, w), c)
+            grid = (_cdiv(w_in, consts["OT_W"]), _cdiv(h_in, consts["OT_H"]), n)
+            args = (c, h, w, h_in, w_in) + _scales((h_in, w_in), (h, w)) + (_f32(h / h_in), _f32(w / w_in)) + strides
+            launch = PlannedLaunch(_ohem_ce_up_bwd_kernel, grid, 6, consts)
+        meta = _UP_BWD_META[key] = (grid, out.numel() > 0 and h * w > 0, args, None, launch)
     grid, run, args, consts, launch = meta
     if not run:
         return out.zero_() if out.numel() else out
@@ -471,10 +639,13 @@ def bytes_model(lowres_shape, size_out, logits_dtype: torch.dtype, target_dtype:
     ot_h, ot_w, win_h, win_w = consts["OT_H"], consts["OT_W"], consts["WIN_H"], consts["WIN_W"]
     grid = _cdiv(h_in, ot_h) * _cdiv(w_in, ot_w) * n
     window_pixels = grid * win_h * win_w
+    # the x4 kernel (fp16 / bf16 at an exact x4) tiles the backward like the gather: 7 x 7 owned, 32 x 32
+    bwd = ("_ohem_ce_up_bwd_x4_kernel" if backward_x4((h_in, w_in), tuple(size_out), c, logits_dtype) is not None
+           else "_ohem_ce_up_bwd_kernel")
     launches = {
         "_ohem_ce_up_fwd_kernel": logits + labels + 4 * pixels,
         "_ohem_ce_select_kernel": 4 * pixels,
-        "_ohem_ce_up_bwd_kernel": logits + labels + 4 * pixels + logits,
+        bwd: logits + labels + 4 * pixels + logits,
     }
     halo = (ot_h + 2) * (ot_w + 2) / (ot_h * ot_w)
     mma = forward_mma((h_in, w_in), tuple(size_out), c, logits_dtype)

@@ -52,6 +52,23 @@ def memory_opcodes(sass: str) -> Counter:
     return Counter(op for op in ops if op.startswith(("LDG", "STG", "LDL", "STL")))
 
 
+_ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+\s+)?[A-Z][^;]*);")
+_BRANCH_TARGET = re.compile(r"\bBRA\s+(?:`\([^)]*\)\s*)?0x([0-9a-f]+)")
+
+
+def loop_bodies(sass: str) -> list:
+    """The instructions (text, predicate included) of every loop in SASS text: from the target of
+    each backward branch to the branch, in program order. One list per backward branch."""
+    code = [(int(m.group(1), 16), m.group(2).strip()) for m in _ADDRESS.finditer(sass)]
+    loops = []
+    for addr, text in code:
+        m = _BRANCH_TARGET.search(text)
+        if m and int(m.group(1), 16) < addr:
+            start = int(m.group(1), 16)
+            loops.append([t for a, t in code if start <= a <= addr])
+    return loops
+
+
 def loads_in_flight(sass: str) -> int:
     """The most 128-bit global loads (LDG.*.128) issued back to back, in program order, before an
     instruction reads one of their destination registers (4 per load) or uses one as an address: how

@@ -83,7 +83,7 @@ def ptxas_report(ptx: str) -> tuple:
 def compile_kernel(fn, signature: Mapping[str, str], constexprs: Optional[Mapping[str, object]] = None,
                    archs: Iterable[int] = ARCHS, divisible_by_16: Sequence[str] = (),
                    num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                   sass_archs: Iterable[int] = ()) -> list:
+                   sass_archs: Iterable[int] = (), maxnreg: Optional[int] = None) -> list:
     """Compile ``fn`` (a ``@triton.jit`` function, or an autotuned/heuristics wrapper of one) once per arch.
 
     ``signature`` maps every argument name to its Triton type (``"*fp32"``, ``"*bf16"``, ``"i32"``,
@@ -91,7 +91,8 @@ def compile_kernel(fn, signature: Mapping[str, str], constexprs: Optional[Mappin
     ``divisible_by_16`` names the arguments a real launch would mark as divisible by 16 (pointers
     from the caching allocator, sizes that are multiples of 16), which enables vectorised accesses.
     ``sass_archs``: the archs whose cubin is disassembled into ``AotResult.sass`` (about half a second
-    per kernel, so only where a test reads it).
+    per kernel, so only where a test reads it). ``maxnreg``: the register cap a launch passes (PTX
+    ``.maxnreg``; ptxas -v then reports within it).
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -111,6 +112,8 @@ def compile_kernel(fn, signature: Mapping[str, str], constexprs: Optional[Mappin
         options["num_warps"] = num_warps
     if num_stages is not None:
         options["num_stages"] = num_stages
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
     results = []
     for arch in archs:
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
@@ -147,6 +150,7 @@ class KernelSpec:
     num_warps: Optional[int] = None
     num_stages: Optional[int] = None
     sass_archs: Sequence[int] = ()   # disassemble the cubins of these archs (AotResult.sass)
+    maxnreg: Optional[int] = None    # the launch's register cap (PlannedLaunch option), if any
 
 
 def _compile_specs_here(specs: Sequence[KernelSpec], archs: Sequence[int]) -> list:
@@ -155,7 +159,7 @@ def _compile_specs_here(specs: Sequence[KernelSpec], archs: Sequence[int]) -> li
     for spec in specs:
         fn = getattr(importlib.import_module(spec.module), spec.attr)
         out.append(compile_kernel(fn, spec.signature, spec.constexprs, archs, spec.divisible_by_16,
-                                  spec.num_warps, spec.num_stages, spec.sass_archs))
+                                  spec.num_warps, spec.num_stages, spec.sass_archs, spec.maxnreg))
     return out
 
 

@@ -146,6 +146,26 @@ def main() -> None:
                 bwd(torch.ones((), dtype=torch.float32), logits, target, losses, state)
             return run
 
+        def ohem_x4_case(dtype):
+            # the x4 backward with the sm_90 register cap in its launch options (maxnreg), as on an H200
+            n, c, h, w = 2, 19, 16, 12
+            logits = torch.randn(n, c, h // 4, w // 4, dtype=dtype)
+            target = torch.randint(0, c, (n, h, w), dtype=torch.uint8)
+            assert ohem_ce_upsampled.backward_x4((h // 4, w // 4), (h, w), c, dtype, 90)["maxnreg"]
+
+            def run():
+                arch, ohem_ce_upsampled._arch = ohem_ce_upsampled._arch, lambda t: 90
+                try:
+                    _loss, losses, state, _bad = ohem_ce_upsampled.ohem_ce_up_fwd(logits, target, 0.75, 0.7, 255)
+                    ohem_ce_upsampled.ohem_ce_up_bwd(torch.ones((), dtype=torch.float32), logits, target, losses,
+                                                     state)
+                finally:
+                    ohem_ce_upsampled._arch = arch
+                plans = [m[-1] for m in ohem_ce_upsampled._UP_BWD_META.values()
+                         if m[-1].kernel is ohem_ce_upsampled._ohem_ce_up_bwd_x4_kernel]
+                assert plans and all(p.opts.get("maxnreg") for p in plans), "the x4 plan lost its register cap"
+            return run
+
         keep = [0.75]
         cases = {
             "fbf_nchw_bf16": fbf_case(torch.bfloat16, False, False),
@@ -153,6 +173,7 @@ def main() -> None:
             "fbf_unaligned_fp16": fbf_case(torch.float16, False, False, offset=3),
             "ohem_bf16": ohem_case(torch.bfloat16, keep),
             "ohem_up_fp16": ohem_case(torch.float16, keep, upsampled=True),
+            "ohem_up_x4_bf16_maxnreg": ohem_x4_case(torch.bfloat16),
         }
         for name, run in cases.items():
             _launch.set_enabled(False)

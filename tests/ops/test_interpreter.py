@@ -1,6 +1,7 @@
 """The Triton interpreter computes what the compiled kernels compute (kernels/_interpreter.py): a
-runtime scalar as a loop bound (Triton 3.6 with NumPy >= 2.4 refused it) and fp32 -> bf16 rounding to
-nearest even (the interpreter truncated; ``cvt.rn.bf16.f32`` rounds)."""
+runtime scalar as a loop bound (Triton 3.6 with NumPy >= 2.4 refused it), fp32 -> bf16 rounding to
+nearest even (the interpreter truncated; ``cvt.rn.bf16.f32`` rounds) and bf16 ``tl.dot`` on the
+values (the interpreter multiplied the uint16 storage)."""
 import numpy as np
 import pytest
 import torch
@@ -49,12 +50,19 @@ def _kernels():
             acc += 1
         tl.store(out_ptr, acc)
 
-    return to_bf16, count_steps
+    @triton.jit
+    def dot_bf16(a_ptr, b_ptr, c_ptr, N: tl.constexpr):
+        r = tl.arange(0, N)
+        a = tl.load(a_ptr + r[:, None] * N + r[None, :])
+        b = tl.load(b_ptr + r[:, None] * N + r[None, :])
+        tl.store(c_ptr + r[:, None] * N + r[None, :], tl.dot(a, b))
+
+    return to_bf16, count_steps, dot_bf16
 
 
 def test_kernels_round_to_bf16_as_the_gpu_does():
     """A kernel's fp32 -> bf16 cast and store, bit for bit against PyTorch's (round to nearest even)."""
-    to_bf16, _ = _kernels()
+    to_bf16, _, _ = _kernels()
     x = _edge_values()
     y = torch.full(x.shape, float("nan"), dtype=torch.bfloat16)
     to_bf16[((x.numel() + 1023) // 1024,)](x, y, x.numel(), BLOCK=1024)
@@ -62,7 +70,7 @@ def test_kernels_round_to_bf16_as_the_gpu_does():
 
 
 def test_a_runtime_scalar_bounds_a_loop():
-    _, count_steps = _kernels()
+    _, count_steps, _ = _kernels()
     out = torch.zeros(1, dtype=torch.int32)
     for start, steps in ((0, 5), (2, 9), (3, 3)):
         count_steps[(1,)](out, steps, start)
@@ -72,7 +80,18 @@ def test_a_runtime_scalar_bounds_a_loop():
 def test_patch_is_idempotent_and_names_its_fixes():
     fixes = _interpreter.patch()
     assert _interpreter.patch() == fixes
-    assert set(fixes) <= {"index", "bf16_rne"}
+    assert set(fixes) <= {"index", "bf16_rne", "bf16_dot"}
     import triton
     if triton.__version__.startswith("3.6."):
         assert "index" in fixes
+
+
+def test_a_bf16_matmul_multiplies_the_values():
+    """bf16 x bf16 -> fp32 as the tensor cores compute it: products of bf16 values are exact in fp32."""
+    _, _, dot_bf16 = _kernels()
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(16, 16, generator=g).to(torch.bfloat16)
+    b = torch.randn(16, 16, generator=g).to(torch.bfloat16)
+    c = torch.full((16, 16), float("nan"))
+    dot_bf16[(1,)](a, b, c, N=16)
+    torch.testing.assert_close(c, (a.double() @ b.double()).float(), rtol=1e-6, atol=1e-6)

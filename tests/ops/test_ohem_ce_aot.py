@@ -70,7 +70,7 @@ def select_kernel_specs():
 
 
 def upsample_kernel_specs(num_classes, logits_dtype, size_in=(219, 219), size_out=(876, 876), channels_last=False,
-                          target_dtype=torch.uint8):
+                          target_dtype=torch.uint8, arch=90):
     block_p, block_c, warps = K.block_sizes(num_classes)
     lt, tt = TL_TYPES[logits_dtype], TL_TYPES[target_dtype]
     unit = "stride_lc" if channels_last else "stride_lw"
@@ -87,15 +87,22 @@ def upsample_kernel_specs(num_classes, logits_dtype, size_in=(219, 219), size_ou
                           FLAT_HW="constexpr", **{k: "constexpr" for k in mma}),
                      dict(consts, BLOCK_P=block_p, BLOCK_C=block_c, TILES=K.FWD_TILES, FLAT_HW=True, **mma),
                      divisible_by_16=div + ("scratch_ptr", "HW"), num_warps=2 * warps)
-    launch = KU.backward_launch(size_in, size_out, num_classes)
-    warps_b = launch.pop("num_warps")
+    # the backward as ohem_ce_up_bwd picks it: the x4 kernel (exact x4 of fp16 / bf16), else the gather
+    x4 = KU.backward_x4(size_in, size_out, num_classes, logits_dtype, arch)
+    launch = dict(x4) if x4 is not None else KU.backward_launch(size_in, size_out, num_classes)
+    warps_b, maxnreg = launch.pop("num_warps"), launch.pop("maxnreg", None)
     gunit = "stride_gc" if channels_last else "stride_gw"
-    bwd_sig = dict(common, grad_out_ptr="*fp32", state_ptr="*i32", glr_ptr=f"*{lt}", H="i32", inv_scale_h="fp32",
-                   inv_scale_w="fp32", stride_gn="i32", stride_gc="i32", stride_gh="i32", stride_gw="i32",
-                   **{k: "constexpr" for k in launch})
+    bwd_sig = dict(common, grad_out_ptr="*fp32", state_ptr="*i32", glr_ptr=f"*{lt}", H="i32", stride_gn="i32",
+                   stride_gc="i32", stride_gh="i32", stride_gw="i32", **{k: "constexpr" for k in launch})
+    if x4 is None:
+        bwd_sig.update(inv_scale_h="fp32", inv_scale_w="fp32")
+    else:
+        del bwd_sig["scale_h"]
     bwd_sig[gunit] = "constexpr"
-    bwd = KernelSpec(KU.__name__, "_ohem_ce_up_bwd_kernel", bwd_sig, dict(consts, **launch, **{gunit: 1}),
-                     divisible_by_16=div + ("grad_out_ptr", "state_ptr", "glr_ptr", "stride_gn"), num_warps=warps_b)
+    name = "_ohem_ce_up_bwd_x4_kernel" if x4 is not None else "_ohem_ce_up_bwd_kernel"
+    bwd = KernelSpec(KU.__name__, name, bwd_sig, dict(consts, **launch, **{gunit: 1}),
+                     divisible_by_16=div + ("grad_out_ptr", "state_ptr", "glr_ptr", "stride_gn"), num_warps=warps_b,
+                     maxnreg=maxnreg)
     return [fwd, bwd]
 
 
@@ -111,14 +118,27 @@ def _all_specs():
         specs += upsample_kernel_specs(19, dtype)
     specs += upsample_kernel_specs(19, torch.bfloat16, channels_last=True, target_dtype=torch.int64)
     specs += upsample_kernel_specs(19, torch.bfloat16, (256, 512), (1024, 2048))
+    for classes in (12, 40):                                  # the x4 backward's 16- and 64-lane class blocks
+        specs += upsample_kernel_specs(classes, torch.bfloat16)[1:]
     specs += upsample_kernel_specs(19, torch.bfloat16, (4, 4), (13, 17))[1:]
     specs += upsample_kernel_specs(19, torch.bfloat16, (3, 5), (100, 170))[1:]   # large factor: 64-wide windows
     return specs + select_kernel_specs()
 
 
+def _compile_per_arch(specs):
+    """compile_kernels(specs) for sm_80 and sm_90, a spec with a register cap (the x4 backward's, sm_90
+    only: X4_MAXNREG) compiled for sm_80 without it, as a launch there passes none."""
+    results = compile_kernels(specs)
+    capped = [i for i, spec in enumerate(specs) if spec.maxnreg]
+    sm80 = compile_kernels([dataclasses.replace(specs[i], maxnreg=None) for i in capped], archs=(80,))
+    for i, (r80,) in zip(capped, sm80):
+        results[i] = [r80] + [r for r in results[i] if r.arch != 80]
+    return results
+
+
 def test_every_launched_configuration_compiles_cleanly_for_sm80_and_sm90():
     specs = _all_specs()
-    results = compile_kernels(specs)
+    results = _compile_per_arch(specs)
     rows = []
     for spec, per_arch in zip(specs, results):
         assert [r.arch for r in per_arch] == [80, 90]
@@ -147,7 +167,8 @@ def test_integer_arguments_of_one_compile():
     """On a GPU, Triton turns an integer argument equal to 1 (a batch of one, one row, a unit stride) into a
     compile-time constant, a plain Python int inside the kernel; a tensor method on it would not compile
     (seen in the FBF kernels on an H200). Compile each kernel with each integer argument set to 1."""
-    base = kernel_specs(19, torch.float32) + upsample_kernel_specs(19, torch.float32) + select_kernel_specs()
+    base = (kernel_specs(19, torch.float32) + upsample_kernel_specs(19, torch.float32)
+            + upsample_kernel_specs(19, torch.bfloat16)[1:] + select_kernel_specs())      # [1:]: the x4 backward
     specs, names = [], []
     seen = set()
     for spec in base:
@@ -200,6 +221,40 @@ def test_hot_kernels_keep_enough_bytes_in_flight_on_an_h200():
             short.append(lines[-1])
     print("\n" + "\n".join(lines))
     assert not short, f"below {need / 1024:.1f} KiB per SM:\n" + "\n".join(short)
+
+
+def test_fused_backward_issues_few_instructions_per_output_pixel():
+    """The fused-upsampling backward at 4 x 19 x 219^2 -> 876^2 in fp16 / bf16, both layouts: warp-wide
+    instructions per output pixel of its window loop, from the sm_90 SASS (the loop body's length x
+    warps / the pixels of one step). The gather backward (fp32 logits keep it) re-gathered each step's
+    four corners per class lane and applied the transposed interpolation as a dense fp32 matmul onto
+    all 64 owned pixels: about 210 per pixel, 0.8-1.7 ms of instruction issue at the network's shape.
+    The x4 kernel reuses loop-invariant weights, recomputes the logits as a tensor-core matmul and
+    scatters onto the two owned rows a step reaches, also on the tensor cores; its register cap
+    (``X4_MAXNREG``) keeps two 8-warp blocks per SM without spills. Its figure and the gather's are
+    printed."""
+    from ifbf_fast.utils import sass
+    if not sass.cuobjdump_path():
+        pytest.skip("no cuobjdump (it ships with triton under backends/nvidia/bin)")
+    cases = [(f"{dtype} {'cl' if cl else 'nchw'}", upsample_kernel_specs(19, dtype, channels_last=cl)[1])
+             for dtype in (torch.bfloat16, torch.float16, torch.float32) for cl in (False, True)]
+    results = compile_kernels([dataclasses.replace(spec, sass_archs=(90,)) for _, spec in cases], archs=(90,))
+    lines, slow = [], []
+    for (name, spec), (r,) in zip(cases, results):
+        x4 = spec.attr == "_ohem_ce_up_bwd_x4_kernel"
+        assert x4 == (spec.signature["lr_ptr"] != "*fp32"), name
+        (body,) = sass.loop_bodies(r.sass)
+        pixels = 4 * 4 * (spec.constexprs["OT"] + 1) if x4 else spec.constexprs["CH"] * spec.constexprs["WIN_W"]
+        per_pixel = len(body) * r.num_warps / pixels
+        lines.append(f"{name:22s} {spec.attr:26s} regs {r.registers:3d} loop {len(body):4d} instructions / "
+                     f"{pixels} pixels: {per_pixel:5.1f} warp instructions per output pixel")
+        if x4:
+            assert r.spills == 0 and r.registers <= spec.maxnreg, lines[-1]
+            assert sass.resident_blocks(r.num_warps, r.registers, r.shared) >= 2, lines[-1]
+            if per_pixel > 40:
+                slow.append(lines[-1])
+    print("\n" + "\n".join(lines))
+    assert not slow, "\n".join(slow)
 
 
 def test_fused_forward_issues_few_loads_per_output_pixel():

@@ -80,6 +80,42 @@ def test_forward_matmul_path_equals_the_gather_path(device, dtype, classes, layo
     torch.testing.assert_close(losses, losses32, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, loss32, rtol=1e-5, atol=1e-6)
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("classes,layout,lowres", [
+    (19, "nchw", (15, 17)), (19, "channels_last", (15, 17)), (12, "nchw", (8, 9)), (40, "nchw", (9, 8)),
+    (19, "nchw", (1, 9)), (19, "nchw", (8, 1)), (19, "channels_last", (1, 1))])
+def test_backward_x4_kernel_equals_the_gather_path(device, dtype, classes, layout, lowres):
+    """The x4 backward (``_ohem_ce_up_bwd_x4_kernel``: exact x4 of fp16 / bf16 logits, tensor-core
+    recompute and transposed interpolation) against the gather backward, which the same values in fp32
+    take: each gradient element equal up to an ulp of the logits' dtype (the x4 kernel sums the terms
+    in two bf16 pieces: 16 significant bits, against the gather's fp32). The shapes cover 3 x 3
+    programs of 7 x 7 owned pixels with partial last ones (15 x 17), one row or column (whose clamped
+    neighbours above, below, left and right all fold into it), one pixel, and 16-, 32- and 64-lane
+    class blocks; the labels include ignored pixels, the kept set is separated at the k-th loss."""
+    shape = (2, classes) + lowres
+    size = (4 * lowres[0], 4 * lowres[1])
+    assert K.backward_x4(lowres, size, classes, dtype) is not None
+    assert K.backward_x4(lowres, size, classes, torch.float32) is None
+    logits, target = _fresh(shape, size, dtype, device)
+    if layout == "channels_last":
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    grad_out = torch.full((), 1.5, device=device)
+    loss, losses, state, _ = K.ohem_ce_up_fwd(logits, target, 0.75, -1.0, 255)
+    got = K.ohem_ce_up_bwd(grad_out, logits, target, losses, state)
+    loss32, losses32, state32, _ = K.ohem_ce_up_fwd(logits.float(), target, 0.75, -1.0, 255)
+    want = K.ohem_ce_up_bwd(grad_out, logits.float(), target, losses32, state32)
+    assert got.dtype == dtype and got.stride() == logits.stride()
+    assert torch.isfinite(got).all(), "an element left unwritten (poisoned) or a NaN"
+    # one ulp of the output dtype (fp16's subnormal step below 2^-14: OHEM gradients are ~1 / kept
+    # pixels), and 2^-16 of the largest gradient for the x4 kernel's 16-bit split of each term
+    ulp, step = (2.0 ** -8, 0.0) if dtype == torch.bfloat16 else (2.0 ** -10, 2.0 ** -24)
+    err = (got.double() - want.double()).abs()
+    bound = ulp * want.double().abs() + step + 2.0 ** -16 * float(want.abs().max())
+    assert bool((err <= bound).all()), (f"largest error {float(err.max()):.3g}, "
+                                        f"{int((err > bound).sum())} of {err.numel()} elements beyond an ulp")
+    assert float(want.abs().sum()) > 0
+
+
 def test_layouts_all_ignored_and_switch(device):
     logits, target = _fresh((2, 19, 5, 9), (20, 36), torch.float32, device)
     cl = logits.contiguous(memory_format=torch.channels_last)

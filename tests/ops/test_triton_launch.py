@@ -27,7 +27,8 @@ import torch
 
 CHILD = Path(__file__).with_name("_triton_launch_child.py")
 GPU = os.environ.get("IFBF_TEST_GPU", "0") not in ("", "0")
-CASES = ("fbf_nchw_bf16", "fbf_channels_last_fp32_grad_stats", "fbf_unaligned_fp16", "ohem_bf16", "ohem_up_fp16")
+CASES = ("fbf_nchw_bf16", "fbf_channels_last_fp32_grad_stats", "fbf_unaligned_fp16", "ohem_bf16", "ohem_up_fp16",
+         "ohem_up_x4_bf16_maxnreg")
 LAUNCHES = {"fbf": 4, "ohem": 3}
 
 

@@ -33,6 +33,16 @@ def test_memory_opcodes_counts_each_memory_instruction_with_its_modifiers():
             + _ins(4, "STG.E.128 desc[UR6][R10.64], R12") + _ins(5, "STL.64 [R1], R2") + _ins(6, "LDS R7, [R3]"))
     assert sass.memory_opcodes(text) == {"LDG.E.U16": 2, "LDG.E.128.CONSTANT": 1, "STG.E.128": 1, "STL.64": 1}
 
+def test_loop_bodies_run_from_each_backward_branch_target_to_the_branch():
+    text = (_ins(0, "MOV R1, 0x0") + _ins(1, "FADD R2, R2, R3") + _ins(2, "ISETP.NE.AND P0, PT, R4, RZ, PT")
+            + _ins(3, "@P0 BRA 0x10") + _ins(4, "FMUL R5, R2, R2") + _ins(5, "BRA 0x60")
+            + _ins(6, "EXIT") + _ins(7, "BRA `(.L_x_3) 0x40"))
+    loops = sass.loop_bodies(text)
+    assert [len(b) for b in loops] == [3, 4]            # 0x10..0x30, then 0x40..0x70; BRA 0x60 goes forward
+    assert loops[0][0].startswith("FADD") and loops[0][-1] == "@P0 BRA 0x10"
+    assert sass.loop_bodies(_ins(0, "EXIT")) == []
+
+
 def test_resident_blocks_follow_the_sm90_limits():
     assert sass.resident_blocks(4, 32) == 16                 # warps: 64 per SM
     assert sass.resident_blocks(1, 16) == 32                 # blocks: 32 per SM

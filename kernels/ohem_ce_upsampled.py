@@ -7,10 +7,11 @@ The same loss as ``ohem_ce.py`` on ``interpolate(logits, (H, W), bilinear, align
 * ``_ohem_ce_up_fwd_kernel``: ``_ohem_ce_fwd_kernel`` on the interpolated logits; it fills the same
   per-pixel loss buffer and first histogram, after which the select pass of ``ohem_ce_select.py`` runs
   unchanged. At an exact x4 of fp16 / bf16 logits (the training loss) it takes 4 x 32-pixel output
-  tiles and interpolates each as one small tensor-core matmul, exact bilinear weights [pixels, window]
-  @ the tile's source window [window, classes] (``_ohem_ce_bilinear_mma``: 0.6 warp-wide loads per
-  output pixel instead of 4 for gathering each pixel's four corners); other resizes and fp32 logits
-  gather.
+  tiles aligned to the x4 pattern and interpolates each as one small tensor-core matmul, fixed exact
+  bilinear weights [pixels, window] (computed once per program, ``_ohem_ce_x4_weights``) @ the tile's
+  2 x 9 source window [window, classes] (``_ohem_ce_x4_window``: 0.44 warp-wide loads per output
+  pixel instead of 4 for gathering each pixel's four corners; 25 warp instructions per output pixel
+  in its sm_90 SASS); other resizes and fp32 logits gather.
 * ``_ohem_ce_up_bwd_kernel`` / ``_ohem_ce_up_bwd_x4_kernel``: the gradient wrt the low-resolution
   logits, written once in their dtype and layout: a program OWNS a tile of low-resolution pixels and
   gathers the contributions of every output pixel whose bilinear sources reach it (no atomics, no
@@ -44,7 +45,7 @@ import triton.language as tl
 
 from ._launch import PlannedLaunch
 from .ohem_ce import (FWD_TILES, RED_BLOCK, _STATE_CUT, _STATE_INV_N, _STATE_TIE_W, _cdiv, _check_offsets,
-                      _flat_hw, _ohem_ce_fwd_epilogue, _ohem_ce_labels, _ohem_ce_pixel_offsets, _ohem_ce_tile_histogram,
+                      _flat_hw, _ohem_ce_exp, _ohem_ce_fwd_epilogue, _ohem_ce_labels, _ohem_ce_pixel_offsets, _ohem_ce_tile_histogram,
                       _ohem_ce_tile_loss, _scalars, block_sizes, scratch_and_f32, select_launch)
 
 
@@ -90,42 +91,46 @@ def _ohem_ce_bilinear_tile(lr_ptr, Y, X, mask, offs_c, mask_c, h_in, w_in, scale
 
 
 @triton.jit
-def _ohem_ce_bilinear_mma(lr_ptr, oy, ox, y_first, x_first, offs_c, mask_c, h_in, w_in, scale_h, scale_w,
-                          stride_c, stride_h, stride_w, WIN_H: tl.constexpr, WIN_W: tl.constexpr,
-                          KW: tl.constexpr):
-    """fp32 logits [P, BLOCK_C] of the output pixels (oy, ox) of one 2-D output tile, -inf padding, as one
-    small matmul: bilinear weights [P, KW] @ the tile's low-resolution window [KW, BLOCK_C].
+def _ohem_ce_x4_weights(P: tl.constexpr, WIN: tl.constexpr, KW: tl.constexpr, dtype: tl.constexpr):
+    """Bilinear weights [P, 2 * KW] of an exact x4 step: P = 4 x WIN output pixels p = (rr, q) =
+    (p // WIN, p % WIN) at rows 4 a - 2 + rr, columns 4 b - 2 + q of an aligned tile, onto the source
+    window k = (ky, kx) = (k // KW, k % KW) at rows a - 1 + ky, columns b - 1 + kx; in ``dtype``.
 
-    The window is the WIN_H x WIN_W source pixels from (source row of y_first, source column of
-    x_first), clamped to the image (a clamped duplicate gets weight 0: the weights compare the window's
-    unclamped coordinates with each pixel's clamped i0 / i1, so the edges weigh as PyTorch does). At an
-    exact x4 every weight is a multiple of 1/64 and fp16 / bf16 logits are exact in tf32: the tensor
-    core's products are exact, and each pixel's value is the fp32 sum of its four weighted corners, as
-    the gather path computes it up to the order of the additions. KW = next power of two of
-    WIN_H * WIN_W window pixels are read once per tile instead of four corners per output pixel.
-    A non-finite logit reaches every pixel of the tile (0 x inf is NaN) and poisons the call; the
-    gather would carry a -inf logit of a class other than a pixel's label into a finite loss. A
-    network's logits are finite: a non-finite one means the step diverged, and the trainer's
-    non-finite rule skips it.
+    At x4 (align_corners=False) output index 4 a + 2 + r (r < 4) samples source indices a and a + 1
+    with weights 1 - l, l, l = (2 r + 1) / 8: the same for every aligned tile, so a kernel computes
+    them once (loop-invariant). Every weight is a multiple of 1/64 (exact in fp16 and bf16), and a
+    window read with clamped indices gives PyTorch's values at the image edges: where its clamped
+    index repeats a source pixel, the two weights of the duplicate sum to the original's (exactly:
+    each product is exact in fp32 and their sum is the pixel's value).
     """
-    y0, y1, ly = _ohem_ce_source_index(oy, scale_h, h_in)
-    x0, x1, lx = _ohem_ce_source_index(ox, scale_w, w_in)
-    ybase = _ohem_ce_source_index(y_first, scale_h, h_in)[0]
-    xbase = _ohem_ce_source_index(x_first, scale_w, w_in)[0]
-    k = tl.arange(0, KW)
-    ky = ybase + k // WIN_W
-    kx = xbase + k % WIN_W
-    in_win = k < WIN_H * WIN_W
-    wy = (tl.where(ky[None, :] == y0[:, None], 1.0 - ly[:, None], 0.0)
-          + tl.where(ky[None, :] == y1[:, None], ly[:, None], 0.0))
-    wx = (tl.where(kx[None, :] == x0[:, None], 1.0 - lx[:, None], 0.0)
-          + tl.where(kx[None, :] == x1[:, None], lx[:, None], 0.0))
-    weights = tl.where(in_win[None, :], wy * wx, 0.0)
-    src = tl.minimum(ky, h_in - 1) * stride_h + tl.minimum(kx, w_in - 1) * stride_w
-    win = tl.load(lr_ptr + src[:, None] + (offs_c * stride_c)[None, :], mask=in_win[:, None] & mask_c[None, :],
-                  other=0.0).to(tl.float32)
-    x = tl.dot(weights, win, input_precision="tf32")
-    return tl.where(mask_c[None, :], x, -float("inf"))
+    p = tl.arange(0, P)
+    rr = p // WIN
+    q = p % WIN
+    ly = (2 * rr + 1).to(tl.float32) * 0.125
+    lx = (2 * (q % 4) + 1).to(tl.float32) * 0.125
+    k = tl.arange(0, 2 * KW)
+    ky = k // KW
+    kx = k % KW
+    wrow = tl.where(ky[None, :] == 1, ly[:, None], 1.0 - ly[:, None])
+    wcol = (tl.where(kx[None, :] == (q // 4)[:, None], 1.0 - lx[:, None], 0.0)
+            + tl.where(kx[None, :] == (q // 4 + 1)[:, None], lx[:, None], 0.0))
+    return (wrow * wcol).to(dtype)
+
+
+@triton.jit
+def _ohem_ce_x4_window(lr_ptr, a, b, offs_c, mask_c, h_in, w_in, stride_c, stride_h, stride_w,
+                       WIN: tl.constexpr, KW: tl.constexpr):
+    """The source window [2 * KW, BLOCK_C] of :func:`_ohem_ce_x4_weights` for source rows a - 1, a and
+    columns b - 1 .. b + WIN // 4 - 1, indices clamped to the image (the duplicates PyTorch's clamped
+    index reads), in the logits' dtype; 0 beyond the window's WIN // 4 + 1 columns and C classes."""
+    k = tl.arange(0, 2 * KW)
+    ky = k // KW
+    kx = k % KW
+    src = (tl.minimum(tl.maximum(a - 1 + ky, 0), h_in - 1) * stride_h
+           + tl.minimum(tl.maximum(b - 1 + kx, 0), w_in - 1) * stride_w)
+    in_win = kx < WIN // 4 + 1
+    return tl.load(lr_ptr + src[:, None] + (offs_c * stride_c)[None, :], mask=in_win[:, None] & mask_c[None, :],
+                   other=0.0)
 
 
 @triton.jit
@@ -143,12 +148,24 @@ def _ohem_ce_up_fwd_kernel(
     keep_hi, keep_lo, n_programs,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr,
     FLAT_HW: tl.constexpr,   # the target's H x W plane is dense
-    MMA: tl.constexpr,       # exact x4 of fp16/bf16 logits: OT_H x OT_W output tiles by _ohem_ce_bilinear_mma
-    OT_H: tl.constexpr, OT_W: tl.constexpr,              # MMA: output tile (OT_H * OT_W == BLOCK_P)
-    WIN_H: tl.constexpr, WIN_W: tl.constexpr, KW: tl.constexpr,   # MMA: its source window
+    MMA: tl.constexpr,       # exact x4 of fp16/bf16 logits: aligned 4 x OT_W output tiles, one matmul each
+    OT_W: tl.constexpr,      # MMA: output columns per tile (4 * OT_W == BLOCK_P)
+    KW: tl.constexpr,        # MMA: source columns read per source row (>= OT_W // 4 + 1, a power of two)
 ):
     """_ohem_ce_fwd_kernel on bilinearly upsampled logits; grid (cdiv(H*W, TILES*BLOCK_P), N), or with MMA
-    (cdiv(cdiv(H, OT_H) * cdiv(W, OT_W), TILES), N) (tiles row-major over the image)."""
+    (cdiv((h_in + 1) * cdiv(W + 2, OT_W), TILES), N).
+
+    MMA: tile (ty, tx) (row-major) is output rows 4 ty - 2 .. 4 ty + 1 and columns OT_W tx - 2 ..
+    OT_W tx + OT_W - 3, aligned to the x4 pattern so that its 4 x OT_W pixels sample the two source
+    rows ty - 1, ty and columns from OT_W tx / 4 - 1 with the same weights in every tile
+    (:func:`_ohem_ce_x4_weights`, computed once per program); the logits are one matmul in their
+    own dtype (products exact, fp32 sums), [P, 2 KW] weights @ the [2 KW, C] window read once. Rows
+    and columns outside the image (the tiling's first two and last two) are masked; their clamped
+    reads keep the values finite. A non-finite logit reaches every pixel of its tile (0 x inf is
+    NaN) and poisons the call, where the gather would carry a -inf logit of a class other than a
+    pixel's label into a finite loss: a network's logits are finite, a non-finite one means the step
+    diverged, and the trainer's non-finite rule skips it.
+    """
     n = tl.program_id(1).to(tl.int64)
     lr_ptr += n * stride_ln
     target_ptr += n * stride_tn
@@ -156,39 +173,49 @@ def _ohem_ce_up_fwd_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     coarse = tl.zeros([256], dtype=tl.int32)
-    n_valid = tl.zeros([], dtype=tl.int32)
-    n_bad = tl.zeros([], dtype=tl.int32)
-    n_nan = tl.zeros([], dtype=tl.int32)
+    # per-pixel-slot counts, summed once after the loop (a sum per tile is a block-wide reduction
+    # through shared memory: two barriers each)
+    n_valid = tl.zeros([BLOCK_P], dtype=tl.int32)
+    n_bad = tl.zeros([BLOCK_P], dtype=tl.int32)
+    n_nan = tl.zeros([BLOCK_P], dtype=tl.int32)
+    if MMA:
+        w_x4 = _ohem_ce_x4_weights(BLOCK_P, OT_W, KW, lr_ptr.dtype.element_ty)
+        rr = tl.arange(0, BLOCK_P) // OT_W
+        qq = tl.arange(0, BLOCK_P) % OT_W
+        # the first tile's (row, column); the next ones step along the row (no division per tile)
+        tiles_w = tl.cdiv(W + 2, OT_W)
+        ty = (tl.program_id(0) * TILES) // tiles_w
+        tx = (tl.program_id(0) * TILES) % tiles_w
     for i in range(TILES):
-        tile = tl.program_id(0) * TILES + i
         if MMA:
-            tiles_w = tl.cdiv(W, OT_W)
-            y_first = (tile // tiles_w) * OT_H
-            x_first = (tile % tiles_w) * OT_W
-            oy = y_first + tl.arange(0, BLOCK_P) // OT_W
-            ox = x_first + tl.arange(0, BLOCK_P) % OT_W
-            mask_p = (oy < HW // W) & (ox < W)
+            oy = 4 * ty - 2 + rr
+            ox = OT_W * tx - 2 + qq
+            mask_p = (oy >= 0) & (oy < HW // W) & (ox >= 0) & (ox < W)
             offs_p = oy * W + ox
         else:
-            offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+            offs_p = (tl.program_id(0) * TILES + i) * BLOCK_P + tl.arange(0, BLOCK_P)
             mask_p = offs_p < HW
         t = _ohem_ce_labels(tl.load(target_ptr + _ohem_ce_pixel_offsets(offs_p, W, stride_th, stride_tw, FLAT_HW),
                                     mask=mask_p, other=ignore_index))
         valid = mask_p & (t != ignore_index)
         if MMA:
-            x = _ohem_ce_bilinear_mma(lr_ptr, oy, ox, y_first, x_first, offs_c, mask_c, h_in, w_in, scale_h,
-                                      scale_w, stride_lc, stride_lh, stride_lw, WIN_H, WIN_W, KW)
-            x = tl.where(mask_p[:, None], x, -float("inf"))
+            win = _ohem_ce_x4_window(lr_ptr, ty, tx * (OT_W // 4), offs_c, mask_c, h_in, w_in, stride_lc,
+                                     stride_lh, stride_lw, OT_W, KW)
+            x = tl.where(mask_c[None, :], tl.dot(w_x4, win), -float("inf"))
+            tx += 1
+            ty += (tx == tiles_w).to(tl.int32)
+            tx = tl.where(tx == tiles_w, 0, tx)
         else:
             x = _ohem_ce_bilinear_tile(lr_ptr, offs_p // W, offs_p % W, mask_p, offs_c, mask_c, h_in, w_in,
                                        scale_h, scale_w, stride_lc, stride_lh, stride_lw)
         loss, bad, is_nan = _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C)
         tl.store(loss_ptr + offs_p, loss, mask=mask_p)
         coarse += _ohem_ce_tile_histogram(scratch_ptr, loss, valid)
-        n_valid += tl.sum(valid.to(tl.int32))
-        n_bad += tl.sum(bad.to(tl.int32))
-        n_nan += tl.sum(is_nan.to(tl.int32))
-    _ohem_ce_fwd_epilogue(scratch_ptr, coarse, n_valid, n_bad, n_nan, keep_hi, keep_lo, n_programs)
+        n_valid += valid.to(tl.int32)
+        n_bad += bad.to(tl.int32)
+        n_nan += is_nan.to(tl.int32)
+    _ohem_ce_fwd_epilogue(scratch_ptr, coarse, tl.sum(n_valid), tl.sum(n_bad), tl.sum(n_nan), keep_hi, keep_lo,
+                          n_programs)
 
 
 @triton.jit
@@ -263,7 +290,7 @@ def _ohem_ce_up_bwd_kernel(
         x = _ohem_ce_bilinear_tile(lr_ptr, Y, X, mask_p, offs_c, mask_c, h_in, w_in, scale_h, scale_w,
                                    stride_lc, stride_lh, stride_lw)
         m = tl.where(mask_p, tl.max(x, axis=1), 0.0)
-        e = tl.exp(x - m[:, None])
+        e = _ohem_ce_exp(x - m[:, None])
         s = tl.where(mask_p, tl.sum(e, axis=1), 1.0)
         onehot = tl.where(offs_c[None, :] == t[:, None], 1.0, 0.0)
         grad = tl.where(kept[:, None], (e / s[:, None] - onehot) * coef[:, None], (0.0 * coef)[:, None])
@@ -335,24 +362,14 @@ def _ohem_ce_up_bwd_x4_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     # step pixel p = (row rr, column q) of the window's rows 4 (r0 + i) - 2 + rr, columns 4 c0 - 2 + q:
-    # its sources are rows r0 + i - 1 and r0 + i with weights 1 - ly, ly, ly = (2 rr + 1) / 8 (exact x4)
+    # its sources are rows r0 + i - 1 and r0 + i with weights 1 - ly, ly, ly = (2 rr + 1) / 8 (exact x4);
+    # the recompute weights [P, 2 * KW] onto those rows x columns c0 - 1 + kx (_ohem_ce_x4_weights)
     p = tl.arange(0, P)
     rr = p // WIN
     q = p % WIN
     X = 4 * c0 - 2 + q
     ly = (2 * rr + 1).to(tl.float32) * 0.125
-    lxq = (2 * (q % 4) + 1).to(tl.float32) * 0.125
-    # recompute weights [P, 2 * KW] onto source rows (r0 + i - 1, r0 + i) x columns c0 - 1 + kx (clamped
-    # reads: a clamped duplicate's weight adds to its original's, as PyTorch's clamped index gives)
-    k = tl.arange(0, 2 * KW)
-    ky = k // KW
-    kx = k % KW
-    wrow = tl.where(ky[None, :] == 1, ly[:, None], 1.0 - ly[:, None])
-    wcol = (tl.where(kx[None, :] == (q // 4)[:, None], 1.0 - lxq[:, None], 0.0)
-            + tl.where(kx[None, :] == (q // 4 + 1)[:, None], lxq[:, None], 0.0))
-    w_rec = (wrow * wcol).to(lr_ptr.dtype.element_ty)                     # multiples of 1/64: exact
-    src_col = tl.minimum(tl.maximum(c0 - 1 + kx, 0), w_in - 1) * stride_lw
-    in_win = kx < OT + 2
+    w_rec = _ohem_ce_x4_weights(P, WIN, KW, lr_ptr.dtype.element_ty)
     # transposed weights onto owned columns c0 + lx, PyTorch's clamped map per pixel (borders exact)
     x0, x1, wx1 = _ohem_ce_source_index(X, scale_w, w_in)
     lx = tl.arange(0, LW)[None, :]
@@ -371,9 +388,8 @@ def _ohem_ce_up_bwd_x4_kernel(
     dst_c = glr_ptr + (offs_c * stride_gc)[:, None] + c * stride_gw
     acc = tl.zeros([BLOCK_C, 2 * LW], dtype=tl.float32)
     zero = tl.zeros([BLOCK_C, LW], dtype=tl.float32)
-    src_row = tl.minimum(tl.maximum(r0 - 1 + ky, 0), h_in - 1) * stride_lh
-    x_next = tl.dot(w_rec, tl.load(lr_ptr + (src_row + src_col)[:, None] + (offs_c * stride_lc)[None, :],
-                                   mask=in_win[:, None] & mask_c[None, :], other=0.0))
+    x_next = tl.dot(w_rec, _ohem_ce_x4_window(lr_ptr, r0, c0, offs_c, mask_c, h_in, w_in, stride_lc, stride_lh,
+                                              stride_lw, WIN, KW))
     for i in range(OT + 1):
         Y = 4 * (r0 + i) - 2 + rr
         mask_p = (Y >= 0) & (Y < H) & (X >= 0) & (X < W)
@@ -399,9 +415,8 @@ def _ohem_ce_up_bwd_x4_kernel(
         tl.store(dst_c + r * stride_gh, done.to(glr_ptr.dtype.element_ty), mask=own_c & (i > 0) & (r < h_in))
         cur += tl.where((i == 0) & (r0 == 0), done, 0.0)                          # the row above the image
         acc = tl.reshape(tl.join(cur, zero), (BLOCK_C, 2 * LW))
-        src_row = tl.minimum(tl.maximum(r0 + i + ky, 0), h_in - 1) * stride_lh
-        x_next = tl.dot(w_rec, tl.load(lr_ptr + (src_row + src_col)[:, None] + (offs_c * stride_lc)[None, :],
-                                       mask=in_win[:, None] & mask_c[None, :], other=0.0))
+        x_next = tl.dot(w_rec, _ohem_ce_x4_window(lr_ptr, r0 + i + 1, c0, offs_c, mask_c, h_in, w_in, stride_lc,
+                                                  stride_lh, stride_lw, WIN, KW))
 
 
 # --- host launchers ------------------------------------------------------------------------------
@@ -495,7 +510,7 @@ def ohem_ce_up_fwd(logits_lr: torch.Tensor, target: torch.Tensor, keep_ratio: fl
         block_p, block_c, warps = block_sizes(c)
         _check_offsets(logits_lr, target)
         mma = forward_mma((h_in, w_in), (h, w), c, logits_lr.dtype)
-        tiles = _cdiv(h, mma["OT_H"]) * _cdiv(w, mma["OT_W"]) if mma["MMA"] else _cdiv(h * w, block_p)
+        tiles = forward_tiles((h_in, w_in), (h, w), mma) if mma["MMA"] else _cdiv(h * w, block_p)
         grid = (_cdiv(tiles, FWD_TILES), n)
         n_prog = grid[0] * grid[1]
         # four gathered tiles live at once: twice the threads
@@ -521,26 +536,30 @@ def ohem_ce_up_fwd(logits_lr: torch.Tensor, target: torch.Tensor, keep_ratio: fl
 
 
 MMA_FACTOR = 4          # the exact upsampling factor of the forward's matmul path (the network's x4)
-MMA_OT_H = 4            # its output tile: MMA_OT_H rows x BLOCK_P / MMA_OT_H columns
 
 
 def forward_mma(size_in: tuple, size_out: tuple, num_classes: int, dtype: torch.dtype) -> dict:
     """The forward's MMA constexprs (``MMA`` False: the per-pixel gather of the four corners).
 
     The matmul path takes exact x4 resizes of fp16 / bf16 logits (bilinear weights multiples of 1/64,
-    logits exact in tf32) with 16 to 64 class lanes (tl.dot's sizes: at least 16, and BLOCK_P >= 64
-    output pixels); fp32 logits would be rounded to tf32, so they gather.
+    exact in the logits' own dtype) with 16 to 64 class lanes (tl.dot's sizes: at least 16, and
+    BLOCK_P >= 64 output pixels); fp32 logits would be rounded by the tensor core, so they gather.
+    Its tiles are 4 output rows x OT_W = BLOCK_P / 4 columns; each reads KW >= OT_W / 4 + 1 source
+    columns of two source rows.
     """
     block_p, block_c, _ = block_sizes(num_classes)
-    off = dict(MMA=False, OT_H=1, OT_W=1, WIN_H=1, WIN_W=1, KW=16)
+    off = dict(MMA=False, OT_W=1, KW=16)
     if (dtype not in (torch.float16, torch.bfloat16) or not 16 <= block_c <= 64
             or tuple(size_out) != (MMA_FACTOR * size_in[0], MMA_FACTOR * size_in[1])):
         return off
-    ot_h, ot_w = MMA_OT_H, block_p // MMA_OT_H
-    # source rows / columns a tile of n output indices touches at x4: ceil((n - 1) / 4) + 2
-    win_h, win_w = -(-(ot_h - 1) // MMA_FACTOR) + 2, -(-(ot_w - 1) // MMA_FACTOR) + 2
-    return dict(MMA=True, OT_H=ot_h, OT_W=ot_w, WIN_H=win_h, WIN_W=win_w,
-                KW=max(triton.next_power_of_2(win_h * win_w), 16))
+    ot_w = block_p // MMA_FACTOR
+    return dict(MMA=True, OT_W=ot_w, KW=triton.next_power_of_2(ot_w // MMA_FACTOR + 1))
+
+
+def forward_tiles(size_in: tuple, size_out: tuple, mma: dict) -> int:
+    """Output tiles of the forward's matmul path per image: (h_in + 1) rows of tiles (output rows
+    4 ty - 2 .. 4 ty + 1) x cdiv(W + 2, OT_W) (columns from OT_W tx - 2)."""
+    return (size_in[0] + 1) * _cdiv(size_out[1] + 2, mma["OT_W"])
 
 
 def backward_launch(size_in: tuple, size_out: tuple, num_classes: int) -> dict:
@@ -624,8 +643,8 @@ def bytes_model(lowres_shape, size_out, logits_dtype: torch.dtype, target_dtype:
     Each byte is counted once per launch: the forward's source windows (matmul path) or four bilinear
     gathers per output pixel and the backward's overlapping windows re-read low-resolution logits,
     labels and losses that neighbouring programs (running at the same time) have just brought into L2;
-    those re-reads are listed under ``l2`` (forward at x4: a 4 x 32 output tile reads 3 x 10 source
-    pixels where it owns 1 x 8, 3.75x the low-resolution logits, the gather 64x; backward at x4 with
+    those re-reads are listed under ``l2`` (forward at x4: an aligned 4 x 32 output tile reads 2 x 9
+    source pixels where it owns 1 x 8, 2.25x the low-resolution logits, the gather 64x; backward at x4 with
     7 x 7 owned pixels a window is 32 x 32 output pixels per 28 x 28 owned: 1.31x the labels and
     losses, 81 / 49 of the low-resolution logits).
     """
@@ -649,8 +668,10 @@ def bytes_model(lowres_shape, size_out, logits_dtype: torch.dtype, target_dtype:
     }
     halo = (ot_h + 2) * (ot_w + 2) / (ot_h * ot_w)
     mma = forward_mma((h_in, w_in), tuple(size_out), c, logits_dtype)
-    # low-resolution logits read per one owned: the matmul path's window, or four corners per output pixel
-    fwd_reads = (mma["WIN_H"] * mma["WIN_W"] * MMA_FACTOR ** 2 / (mma["OT_H"] * mma["OT_W"]) if mma["MMA"]
+    # low-resolution logits read per one owned: the matmul path's window (two source rows x
+    # OT_W / 4 + 1 columns per tile of 4 x OT_W output pixels: 1 x OT_W / 4 source pixels' worth), or
+    # four corners per output pixel
+    fwd_reads = (2 * (mma["OT_W"] // MMA_FACTOR + 1) / (mma["OT_W"] // MMA_FACTOR) if mma["MMA"]
                  else 4 * pixels / max(n * h_in * w_in, 1))
     return {"launches": launches, "total": sum(launches.values()), "minimum": op_minimum(pixels, logits, labels),
             "l2": {"histogram_atomics": 4 * pixels, "scratch_and_state": SMALL_BYTES,

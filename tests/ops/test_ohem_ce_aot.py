@@ -257,6 +257,32 @@ def test_fused_backward_issues_few_instructions_per_output_pixel():
     assert not slow, "\n".join(slow)
 
 
+def test_fused_forward_issues_few_instructions_per_output_pixel():
+    """The fused-upsampling forward at 4 x 19 x 219^2 -> 876^2 in fp16 / bf16, both layouts: warp-wide
+    instructions per output pixel of its tile loop, from the sm_90 SASS (the loop body's length x warps
+    / BLOCK_P). It is bound by instruction issue (3.1 M output pixels x 43 = 0.13 G warp instructions,
+    0.13-0.25 ms at four or two per SM and clock, against 23 MB of DRAM traffic: 5.4 us); 43 per
+    pixel before its tiles were aligned to the x4 pattern (weights computed per tile), its exp took
+    ex2 without .ftz (a range check around each MUFU) and its counts were summed per tile (two
+    barriers each); 25 now. The gather's figure (fp32 logits keep it) is printed beside."""
+    from ifbf_fast.utils import sass
+    if not sass.cuobjdump_path():
+        pytest.skip("no cuobjdump (it ships with triton under backends/nvidia/bin)")
+    cases = [(f"{dtype} {'cl' if cl else 'nchw'}", upsample_kernel_specs(19, dtype, channels_last=cl)[0])
+             for dtype in (torch.bfloat16, torch.float16, torch.float32) for cl in (False, True)]
+    results = compile_kernels([dataclasses.replace(spec, sass_archs=(90,)) for _, spec in cases], archs=(90,))
+    lines, slow = [], []
+    for (name, spec), (r,) in zip(cases, results):
+        (body,) = sass.loop_bodies(r.sass)
+        per_pixel = len(body) * r.num_warps / spec.constexprs["BLOCK_P"]
+        lines.append(f"{name:22s} MMA={spec.constexprs['MMA']!s:5s} regs {r.registers:3d} loop {len(body):4d} "
+                     f"instructions: {per_pixel:5.1f} warp instructions per output pixel")
+        if spec.constexprs["MMA"] and per_pixel > 28:
+            slow.append(lines[-1])
+    print("\n" + "\n".join(lines))
+    assert not slow, "\n".join(slow)
+
+
 def test_fused_forward_issues_few_loads_per_output_pixel():
     """The fused-upsampling forward at 4 x 19 x 219^2 -> 876^2 (the training loss) in fp16 / bf16, both
     layouts: warp-wide global loads per output pixel, from the sm_90 SASS (every LDG of the kernel, the

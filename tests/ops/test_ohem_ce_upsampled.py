@@ -59,19 +59,23 @@ def test_matches_interpolate_then_reference(device, dtype, case, thresh):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("classes,layout", [(19, "nchw"), (19, "channels_last"), (12, "nchw"), (40, "nchw")])
-def test_forward_matmul_path_equals_the_gather_path(device, dtype, classes, layout):
-    """The forward's matmul interpolation (exact x4 of fp16 / bf16 logits, ``forward_mma``) against the
-    per-pixel gather of the four corners, which the same values in fp32 take: per-pixel losses equal up
-    to fp32 rounding (the order of four additions), over several programs of 8 tiles, every image edge
-    (92 = 2 x 32 + 28 output columns: a partial tile) and 16-, 32- and 64-lane class blocks (output tiles
-    of 4 x 64, 4 x 32 and 4 x 16 pixels). Loss and gradients against interpolate + the reference on this
-    path: test_matches_interpolate_then_reference (its exact-x4 case in fp16 / bf16)."""
-    shape, size = (2, classes, 9, 23), (36, 92)
+@pytest.mark.parametrize("classes,layout,lowres", [
+    (19, "nchw", (9, 23)), (19, "channels_last", (9, 23)), (12, "nchw", (9, 23)), (40, "nchw", (9, 23)),
+    (19, "nchw", (1, 9)), (19, "nchw", (8, 1)), (19, "channels_last", (1, 1))])
+def test_forward_matmul_path_equals_the_gather_path(device, dtype, classes, layout, lowres):
+    """The forward's matmul interpolation (exact x4 of fp16 / bf16 logits, ``forward_mma``: aligned
+    tiles, loop-invariant weights, clamped windows) against the per-pixel gather of the four corners,
+    which the same values in fp32 take: per-pixel losses equal up to fp32 rounding (the order of four
+    additions). 9 x 23 -> 36 x 92: several programs of 8 tiles, every image edge, a partial last tile
+    column (92 + 2 columns from -2), 16-, 32- and 64-lane class blocks (tiles of 4 x 64, 4 x 32 and
+    4 x 16 pixels); one source row, column or pixel, whose clamped neighbours all read it. Loss and
+    gradients against interpolate + the reference on this path: test_matches_interpolate_then_reference
+    (its exact-x4 case in fp16 / bf16)."""
+    shape, size = (2, classes) + lowres, (4 * lowres[0], 4 * lowres[1])
     plan = K.forward_mma(shape[2:], size, classes, dtype)
     assert plan["MMA"] and not K.forward_mma(shape[2:], size, classes, torch.float32)["MMA"]
-    tiles = -(-size[0] // plan["OT_H"]) * -(-size[1] // plan["OT_W"])
-    assert tiles > 2 * K.FWD_TILES and size[1] % plan["OT_W"] != 0
+    if lowres == (9, 23):
+        assert K.forward_tiles(shape[2:], size, plan) > 2 * K.FWD_TILES and (size[1] + 2) % plan["OT_W"] != 0
     logits, target = _fresh(shape, size, dtype, device)
     if layout == "channels_last":
         logits = logits.contiguous(memory_format=torch.channels_last)

@@ -10,7 +10,7 @@ The same loss as ``ohem_ce.py`` on ``interpolate(logits, (H, W), bilinear, align
   tiles aligned to the x4 pattern and interpolates each as one small tensor-core matmul, fixed exact
   bilinear weights [pixels, window] (computed once per program, ``_ohem_ce_x4_weights``) @ the tile's
   2 x 9 source window [window, classes] (``_ohem_ce_x4_window``: 0.44 warp-wide loads per output
-  pixel instead of 4 for gathering each pixel's four corners; 25 warp instructions per output pixel
+  pixel instead of 4 for gathering each pixel's four corners; 22 warp instructions per output pixel
   in its sm_90 SASS); other resizes and fp32 logits gather.
 * ``_ohem_ce_up_bwd_kernel`` / ``_ohem_ce_up_bwd_x4_kernel``: the gradient wrt the low-resolution
   logits, written once in their dtype and layout: a program OWNS a tile of low-resolution pixels and
@@ -45,8 +45,9 @@ import triton.language as tl
 
 from ._launch import PlannedLaunch
 from .ohem_ce import (FWD_TILES, RED_BLOCK, _STATE_CUT, _STATE_INV_N, _STATE_TIE_W, _cdiv, _check_offsets,
-                      _flat_hw, _ohem_ce_exp, _ohem_ce_fwd_epilogue, _ohem_ce_labels, _ohem_ce_pixel_offsets, _ohem_ce_tile_histogram,
-                      _ohem_ce_tile_loss, _scalars, block_sizes, scratch_and_f32, select_launch)
+                      _flat_hw, _ohem_ce_exp, _ohem_ce_fwd_epilogue, _ohem_ce_labels, _ohem_ce_pixel_offsets,
+                      _ohem_ce_tile_histogram, _ohem_ce_tile_loss, _scalars, block_sizes, scratch_and_f32,
+                      select_launch)
 
 
 # --- kernels: the x4 bilinear upsampling of the logits fused into the loss -----------------------

@@ -167,6 +167,21 @@ def _ohem_ce_log(s):
 
 
 @triton.jit
+def _ohem_ce_rcp(s):
+    """1 / s of an fp32 softmax sum ``s`` >= 1 (or NaN) as rcp.approx.ftz: one MUFU.RCP, within an ulp.
+
+    An fp32 division compiles to div.full.f32, which ptxas expands into range checks, scalings and a
+    MUFU.RCP (about eight instructions); per class element in a backward (e / s) it was the largest
+    part of the softmax. Under the interpreter (which runs no PTX) it is the exact quotient.
+    """
+    if _INTERPRETED:
+        return 1.0 / s
+    else:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [s], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+
+@triton.jit
 def _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C):
     """CE of each row of the fp32 tile ``x`` [P, BLOCK_C] (-inf padding): (loss, bad label, NaN loss).
 
@@ -306,7 +321,7 @@ def _ohem_ce_bwd_kernel(
     m = tl.where(mask_p, tl.max(x, axis=1), 0.0)
     e = _ohem_ce_exp(x - m[:, None])
     s = tl.where(mask_p, tl.sum(e, axis=1), 1.0)
-    prob = e / s[:, None]
+    prob = e * _ohem_ce_rcp(s)[:, None]
     onehot = tl.where(offs_c[None, :] == t[:, None], 1.0, 0.0)
     grad = tl.where(kept[:, None], (prob - onehot) * coef[:, None], (0.0 * coef)[:, None])
     if PACKED_C > 0:

@@ -24,7 +24,7 @@ The same loss as ``ohem_ce.py`` on ``interpolate(logits, (H, W), bilinear, align
   (the training loss) the x4 kernel takes it: windows aligned to the x4 pattern, so that each 4-row
   step reads two source rows with the same fixed weights (loop-invariant), recomputes the logits as a
   tensor-core matmul in the logits' dtype (exact), and scatters onto the two owned rows the step
-  reaches with a second one (the gradient as two bf16 pieces: 16 significant bits per term), 37 warp
+  reaches with a second one (the gradient as two bf16 pieces: 16 significant bits per term), 36 warp
   instructions per output pixel (``test_fused_backward_issues_few_instructions_per_output_pixel``).
 
 What it shares (the per-tile loss, the label widening, the select launch, the argument helpers) is
@@ -46,8 +46,8 @@ import triton.language as tl
 from ._launch import PlannedLaunch
 from .ohem_ce import (FWD_TILES, RED_BLOCK, _STATE_CUT, _STATE_INV_N, _STATE_TIE_W, _cdiv, _check_offsets,
                       _flat_hw, _ohem_ce_exp, _ohem_ce_fwd_epilogue, _ohem_ce_labels, _ohem_ce_pixel_offsets,
-                      _ohem_ce_tile_histogram, _ohem_ce_tile_loss, _scalars, block_sizes, scratch_and_f32,
-                      select_launch)
+                      _ohem_ce_rcp, _ohem_ce_tile_histogram, _ohem_ce_tile_loss, _scalars, block_sizes,
+                      scratch_and_f32, select_launch)
 
 
 # --- kernels: the x4 bilinear upsampling of the logits fused into the loss -----------------------
@@ -294,7 +294,7 @@ def _ohem_ce_up_bwd_kernel(
         e = _ohem_ce_exp(x - m[:, None])
         s = tl.where(mask_p, tl.sum(e, axis=1), 1.0)
         onehot = tl.where(offs_c[None, :] == t[:, None], 1.0, 0.0)
-        grad = tl.where(kept[:, None], (e / s[:, None] - onehot) * coef[:, None], (0.0 * coef)[:, None])
+        grad = tl.where(kept[:, None], (e * _ohem_ce_rcp(s)[:, None] - onehot) * coef[:, None], (0.0 * coef)[:, None])
         # M[p, l]: bilinear weight of owned source pixel l for output pixel p (0 if it does not reach it).
         y0, y1, wy1 = _ohem_ce_source_index(Y, scale_h, h_in)
         x0, x1, wx1 = _ohem_ce_source_index(X, scale_w, w_in)
@@ -403,7 +403,7 @@ def _ohem_ce_up_bwd_x4_kernel(
         x = tl.where(mask_c[None, :], x_next * 1.4426950408889634, -float("inf"))
         m = tl.where(mask_p, tl.max(x, axis=1), 0.0)
         e = tl.math.exp2(x - m[:, None])
-        rs = coef / tl.where(mask_p, tl.sum(e, axis=1), 1.0)
+        rs = coef * _ohem_ce_rcp(tl.where(mask_p, tl.sum(e, axis=1), 1.0))
         grad = e * rs[:, None] - tl.where(offs_c[None, :] == t[:, None], coef[:, None], 0.0)
         grad = tl.where(kept[:, None], grad, (0.0 * coef)[:, None])
         hi = grad.to(tl.bfloat16)

@@ -264,7 +264,11 @@ def test_fused_forward_issues_few_instructions_per_output_pixel():
     0.13-0.25 ms at four or two per SM and clock, against 23 MB of DRAM traffic: 5.4 us); 43 per
     pixel before its tiles were aligned to the x4 pattern (weights computed per tile), its exp took
     ex2 without .ftz (a range check around each MUFU), its log was a software polynomial and its
-    counts were summed per tile (two barriers each); 22 now. The gather's figure (fp32 logits keep it) is printed beside."""
+    counts were summed per tile (two barriers each); 22 now with Triton 3.8. Triton 3.6 (53.6 before,
+    32 now) lowers the tile's 256-bin exponent histogram (tl.histogram) to a ballot and a popcount per
+    bin bit and bin on every thread, most of the 165 instructions per tile it issues beyond 3.8
+    (shared-memory atomics there); it is held to 33 there. The gather's figure (fp32 logits keep it) is printed beside."""
+    import triton
     from ifbf_fast.utils import sass
     if not sass.cuobjdump_path():
         pytest.skip("no cuobjdump (it ships with triton under backends/nvidia/bin)")
@@ -277,7 +281,7 @@ def test_fused_forward_issues_few_instructions_per_output_pixel():
         per_pixel = len(body) * r.num_warps / spec.constexprs["BLOCK_P"]
         lines.append(f"{name:22s} MMA={spec.constexprs['MMA']!s:5s} regs {r.registers:3d} loop {len(body):4d} "
                      f"instructions: {per_pixel:5.1f} warp instructions per output pixel")
-        if spec.constexprs["MMA"] and per_pixel > 24:
+        if spec.constexprs["MMA"] and per_pixel > (33 if triton.__version__.startswith("3.6.") else 24):
             slow.append(lines[-1])
     print("\n" + "\n".join(lines))
     assert not slow, "\n".join(slow)

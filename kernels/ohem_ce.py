@@ -6,9 +6,10 @@ Forward and backward in three launches, no host synchronisation, no fill:
    small class dimension, any strides: NCHW, channels_last, views; packed channels_last pixel rows are
    loaded flat and regrouped, ``_ohem_ce_packed_load``); writes ONE fp32 per pixel (the
    loss, ``-1.0`` for ignored pixels: the sign bit marks them) and adds each valid loss to a 65,536-bin
-   histogram of the top 16 of its 31 significant bits (one L2 atomic per pixel; a 256-bin histogram of
-   the exponent, built per program, indexes it). Its last program (a ticket counter) picks the bin
-   that holds the k-th largest loss, reading 2 x 256 bins.
+   histogram of the top 16 of its 31 significant bits (one L2 atomic per pixel) and tracks their
+   largest exponent. Its last program (a ticket counter) picks the bin that holds the k-th largest
+   loss: its exponent from the histogram summed 256 bins per exponent from the largest down, then
+   one of that exponent's 256 bins.
 2. ``_ohem_ce_select_kernel`` (``ohem_ce_select.py``): one more pass over the L2-resident loss buffer.
    Per program: the fp64 sums of the losses above the k-th's bin and of the ``thresh`` hard set
    (stored per program, added in a fixed order: deterministic, no float atomics), and the histogram
@@ -78,7 +79,7 @@ __all__ = ["ohem_ce_fwd", "ohem_ce_bwd", "block_sizes", "thresh_bits", "bytes_mo
            "N_PROGRAM_SLOT"]
 
 MAX_BLOCK_C = 256                  # classes held in registers; more would need an online LSE loop
-FWD_TILES = 8                      # pixel tiles per forward program (aggregates the exponent histogram)
+FWD_TILES = 8                      # pixel tiles per forward program (aggregates its counters)
 POS_INF_BITS = 0x7F800000
 NAN_BITS = 0x7FC00000              # canonical positive NaN: sorts above +inf as an integer
 
@@ -203,13 +204,15 @@ def _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C):
 
 
 @triton.jit
-def _ohem_ce_tile_histogram(scratch_ptr, loss, valid):
-    """Add the valid losses of a tile to the 16-bit histogram; return the tile's exponent histogram."""
+def _ohem_ce_tile_histogram(scratch_ptr, loss, valid, e_hi):
+    """Add the valid losses of a tile to the 16-bit histogram; return the running largest exponent
+    ``e_hi`` of :func:`_ohem_ce_fwd_epilogue` (per pixel slot) with the tile's losses in it."""
     bits = loss.to(tl.int32, bitcast=True)
     # One relaxed L2 atomic per valid pixel (65,536 bins: too many for a per-program histogram).
     tl.atomic_add(scratch_ptr + (bits >> 15), valid.to(tl.int32), mask=valid, sem="relaxed")
-    # Masked, not sent to a dummy bin (histogram's mask needs triton >= 3.4).
-    return tl.histogram(bits >> 23, 256, mask=valid)
+    # a valid loss has bits >= 0 (NaN: exponent 255); an ignored pixel's -1.0 (sign bit set) gives a
+    # negative value, which the maximum (from 0) drops
+    return tl.maximum(e_hi, bits >> 23)
 
 
 @triton.jit
@@ -240,12 +243,12 @@ def _ohem_ce_fwd_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     col = offs_c * stride_lc
-    coarse = tl.zeros([256], dtype=tl.int32)
     # per-pixel-slot counts, summed once after the loop (a sum per tile is a block-wide reduction
     # through shared memory: two barriers each)
     n_valid = tl.zeros([BLOCK_P], dtype=tl.int32)
     n_bad = tl.zeros([BLOCK_P], dtype=tl.int32)
     n_nan = tl.zeros([BLOCK_P], dtype=tl.int32)
+    e_hi = tl.zeros([BLOCK_P], dtype=tl.int32)      # the largest exponent (_ohem_ce_fwd_epilogue)
     for i in range(TILES):
         offs_p = (tl.program_id(0) * TILES + i) * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_p = offs_p < hw_total
@@ -263,11 +266,11 @@ def _ohem_ce_fwd_kernel(
                         other=-float("inf")).to(tl.float32)
         loss, bad, is_nan = _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C)
         tl.store(loss_ptr + offs_p, loss, mask=mask_p)
-        coarse += _ohem_ce_tile_histogram(scratch_ptr, loss, valid)
+        e_hi = _ohem_ce_tile_histogram(scratch_ptr, loss, valid, e_hi)
         n_valid += valid.to(tl.int32)
         n_bad += bad.to(tl.int32)
         n_nan += is_nan.to(tl.int32)
-    _ohem_ce_fwd_epilogue(scratch_ptr, coarse, tl.sum(n_valid), tl.sum(n_bad), tl.sum(n_nan), keep_hi, keep_lo,
+    _ohem_ce_fwd_epilogue(scratch_ptr, tl.max(e_hi), tl.sum(n_valid), tl.sum(n_bad), tl.sum(n_nan), keep_hi, keep_lo,
                           n_programs)
 
 

@@ -302,6 +302,32 @@ def test_exact_kth_over_several_select_programs_and_every_chunk(device, keep_rat
     want = top.double().sum() / k
     torch.testing.assert_close(loss.cpu().double(), want, rtol=2e-7, atol=0)
 
+@pytest.mark.parametrize("keep_ratio", [0.2, 0.6, 0.8, 0.97])
+def test_exact_kth_when_the_losses_span_many_exponents(device, keep_ratio):
+    """The forward's last program finds the k-th's exponent by summing the fine histogram 256 bins per
+    exponent, EXP_ROWS exponents at a time from the largest down (ohem_ce_select._ohem_ce_fwd_epilogue).
+    Losses log(1 + 2 exp(-margin)) of margins from -80 to 30: from about 80 (exponent 133) down to
+    2e-7 (105) and exact zeros (about 12%): the k-th lies in the first step of exponents (0.2: 132,
+    0.6: 130), in the second (0.8: 117) or at zero, the scan's ninth and last step (0.97). The k-th
+    largest of the forward's own loss buffer, bitwise, and the mean of the top k."""
+    n, h, w = 2, 37, 53
+    gen = torch.Generator().manual_seed(int(keep_ratio * 100))
+    target = torch.randint(0, 3, (n, h, w), generator=gen)
+    margin = torch.rand((n, h, w), generator=gen) * 110.0 - 80.0
+    logits = torch.zeros(n, 3, h, w).scatter_(1, target[:, None], margin[:, None]).to(device)
+    loss, losses, state, _ = K.ohem_ce_fwd(logits, target.to(device), keep_ratio, -1.0, 255)
+    flat = losses.reshape(-1).cpu()
+    exponents = flat.view(torch.int32) >> 23
+    assert int(exponents.max()) - int(exponents[flat > 0].min()) > S.EXP_ROWS and bool((flat == 0).any())
+    k = num_kept(flat.numel(), keep_ratio)
+    top = flat.topk(k).values
+    assert int(state[K.STATE_K]) == k and int(state[K.STATE_N_VALID]) == flat.numel()
+    assert int(state[K.STATE_KTH]) == int(top[-1].view(torch.int32))
+    if keep_ratio == 0.97:
+        assert float(top[-1]) == 0.0
+    torch.testing.assert_close(loss.cpu().double(), top.double().sum() / k, rtol=2e-7, atol=0)
+
+
 def test_bad_labels_poison_the_result_and_can_raise(device):
     logits, target = _inputs((2, 19, 7, 13), torch.float32, device)
     for bad in (19, -3, 2 ** 40 + 1):            # 2**40 + 1 must not wrap to a valid class id

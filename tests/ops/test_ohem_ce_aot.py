@@ -257,18 +257,24 @@ def test_fused_backward_issues_few_instructions_per_output_pixel():
     assert not slow, "\n".join(slow)
 
 
+def _tile_loop(sass_text):
+    """The forward's tile loop in SASS text: the loop that stores (the per-pixel losses); the last
+    program's epilogue has a loop of its own (the exponent scan of ohem_ce_select), which loads only."""
+    from ifbf_fast.utils import sass
+    (body,) = [b for b in sass.loop_bodies(sass_text) if any(re.search(r"\bSTG\b", t) for t in b)]
+    return body
+
+
 def test_fused_forward_issues_few_instructions_per_output_pixel():
     """The fused-upsampling forward at 4 x 19 x 219^2 -> 876^2 in fp16 / bf16, both layouts: warp-wide
     instructions per output pixel of its tile loop, from the sm_90 SASS (the loop body's length x warps
     / BLOCK_P). It is bound by instruction issue (3.1 M output pixels x 43 = 0.13 G warp instructions,
     0.13-0.25 ms at four or two per SM and clock, against 23 MB of DRAM traffic: 5.4 us); 43 per
     pixel before its tiles were aligned to the x4 pattern (weights computed per tile), its exp took
-    ex2 without .ftz (a range check around each MUFU), its log was a software polynomial and its
-    counts were summed per tile (two barriers each); 22 now with Triton 3.8. Triton 3.6 (53.6 before,
-    32 now) lowers the tile's 256-bin exponent histogram (tl.histogram) to a ballot and a popcount per
-    bin bit and bin on every thread, most of the 165 instructions per tile it issues beyond 3.8
-    (shared-memory atomics there); it is held to 33 there. The gather's figure (fp32 logits keep it) is printed beside."""
-    import triton
+    ex2 without .ftz (a range check around each MUFU), its log was a software polynomial, its counts
+    were summed per tile (two barriers each) and it built a 256-bin exponent histogram per tile
+    (Triton 3.6 lowers tl.histogram to ballots and popcounts: 53.6 per pixel there); 20-21 now with
+    Triton 3.6 and 3.8. The gather's figure (fp32 logits keep it) is printed beside."""
     from ifbf_fast.utils import sass
     if not sass.cuobjdump_path():
         pytest.skip("no cuobjdump (it ships with triton under backends/nvidia/bin)")
@@ -277,11 +283,11 @@ def test_fused_forward_issues_few_instructions_per_output_pixel():
     results = compile_kernels([dataclasses.replace(spec, sass_archs=(90,)) for _, spec in cases], archs=(90,))
     lines, slow = [], []
     for (name, spec), (r,) in zip(cases, results):
-        (body,) = sass.loop_bodies(r.sass)
+        body = _tile_loop(r.sass)
         per_pixel = len(body) * r.num_warps / spec.constexprs["BLOCK_P"]
         lines.append(f"{name:22s} MMA={spec.constexprs['MMA']!s:5s} regs {r.registers:3d} loop {len(body):4d} "
                      f"instructions: {per_pixel:5.1f} warp instructions per output pixel")
-        if spec.constexprs["MMA"] and per_pixel > (33 if triton.__version__.startswith("3.6.") else 24):
+        if spec.constexprs["MMA"] and per_pixel > 23:
             slow.append(lines[-1])
     print("\n" + "\n".join(lines))
     assert not slow, "\n".join(slow)
@@ -289,8 +295,8 @@ def test_fused_forward_issues_few_instructions_per_output_pixel():
 
 def test_fused_forward_issues_few_loads_per_output_pixel():
     """The fused-upsampling forward at 4 x 19 x 219^2 -> 876^2 (the training loss) in fp16 / bf16, both
-    layouts: warp-wide global loads per output pixel, from the sm_90 SASS (every LDG of the kernel, the
-    epilogue's too, counted as if in the per-tile loop body: an upper bound). The per-pixel gather of
+    layouts: warp-wide global loads per output pixel, from the sm_90 SASS (the LDGs of the tile loop).
+    The per-pixel gather of
     four corners issued 4 per pixel (64 2-byte loads per thread per 128-pixel tile at 8 warps: a load-
     issue bound of 23-47 us at the network shape against a 5.4 us DRAM floor); the matmul path reads
     each tile's source window once. The gather's figure (fp32 logits, which keep it) is printed beside."""
@@ -302,11 +308,12 @@ def test_fused_forward_issues_few_loads_per_output_pixel():
     results = compile_kernels([dataclasses.replace(spec, sass_archs=(90,)) for _, spec in cases], archs=(90,))
     lines = []
     for (name, spec), (r,) in zip(cases, results):
-        loads = sum(n for op, n in sass.memory_opcodes(r.sass).items() if op.startswith("LDG"))
+        loads = sum(n for op, n in sass.memory_opcodes("\n".join(f"/*0000*/ {t};" for t in _tile_loop(r.sass))).items()
+                    if op.startswith("LDG"))
         per_pixel = loads * r.num_warps / spec.constexprs["BLOCK_P"]
         lines.append(f"{name:22s} MMA={spec.constexprs['MMA']!s:5s} regs {r.registers:3d} LDG per thread per tile "
                      f"{loads:3d}: {per_pixel:.2f} warp loads per output pixel")
         assert spec.constexprs["MMA"] == (spec.signature["lr_ptr"] != "*fp32"), name
         if spec.constexprs["MMA"]:
-            assert per_pixel <= 0.75, lines[-1]
+            assert per_pixel <= 0.5, lines[-1]
     print("\n" + "\n".join(lines))

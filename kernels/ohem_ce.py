@@ -183,6 +183,25 @@ def _ohem_ce_rcp(s):
 
 
 @triton.jit
+def _ohem_ce_backward_state(state_ptr, grad_out_ptr):
+    """(cut, tie_w, scale) of a backward from the forward's state: the k-th loss's bits, the weight of
+    a loss tied with it, and grad_out / n_kept (NaN when the call is poisoned: inv_n is NaN)."""
+    cut = tl.load(state_ptr + _STATE_CUT)
+    inv_n = tl.load(state_ptr + _STATE_INV_N).to(tl.float32, bitcast=True)
+    tie_w = tl.load(state_ptr + _STATE_TIE_W).to(tl.float32, bitcast=True)
+    return cut, tie_w, tl.load(grad_out_ptr).to(tl.float32) * inv_n
+
+
+@triton.jit
+def _ohem_ce_coef(bits, cut, tie_w, scale, mask_p):
+    """(coef, kept) of pixels whose forward losses have the int32 patterns ``bits``: d loss / d CE_i
+    (scale for a loss above the k-th, scale * tie_w for one tied with it, 0 below; NaN everywhere
+    when poisoned) and whether the pixel is kept."""
+    weight = tl.where(bits > cut, 1.0, tl.where(bits == cut, tie_w, 0.0))
+    return scale * weight, mask_p & (weight != 0.0)
+
+
+@triton.jit
 def _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C):
     """CE of each row of the fp32 tile ``x`` [P, BLOCK_C] (-inf padding): (loss, bad label, NaN loss).
 
@@ -302,14 +321,9 @@ def _ohem_ce_bwd_kernel(
     mask_p = offs_p < hw_total
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    cut = tl.load(state_ptr + _STATE_CUT)
-    inv_n = tl.load(state_ptr + _STATE_INV_N).to(tl.float32, bitcast=True)
-    tie_w = tl.load(state_ptr + _STATE_TIE_W).to(tl.float32, bitcast=True)
-    g = tl.load(grad_out_ptr).to(tl.float32)
+    cut, tie_w, scale = _ohem_ce_backward_state(state_ptr, grad_out_ptr)
     bits = tl.load(loss_ptr + offs_p, mask=mask_p, other=-1.0).to(tl.int32, bitcast=True)
-    weight = tl.where(bits > cut, 1.0, tl.where(bits == cut, tie_w, 0.0))
-    coef = g * inv_n * weight            # NaN everywhere when poisoned (inv_n = NaN)
-    kept = mask_p & (weight != 0.0)
+    coef, kept = _ohem_ce_coef(bits, cut, tie_w, scale, mask_p)      # coef NaN everywhere when poisoned
     # Loads masked by the image bounds only (not by the kept flag): they vectorise; a dropped pixel's
     # gradient is selected to zero below (0 * coef: NaN only when the call is poisoned).
     t = _ohem_ce_labels(tl.load(target_ptr + _ohem_ce_pixel_offsets(offs_p, W, stride_th, stride_tw, FLAT_HW),

@@ -44,8 +44,8 @@ import triton
 import triton.language as tl
 
 from ._launch import PlannedLaunch
-from .ohem_ce import (FWD_TILES, RED_BLOCK, _STATE_CUT, _STATE_INV_N, _STATE_TIE_W, _cdiv, _check_offsets,
-                      _flat_hw, _ohem_ce_exp, _ohem_ce_fwd_epilogue, _ohem_ce_labels, _ohem_ce_pixel_offsets,
+from .ohem_ce import (FWD_TILES, RED_BLOCK, _cdiv, _check_offsets, _flat_hw, _ohem_ce_backward_state,
+                      _ohem_ce_coef, _ohem_ce_exp, _ohem_ce_fwd_epilogue, _ohem_ce_labels, _ohem_ce_pixel_offsets,
                       _ohem_ce_rcp, _ohem_ce_tile_histogram, _ohem_ce_tile_loss, _scalars, block_sizes,
                       scratch_and_f32, select_launch)
 
@@ -273,10 +273,7 @@ def _ohem_ce_up_bwd_kernel(
     offs_l = tl.arange(0, LB_H * LB_W)
     ly = (offs_l // LB_W)[None, :]
     lx = (offs_l % LB_W)[None, :]
-    cut = tl.load(state_ptr + _STATE_CUT)
-    inv_n = tl.load(state_ptr + _STATE_INV_N).to(tl.float32, bitcast=True)
-    tie_w = tl.load(state_ptr + _STATE_TIE_W).to(tl.float32, bitcast=True)
-    g = tl.load(grad_out_ptr).to(tl.float32)
+    cut, tie_w, scale = _ohem_ce_backward_state(state_ptr, grad_out_ptr)
     offs = tl.arange(0, CH * WIN_W)
     acc = tl.zeros([BLOCK_C, LB_H * LB_W], dtype=tl.float32)
     for i in range(WIN_H // CH):
@@ -284,9 +281,7 @@ def _ohem_ce_up_bwd_kernel(
         X = xs + offs % WIN_W
         mask_p = (Y < H) & (X < W)
         bits = tl.load(loss_ptr + Y * W + X, mask=mask_p, other=-1.0).to(tl.int32, bitcast=True)
-        weight = tl.where(bits > cut, 1.0, tl.where(bits == cut, tie_w, 0.0))
-        coef = g * inv_n * weight                    # NaN everywhere when poisoned
-        kept = mask_p & (weight != 0.0)
+        coef, kept = _ohem_ce_coef(bits, cut, tie_w, scale, mask_p)      # coef NaN everywhere when poisoned
         t = _ohem_ce_labels(tl.load(target_ptr + Y * stride_th + X * stride_tw, mask=mask_p, other=-1))
         x = _ohem_ce_bilinear_tile(lr_ptr, Y, X, mask_p, offs_c, mask_c, h_in, w_in, scale_h, scale_w,
                                    stride_lc, stride_lh, stride_lw)
@@ -356,10 +351,7 @@ def _ohem_ce_up_bwd_x4_kernel(
     glr_ptr += n * stride_gn
     r0 = tl.program_id(1) * OT
     c0 = tl.program_id(0) * OT
-    cut = tl.load(state_ptr + _STATE_CUT)
-    inv_n = tl.load(state_ptr + _STATE_INV_N).to(tl.float32, bitcast=True)
-    tie_w = tl.load(state_ptr + _STATE_TIE_W).to(tl.float32, bitcast=True)
-    g = tl.load(grad_out_ptr).to(tl.float32)
+    cut, tie_w, scale = _ohem_ce_backward_state(state_ptr, grad_out_ptr)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     # step pixel p = (row rr, column q) of the window's rows 4 (r0 + i) - 2 + rr, columns 4 c0 - 2 + q:
@@ -395,9 +387,7 @@ def _ohem_ce_up_bwd_x4_kernel(
         Y = 4 * (r0 + i) - 2 + rr
         mask_p = (Y >= 0) & (Y < H) & (X >= 0) & (X < W)
         bits = tl.load(loss_ptr + Y * W + X, mask=mask_p, other=-1.0).to(tl.int32, bitcast=True)
-        weight = tl.where(bits > cut, 1.0, tl.where(bits == cut, tie_w, 0.0))
-        coef = g * inv_n * weight                    # NaN everywhere when poisoned
-        kept = mask_p & (weight != 0.0)
+        coef, kept = _ohem_ce_coef(bits, cut, tie_w, scale, mask_p)      # coef NaN everywhere when poisoned
         t = _ohem_ce_labels(tl.load(target_ptr + Y * stride_th + X * stride_tw, mask=mask_p, other=-1))
         # softmax in base 2 (log2(e) folded into the logits: one multiply-add and one ex2 per element)
         x = tl.where(mask_c[None, :], x_next * 1.4426950408889634, -float("inf"))
@@ -627,8 +617,8 @@ def ohem_ce_up_bwd(grad_out: torch.Tensor, logits_lr: torch.Tensor, target: torc
             grid = (_cdiv(w_in, consts["OT_W"]), _cdiv(h_in, consts["OT_H"]), n)
             args = (c, h, w, h_in, w_in) + _scales((h_in, w_in), (h, w)) + (_f32(h / h_in), _f32(w / w_in)) + strides
             launch = PlannedLaunch(_ohem_ce_up_bwd_kernel, grid, 6, consts)
-        meta = _UP_BWD_META[key] = (grid, out.numel() > 0 and h * w > 0, args, None, launch)
-    grid, run, args, consts, launch = meta
+        meta = _UP_BWD_META[key] = (out.numel() > 0 and h * w > 0, args, launch)
+    run, args, launch = meta
     if not run:
         return out.zero_() if out.numel() else out
     launch((grad_out, logits_lr, target, losses, state, out, *args))

@@ -223,15 +223,25 @@ def _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C):
 
 
 @triton.jit
-def _ohem_ce_tile_histogram(scratch_ptr, loss, valid, e_hi):
-    """Add the valid losses of a tile to the 16-bit histogram; return the running largest exponent
-    ``e_hi`` of :func:`_ohem_ce_fwd_epilogue` (per pixel slot) with the tile's losses in it."""
+def _ohem_ce_tally_zeros(BLOCK_P: tl.constexpr):
+    """The forward's running tally per pixel slot, (e_hi, n_valid, n_bad, n_nan), all 0: reduced once by
+    :func:`_ohem_ce_fwd_epilogue` after the tile loop (a reduction per tile is a block-wide one
+    through shared memory: two barriers each)."""
+    zero = tl.zeros([BLOCK_P], dtype=tl.int32)
+    return zero, zero, zero, zero
+
+
+@triton.jit
+def _ohem_ce_tile_tally(scratch_ptr, loss, valid, bad, is_nan, e_hi, n_valid, n_bad, n_nan):
+    """Add the valid losses of a tile to the 16-bit histogram and the tile to the running tally of
+    :func:`_ohem_ce_tally_zeros` (the largest exponent e_hi, the valid, bad-label and NaN counts)."""
     bits = loss.to(tl.int32, bitcast=True)
     # One relaxed L2 atomic per valid pixel (65,536 bins: too many for a per-program histogram).
     tl.atomic_add(scratch_ptr + (bits >> 15), valid.to(tl.int32), mask=valid, sem="relaxed")
     # a valid loss has bits >= 0 (NaN: exponent 255); an ignored pixel's -1.0 (sign bit set) gives a
     # negative value, which the maximum (from 0) drops
-    return tl.maximum(e_hi, bits >> 23)
+    return (tl.maximum(e_hi, bits >> 23), n_valid + valid.to(tl.int32), n_bad + bad.to(tl.int32),
+            n_nan + is_nan.to(tl.int32))
 
 
 @triton.jit
@@ -262,12 +272,7 @@ def _ohem_ce_fwd_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     col = offs_c * stride_lc
-    # per-pixel-slot counts, summed once after the loop (a sum per tile is a block-wide reduction
-    # through shared memory: two barriers each)
-    n_valid = tl.zeros([BLOCK_P], dtype=tl.int32)
-    n_bad = tl.zeros([BLOCK_P], dtype=tl.int32)
-    n_nan = tl.zeros([BLOCK_P], dtype=tl.int32)
-    e_hi = tl.zeros([BLOCK_P], dtype=tl.int32)      # the largest exponent (_ohem_ce_fwd_epilogue)
+    e_hi, n_valid, n_bad, n_nan = _ohem_ce_tally_zeros(BLOCK_P)
     for i in range(TILES):
         offs_p = (tl.program_id(0) * TILES + i) * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_p = offs_p < hw_total
@@ -285,12 +290,9 @@ def _ohem_ce_fwd_kernel(
                         other=-float("inf")).to(tl.float32)
         loss, bad, is_nan = _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C)
         tl.store(loss_ptr + offs_p, loss, mask=mask_p)
-        e_hi = _ohem_ce_tile_histogram(scratch_ptr, loss, valid, e_hi)
-        n_valid += valid.to(tl.int32)
-        n_bad += bad.to(tl.int32)
-        n_nan += is_nan.to(tl.int32)
-    _ohem_ce_fwd_epilogue(scratch_ptr, tl.max(e_hi), tl.sum(n_valid), tl.sum(n_bad), tl.sum(n_nan), keep_hi, keep_lo,
-                          n_programs)
+        e_hi, n_valid, n_bad, n_nan = _ohem_ce_tile_tally(scratch_ptr, loss, valid, bad, is_nan, e_hi, n_valid, n_bad,
+                                                          n_nan)
+    _ohem_ce_fwd_epilogue(scratch_ptr, e_hi, n_valid, n_bad, n_nan, keep_hi, keep_lo, n_programs)
 
 
 @triton.jit

@@ -146,9 +146,9 @@ def _ohem_ce_ticket(scratch_ptr, slot):
 
 @triton.jit
 def _ohem_ce_fwd_epilogue(scratch_ptr, e_hi, n_valid, n_bad, n_nan, keep_hi, keep_lo, n_programs):
-    """End of a forward program: flush its counters and the largest exponent of its valid losses
-    (``e_hi``, 0 without one); the last program picks the top-16-bit bin of the k-th largest loss
-    (slots D1, NG1).
+    """End of a forward program: flush its counters and the largest exponent of its valid losses,
+    reduced from its per-pixel-slot tally (``ohem_ce._ohem_ce_tile_tally``; e_hi 0 without a valid
+    loss); the last program picks the top-16-bit bin of the k-th largest loss (slots D1, NG1).
 
     The last program finds the k-th's exponent first: each exponent's count is the sum of its 256
     fine bins, summed EXP_ROWS exponents at a time from the largest down until k losses lie at or
@@ -157,6 +157,7 @@ def _ohem_ce_fwd_epilogue(scratch_ptr, e_hi, n_valid, n_bad, n_nan, keep_hi, kee
     instructions per pixel with Triton 3.8 and about 10 with 3.6 (ballots and popcounts), and a
     256-bin atomic flush per program.
     """
+    e_hi, n_valid, n_bad, n_nan = tl.max(e_hi), tl.sum(n_valid), tl.sum(n_bad), tl.sum(n_nan)
     tl.atomic_add(scratch_ptr + _S_N_VALID, n_valid, mask=n_valid != 0, sem="relaxed")
     tl.atomic_add(scratch_ptr + _S_N_BAD, n_bad, mask=n_bad != 0, sem="relaxed")
     tl.atomic_add(scratch_ptr + _S_N_NAN, n_nan, mask=n_nan != 0, sem="relaxed")

@@ -46,8 +46,8 @@ import triton.language as tl
 from ._launch import PlannedLaunch
 from .ohem_ce import (FWD_TILES, RED_BLOCK, _cdiv, _check_offsets, _flat_hw, _ohem_ce_backward_state,
                       _ohem_ce_coef, _ohem_ce_exp, _ohem_ce_fwd_epilogue, _ohem_ce_labels, _ohem_ce_pixel_offsets,
-                      _ohem_ce_rcp, _ohem_ce_tile_histogram, _ohem_ce_tile_loss, _scalars, block_sizes,
-                      scratch_and_f32, select_launch)
+                      _ohem_ce_rcp, _ohem_ce_tally_zeros, _ohem_ce_tile_loss, _ohem_ce_tile_tally, _scalars,
+                      block_sizes, scratch_and_f32, select_launch)
 
 
 # --- kernels: the x4 bilinear upsampling of the logits fused into the loss -----------------------
@@ -173,12 +173,7 @@ def _ohem_ce_up_fwd_kernel(
     loss_ptr += n * HW
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    # per-pixel-slot counts, summed once after the loop (a sum per tile is a block-wide reduction
-    # through shared memory: two barriers each)
-    n_valid = tl.zeros([BLOCK_P], dtype=tl.int32)
-    n_bad = tl.zeros([BLOCK_P], dtype=tl.int32)
-    n_nan = tl.zeros([BLOCK_P], dtype=tl.int32)
-    e_hi = tl.zeros([BLOCK_P], dtype=tl.int32)      # the largest exponent (_ohem_ce_fwd_epilogue)
+    e_hi, n_valid, n_bad, n_nan = _ohem_ce_tally_zeros(BLOCK_P)
     if MMA:
         w_x4 = _ohem_ce_x4_weights(BLOCK_P, OT_W, KW, lr_ptr.dtype.element_ty)
         rr = tl.arange(0, BLOCK_P) // OT_W
@@ -211,12 +206,9 @@ def _ohem_ce_up_fwd_kernel(
                                        scale_h, scale_w, stride_lc, stride_lh, stride_lw)
         loss, bad, is_nan = _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C)
         tl.store(loss_ptr + offs_p, loss, mask=mask_p)
-        e_hi = _ohem_ce_tile_histogram(scratch_ptr, loss, valid, e_hi)
-        n_valid += valid.to(tl.int32)
-        n_bad += bad.to(tl.int32)
-        n_nan += is_nan.to(tl.int32)
-    _ohem_ce_fwd_epilogue(scratch_ptr, tl.max(e_hi), tl.sum(n_valid), tl.sum(n_bad), tl.sum(n_nan), keep_hi, keep_lo,
-                          n_programs)
+        e_hi, n_valid, n_bad, n_nan = _ohem_ce_tile_tally(scratch_ptr, loss, valid, bad, is_nan, e_hi, n_valid, n_bad,
+                                                          n_nan)
+    _ohem_ce_fwd_epilogue(scratch_ptr, e_hi, n_valid, n_bad, n_nan, keep_hi, keep_lo, n_programs)
 
 
 @triton.jit

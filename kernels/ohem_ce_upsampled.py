@@ -10,8 +10,8 @@ The same loss as ``ohem_ce.py`` on ``interpolate(logits, (H, W), bilinear, align
   tiles aligned to the x4 pattern and interpolates each as one small tensor-core matmul, fixed exact
   bilinear weights [pixels, window] (computed once per program, ``_ohem_ce_x4_weights``) @ the tile's
   2 x 9 source window [window, classes] (``_ohem_ce_x4_window``: 0.44 warp-wide loads per output
-  pixel instead of 4 for gathering each pixel's four corners; 22 warp instructions per output pixel
-  in its sm_90 SASS); other resizes and fp32 logits gather.
+  pixel instead of 4 for gathering each pixel's four corners; about 20 warp instructions per output
+  pixel in its sm_90 SASS); other resizes and fp32 logits gather.
 * ``_ohem_ce_up_bwd_kernel`` / ``_ohem_ce_up_bwd_x4_kernel``: the gradient wrt the low-resolution
   logits, written once in their dtype and layout: a program OWNS a tile of low-resolution pixels and
   gathers the contributions of every output pixel whose bilinear sources reach it (no atomics, no
@@ -24,8 +24,8 @@ The same loss as ``ohem_ce.py`` on ``interpolate(logits, (H, W), bilinear, align
   (the training loss) the x4 kernel takes it: windows aligned to the x4 pattern, so that each 4-row
   step reads two source rows with the same fixed weights (loop-invariant), recomputes the logits as a
   tensor-core matmul in the logits' dtype (exact), and scatters onto the two owned rows the step
-  reaches with a second one (the gradient as two bf16 pieces: 16 significant bits per term), 36 warp
-  instructions per output pixel (``test_fused_backward_issues_few_instructions_per_output_pixel``).
+  reaches with a second one (the gradient as two bf16 pieces: 16 significant bits per term), 26-27
+  warp instructions per output pixel (``test_fused_backward_issues_few_instructions_per_output_pixel``).
 
 What it shares (the per-tile loss, the label widening, the select launch, the argument helpers) is
 imported from ``ohem_ce.py``; the ``@triton.jit`` helpers are imported into this module's globals,
@@ -96,6 +96,8 @@ def _ohem_ce_x4_weights(P: tl.constexpr, WIN: tl.constexpr, KW: tl.constexpr, dt
     """Bilinear weights [P, 2 * KW] of an exact x4 step: P = 4 x WIN output pixels p = (rr, q) =
     (p // WIN, p % WIN) at rows 4 a - 2 + rr, columns 4 b - 2 + q of an aligned tile, onto the source
     window k = (ky, kx) = (k // KW, k % KW) at rows a - 1 + ky, columns b - 1 + kx; in ``dtype``.
+    Column k = WIN // 4 + 1 (the first past the window, ``_X4_PAD_ROW``) is 1 for every pixel: it
+    adds the window's padding row, which is -inf for the padded classes (:func:`_ohem_ce_x4_window`).
 
     At x4 (align_corners=False) output index 4 a + 2 + r (r < 4) samples source indices a and a + 1
     with weights 1 - l, l, l = (2 r + 1) / 8: the same for every aligned tile, so a kernel computes
@@ -104,6 +106,7 @@ def _ohem_ce_x4_weights(P: tl.constexpr, WIN: tl.constexpr, KW: tl.constexpr, dt
     index repeats a source pixel, the two weights of the duplicate sum to the original's (exactly:
     each product is exact in fp32 and their sum is the pixel's value).
     """
+    tl.static_assert(WIN // 4 + 1 < KW, "the window needs a spare column for its padding row")
     p = tl.arange(0, P)
     rr = p // WIN
     q = p % WIN
@@ -115,7 +118,7 @@ def _ohem_ce_x4_weights(P: tl.constexpr, WIN: tl.constexpr, KW: tl.constexpr, dt
     wrow = tl.where(ky[None, :] == 1, ly[:, None], 1.0 - ly[:, None])
     wcol = (tl.where(kx[None, :] == (q // 4)[:, None], 1.0 - lx[:, None], 0.0)
             + tl.where(kx[None, :] == (q // 4 + 1)[:, None], lx[:, None], 0.0))
-    return (wrow * wcol).to(dtype)
+    return tl.where((k == WIN // 4 + 1)[None, :], 1.0, wrow * wcol).to(dtype)
 
 
 @triton.jit
@@ -123,15 +126,22 @@ def _ohem_ce_x4_window(lr_ptr, a, b, offs_c, mask_c, h_in, w_in, stride_c, strid
                        WIN: tl.constexpr, KW: tl.constexpr):
     """The source window [2 * KW, BLOCK_C] of :func:`_ohem_ce_x4_weights` for source rows a - 1, a and
     columns b - 1 .. b + WIN // 4 - 1, indices clamped to the image (the duplicates PyTorch's clamped
-    index reads), in the logits' dtype; 0 beyond the window's WIN // 4 + 1 columns and C classes."""
+    index reads), in the logits' dtype; 0 beyond the window's WIN // 4 + 1 columns and C classes,
+    except the padding row k = WIN // 4 + 1: -inf in the padded classes, so that the matmul gives
+    the -inf padding a softmax needs (1 x -inf: no 0 x inf, every other row is 0 there) and no select
+    per element follows it."""
     k = tl.arange(0, 2 * KW)
     ky = k // KW
     kx = k % KW
     src = (tl.minimum(tl.maximum(a - 1 + ky, 0), h_in - 1) * stride_h
            + tl.minimum(tl.maximum(b - 1 + kx, 0), w_in - 1) * stride_w)
     in_win = kx < WIN // 4 + 1
-    return tl.load(lr_ptr + src[:, None] + (offs_c * stride_c)[None, :], mask=in_win[:, None] & mask_c[None, :],
-                   other=0.0)
+    win = tl.load(lr_ptr + src[:, None] + (offs_c * stride_c)[None, :], mask=in_win[:, None] & mask_c[None, :],
+                  other=0.0)
+    # -inf as a bit pattern (bf16 0xff80, fp16 0xfc00): a bf16 constant has no interpreter lowering
+    neg_inf = tl.where(win.dtype.is_bf16(), -128, -1024).to(tl.int16)
+    pad = (k == WIN // 4 + 1)[:, None] & ~mask_c[None, :]
+    return tl.where(pad, neg_inf, win.to(tl.int16, bitcast=True)).to(win.dtype, bitcast=True)
 
 
 @triton.jit
@@ -197,7 +207,7 @@ def _ohem_ce_up_fwd_kernel(
         if MMA:
             win = _ohem_ce_x4_window(lr_ptr, ty, tx * (OT_W // 4), offs_c, mask_c, h_in, w_in, stride_lc,
                                      stride_lh, stride_lw, OT_W, KW)
-            x = tl.where(mask_c[None, :], tl.dot(w_x4, win), -float("inf"))
+            x = tl.dot(w_x4, win)            # -inf in the padded classes (the window's padding row)
             tx += 1
             ty += (tx == tiles_w).to(tl.int32)
             tx = tl.where(tx == tiles_w, 0, tx)
@@ -322,10 +332,12 @@ def _ohem_ce_up_bwd_x4_kernel(
     columns) and the transposed-interpolation weights onto the owned columns are computed once. Per
     step: the recompute is one matmul in the logits' dtype (weights multiples of 1/64: exact products,
     fp32 sums; clamped reads at the image edges, where PyTorch's clamped index puts the same value);
-    the gradient [P, C] in fp32; then one matmul [C, 2 P] @ [2 P, 2 x 16] of the gradient's two bf16
-    pieces onto the two owned rows the step reaches, interleaved by column (column 2 lx + half): half
-    0, row r0 + i - 1, is complete and stored; half 1, row r0 + i, is carried into the next step's
-    accumulator. The row above the image folds into row 0 and the one below into row h_in - 1 (their
+    the gradient [P, C] in fp32; then one matmul [2 C, P] @ [P, 2 x 8] of the gradient's two bf16
+    pieces, stacked as rows (row piece x BLOCK_C + c), onto the two owned rows the step reaches,
+    interleaved by column (column 2 lx + half): half 0, row r0 + i - 1, is complete, its two pieces
+    summed and stored; half 1, row r0 + i, is carried into the next step's accumulator. Stacking the
+    pieces along M instead of K halves the weights' operand and, at BLOCK_C = 32 (M = 64), lets sm_90
+    run it as one warp-group matmul with no register shuffle of the gradient operand. The row above the image folds into row 0 and the one below into row h_in - 1 (their
     clamped aliases); columns use PyTorch's clamped map per pixel.
 
     The next step's recompute is issued at the end of a step (a loop-carried value): with both
@@ -334,7 +346,7 @@ def _ohem_ce_up_bwd_x4_kernel(
     """
     WIN: tl.constexpr = 4 * (OT + 1)            # output rows / columns of the window (32)
     P: tl.constexpr = 4 * WIN                   # output pixels per step: 4 rows of the window
-    LW: tl.constexpr = 16                       # owned columns, padded for tl.dot (>= OT + 1)
+    LW: tl.constexpr = 8                        # owned columns, padded (>= OT + 1)
     KW: tl.constexpr = 16                       # source columns read per source row (OT + 2 <= 16)
     n = tl.program_id(2).to(tl.int64)
     lr_ptr += n * stride_ln
@@ -363,16 +375,15 @@ def _ohem_ce_up_bwd_x4_kernel(
     wx = tl.where((X >= 0)[:, None], wx, 0.0)
     b0 = wx * (1.0 - ly)[:, None]                                            # onto row r0 + i - 1
     b1 = wx * ly[:, None]                                                    # onto row r0 + i
-    # B [P, 2 * LW], column 2 * lx + half: half 0 onto row r0 + i - 1, half 1 onto row r0 + i; its rows
-    # doubled for the gradient's two bf16 pieces (K = 2 * P, row 2 * p + piece)
+    # B [P, 2 * LW], column 2 * lx + half: half 0 onto row r0 + i - 1, half 1 onto row r0 + i (bilinear
+    # weights, multiples of 1/64: exact in bf16)
     bw = tl.reshape(tl.join(b0, b1), (P, 2 * LW)).to(tl.bfloat16)
-    bw2 = tl.reshape(tl.permute(tl.join(bw, bw), (0, 2, 1)), (2 * P, 2 * LW))
     lxs = tl.arange(0, LW)[None, :]
     c = c0 + lxs
     own_c = mask_c[:, None] & (lxs < OT) & (c < w_in)
     dst_c = glr_ptr + (offs_c * stride_gc)[:, None] + c * stride_gw
-    acc = tl.zeros([BLOCK_C, 2 * LW], dtype=tl.float32)
-    zero = tl.zeros([BLOCK_C, LW], dtype=tl.float32)
+    acc = tl.zeros([2 * BLOCK_C, 2 * LW], dtype=tl.float32)
+    zero = tl.zeros([2 * BLOCK_C, LW], dtype=tl.float32)
     x_next = tl.dot(w_rec, _ohem_ce_x4_window(lr_ptr, r0, c0, offs_c, mask_c, h_in, w_in, stride_lc, stride_lh,
                                               stride_lw, WIN, KW))
     for i in range(OT + 1):
@@ -381,23 +392,27 @@ def _ohem_ce_up_bwd_x4_kernel(
         bits = tl.load(loss_ptr + Y * W + X, mask=mask_p, other=-1.0).to(tl.int32, bitcast=True)
         coef, kept = _ohem_ce_coef(bits, cut, tie_w, scale, mask_p)      # coef NaN everywhere when poisoned
         t = _ohem_ce_labels(tl.load(target_ptr + Y * stride_th + X * stride_tw, mask=mask_p, other=-1))
-        # softmax in base 2 (log2(e) folded into the logits: one multiply-add and one ex2 per element)
-        x = tl.where(mask_c[None, :], x_next * 1.4426950408889634, -float("inf"))
-        m = tl.where(mask_p, tl.max(x, axis=1), 0.0)
-        e = tl.math.exp2(x - m[:, None])
+        # softmax in base 2: one multiply-add (log2(e) and the row's max folded) and one ex2 per element;
+        # the padded classes are -inf (the window's padding row) and give 0
+        x = x_next
+        m = tl.where(mask_p, tl.max(x, axis=1), 0.0) * 1.4426950408889634
+        e = tl.math.exp2(x * 1.4426950408889634 - m[:, None])
+        # coef is 0 for a pixel not kept (NaN everywhere when poisoned), its e finite (<= 1: the logits
+        # of the window are finite where the call is not poisoned): grad is 0 there, no select per element
+        coef = tl.where(kept, coef, 0.0 * coef)
         rs = coef * _ohem_ce_rcp(tl.where(mask_p, tl.sum(e, axis=1), 1.0))
         grad = e * rs[:, None] - tl.where(offs_c[None, :] == t[:, None], coef[:, None], 0.0)
-        grad = tl.where(kept[:, None], grad, (0.0 * coef)[:, None])
         hi = grad.to(tl.bfloat16)
         lo = (grad - hi.to(tl.float32)).to(tl.bfloat16)
-        a = tl.reshape(tl.permute(tl.join(hi, lo), (1, 0, 2)), (BLOCK_C, 2 * P))
-        out = tl.dot(a, bw2, acc)
-        done, cur = tl.split(tl.reshape(out, (BLOCK_C, LW, 2)))
+        a = tl.reshape(tl.permute(tl.join(hi, lo), (2, 1, 0)), (2 * BLOCK_C, P))     # row piece * BLOCK_C + c
+        out = tl.dot(a, bw, acc)
+        done, cur = tl.split(tl.reshape(out, (2 * BLOCK_C, LW, 2)))
         done += tl.where(r0 + i == h_in, cur, 0.0)                                # the row below the image
         r = r0 + i - 1
-        tl.store(dst_c + r * stride_gh, done.to(glr_ptr.dtype.element_ty), mask=own_c & (i > 0) & (r < h_in))
+        total = tl.sum(tl.reshape(done, (2, BLOCK_C, LW)), axis=0)
+        tl.store(dst_c + r * stride_gh, total.to(glr_ptr.dtype.element_ty), mask=own_c & (i > 0) & (r < h_in))
         cur += tl.where((i == 0) & (r0 == 0), done, 0.0)                          # the row above the image
-        acc = tl.reshape(tl.join(cur, zero), (BLOCK_C, 2 * LW))
+        acc = tl.reshape(tl.join(cur, zero), (2 * BLOCK_C, 2 * LW))
         x_next = tl.dot(w_rec, _ohem_ce_x4_window(lr_ptr, r0 + i + 1, c0, offs_c, mask_c, h_in, w_in, stride_lc,
                                                   stride_lh, stride_lw, WIN, KW))
 
@@ -556,8 +571,8 @@ def backward_launch(size_in: tuple, size_out: tuple, num_classes: int) -> dict:
 
 X4_OWNED = 7                 # the x4 backward: low-resolution rows / columns a program owns (32-wide windows)
 X4_WARPS = 8
-# sm_90 with up to 32 class lanes: capped at 128 registers, two 8-warp blocks per SM without spills
-# (140-146 uncapped: one); sm_80 (no wgmma: 230-255 registers) and 64 lanes would spill under the cap.
+# up to 32 class lanes: capped at 128 registers, two 8-warp blocks per SM without spills (Triton 3.8
+# uncapped: 108 on sm_90, 154 on sm_80, which has no wgmma: one block); 64 lanes would spill under it.
 X4_MAXNREG = 128
 
 
@@ -567,14 +582,14 @@ def backward_x4(size_in: tuple, size_out: tuple, num_classes: int, dtype: torch.
     backward (``backward_launch``) takes the resize: an exact x4 of fp16 / bf16 logits (the training
     loss) with 16 to 64 class lanes. fp32 logits keep the gather: the recompute's matmul would round
     them (fp16 / bf16 values and the x4 weights are exact in the logits' own dtype). ``arch``: the
-    device's compute capability (major * 10 + minor; None under the interpreter), which sets the
-    register cap."""
+    device's compute capability (major * 10 + minor; None under the interpreter): a CUDA device
+    gets the register cap."""
     block_c = max(triton.next_power_of_2(num_classes), 16)
     if (dtype not in (torch.float16, torch.bfloat16) or block_c > 64
             or tuple(size_out) != (MMA_FACTOR * size_in[0], MMA_FACTOR * size_in[1])):
         return None
     opts = dict(OT=X4_OWNED, BLOCK_C=block_c, num_warps=X4_WARPS)
-    if arch == 90 and block_c <= 32:
+    if arch is not None and block_c <= 32:
         opts["maxnreg"] = X4_MAXNREG
     return opts
 

@@ -125,20 +125,9 @@ def _all_specs():
     return specs + select_kernel_specs()
 
 
-def _compile_per_arch(specs):
-    """compile_kernels(specs) for sm_80 and sm_90, a spec with a register cap (the x4 backward's, sm_90
-    only: X4_MAXNREG) compiled for sm_80 without it, as a launch there passes none."""
-    results = compile_kernels(specs)
-    capped = [i for i, spec in enumerate(specs) if spec.maxnreg]
-    sm80 = compile_kernels([dataclasses.replace(specs[i], maxnreg=None) for i in capped], archs=(80,))
-    for i, (r80,) in zip(capped, sm80):
-        results[i] = [r80] + [r for r in results[i] if r.arch != 80]
-    return results
-
-
 def test_every_launched_configuration_compiles_cleanly_for_sm80_and_sm90():
     specs = _all_specs()
-    results = _compile_per_arch(specs)
+    results = compile_kernels(specs)
     rows = []
     for spec, per_arch in zip(specs, results):
         assert [r.arch for r in per_arch] == [80, 90]
@@ -231,8 +220,11 @@ def test_fused_backward_issues_few_instructions_per_output_pixel():
     all 64 owned pixels: about 210 per pixel, 0.8-1.7 ms of instruction issue at the network's shape.
     The x4 kernel reuses loop-invariant weights, recomputes the logits as a tensor-core matmul and
     scatters onto the two owned rows a step reaches, also on the tensor cores; its register cap
-    (``X4_MAXNREG``) keeps two 8-warp blocks per SM without spills. Its figure and the gather's are
-    printed."""
+    (``X4_MAXNREG``) keeps two 8-warp blocks per SM without spills. 36 per pixel with the gradient's
+    two bf16 pieces along K of the scatter ([C, 2 P] @ [2 P, 32], mma.sync fed by register shuffles)
+    and a select per element for the padded classes and the pixels not kept; 26-27 with Triton 3.8
+    and 3.6 since (pieces along M: one wgmma, -inf padding from the window, kept folded into the
+    coefficient). Its figure and the gather's are printed."""
     from ifbf_fast.utils import sass
     if not sass.cuobjdump_path():
         pytest.skip("no cuobjdump (it ships with triton under backends/nvidia/bin)")
@@ -251,7 +243,7 @@ def test_fused_backward_issues_few_instructions_per_output_pixel():
         if x4:
             assert r.spills == 0 and r.registers <= spec.maxnreg, lines[-1]
             assert sass.resident_blocks(r.num_warps, r.registers, r.shared) >= 2, lines[-1]
-            if per_pixel > 40:
+            if per_pixel > 29:
                 slow.append(lines[-1])
     print("\n" + "\n".join(lines))
     assert not slow, "\n".join(slow)
@@ -273,8 +265,8 @@ def test_fused_forward_issues_few_instructions_per_output_pixel():
     pixel before its tiles were aligned to the x4 pattern (weights computed per tile), its exp took
     ex2 without .ftz (a range check around each MUFU), its log was a software polynomial, its counts
     were summed per tile (two barriers each) and it built a 256-bin exponent histogram per tile
-    (Triton 3.6 lowers tl.histogram to ballots and popcounts: 53.6 per pixel there); 20-21 now with
-    Triton 3.6 and 3.8. The gather's figure (fp32 logits keep it) is printed beside."""
+    (Triton 3.6 lowers tl.histogram to ballots and popcounts: 53.6 per pixel there); 19.3-20 now with
+    Triton 3.6 and 3.8 (the padded classes' -inf comes out of the matmul: a padding row of the window). The gather's figure (fp32 logits keep it) is printed beside."""
     from ifbf_fast.utils import sass
     if not sass.cuobjdump_path():
         pytest.skip("no cuobjdump (it ships with triton under backends/nvidia/bin)")
@@ -287,7 +279,7 @@ def test_fused_forward_issues_few_instructions_per_output_pixel():
         per_pixel = len(body) * r.num_warps / spec.constexprs["BLOCK_P"]
         lines.append(f"{name:22s} MMA={spec.constexprs['MMA']!s:5s} regs {r.registers:3d} loop {len(body):4d} "
                      f"instructions: {per_pixel:5.1f} warp instructions per output pixel")
-        if spec.constexprs["MMA"] and per_pixel > 23:
+        if spec.constexprs["MMA"] and per_pixel > 21:
             slow.append(lines[-1])
     print("\n" + "\n".join(lines))
     assert not slow, "\n".join(slow)

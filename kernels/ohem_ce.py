@@ -139,15 +139,18 @@ def _ohem_ce_labels(t):
 
 
 @triton.jit
-def _ohem_ce_exp(x):
-    """exp(x) of fp32 ``x`` <= 0 (logits minus their row's max) as ex2.approx.ftz(x * log2(e)).
+def _ohem_ce_exp(x, m):
+    """exp(x - m) of an fp32 tile ``x`` [P, BLOCK_C] and its rows' maxima ``m`` [P] (so every value is
+    <= 0 up to rounding) as ex2.approx.ftz(x * log2(e) - m * log2(e)): one FFMA and one MUFU.EX2 per
+    element. The rounding of m * log2(e) is the same for a whole row: it scales the row's values
+    alike, which a softmax cancels and a log-sum-exp sees as an absolute error of about |m| * 2^-24.
 
-    tl.exp emits the same product and ex2.approx without .ftz, which ptxas wraps in a range check
-    (a compare and two predicated multiplies around each MUFU.EX2) to keep subnormal results:
-    six instructions per element against three. Results below 2^-126 flush to 0, which changes
-    neither a softmax sum (>= 1) nor a probability by more than 2^-126.
+    tl.exp emits ex2.approx without .ftz, which ptxas wraps in a range check (a compare and two
+    predicated multiplies around each MUFU.EX2) to keep subnormal results: six instructions per
+    element against three, and x - m then a multiply by log2(e) is one more. Results below 2^-126
+    flush to 0, which changes neither a softmax sum (>= 1) nor a probability by more than 2^-126.
     """
-    return tl.math.exp2(x * 1.4426950408889634)
+    return tl.math.exp2(x * 1.4426950408889634 - (m * 1.4426950408889634)[:, None])
 
 
 @triton.jit
@@ -202,6 +205,26 @@ def _ohem_ce_coef(bits, cut, tie_w, scale, mask_p):
 
 
 @triton.jit
+def _ohem_ce_grad(x, t, coef, kept, mask_p, offs_c):
+    """d loss / d x of the fp32 tile ``x`` [P, BLOCK_C] (-inf padding) from :func:`_ohem_ce_coef`'s
+    (coef, kept): (softmax(x) - onehot(t)) * coef for a kept pixel, 0 for any other; NaN everywhere
+    when the call is poisoned (coef is NaN).
+
+    e * (coef / sum), less coef at the label: per element one FFMA and an ex2 for the exponent, then
+    a multiply, a compare, a subtract and a select (e * rs - where(label, coef, 0) needs one fewer
+    but raised the channels_last backward from 79 to 166 registers with Triton 3.8). A pixel not
+    kept gets coefficient 0 instead of a select per element: its gradient is e * 0 = 0 (e is finite
+    where its logits are; where they are not, the reference's log-softmax backward gives NaN there
+    too).
+    """
+    m = tl.where(mask_p, tl.max(x, axis=1), 0.0)     # rows outside the image are all -inf: e = 0 there
+    e = _ohem_ce_exp(x, m)
+    coef = tl.where(kept, coef, 0.0 * coef)          # 0 * coef: NaN when poisoned
+    rs = coef * _ohem_ce_rcp(tl.where(mask_p, tl.sum(e, axis=1), 1.0))
+    return tl.where(offs_c[None, :] == t[:, None], e * rs[:, None] - coef[:, None], e * rs[:, None])
+
+
+@triton.jit
 def _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C):
     """CE of each row of the fp32 tile ``x`` [P, BLOCK_C] (-inf padding): (loss, bad label, NaN loss).
 
@@ -209,7 +232,7 @@ def _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C):
     """
     m = tl.max(x, axis=1)
     m = tl.where(mask_p, m, 0.0)                    # all -inf rows would give NaN below
-    s = tl.where(mask_p, tl.sum(_ohem_ce_exp(x - m[:, None]), axis=1), 1.0)
+    s = tl.where(mask_p, tl.sum(_ohem_ce_exp(x, m), axis=1), 1.0)
     # The true-class logit is selected, never addressed: a bad label cannot read out of bounds.
     x_t = tl.sum(tl.where(offs_c[None, :] == t[:, None], x, 0.0), axis=1)
     # (m - x_t) >= 0 and log(s) >= 0 (s >= 1) term by term: no cancellation against the max.
@@ -327,7 +350,7 @@ def _ohem_ce_bwd_kernel(
     bits = tl.load(loss_ptr + offs_p, mask=mask_p, other=-1.0).to(tl.int32, bitcast=True)
     coef, kept = _ohem_ce_coef(bits, cut, tie_w, scale, mask_p)      # coef NaN everywhere when poisoned
     # Loads masked by the image bounds only (not by the kept flag): they vectorise; a dropped pixel's
-    # gradient is selected to zero below (0 * coef: NaN only when the call is poisoned).
+    # gradient is 0 through its coefficient (_ohem_ce_grad).
     t = _ohem_ce_labels(tl.load(target_ptr + _ohem_ce_pixel_offsets(offs_p, W, stride_th, stride_tw, FLAT_HW),
                                 mask=mask_p, other=-1))
     if PACKED_C > 0:
@@ -337,12 +360,7 @@ def _ohem_ce_bwd_kernel(
         row = _ohem_ce_pixel_offsets(offs_p, W, stride_lh, stride_lw, FLAT_HW)
         x = tl.load(logits_ptr + row[:, None] + (offs_c * stride_lc)[None, :],
                     mask=mask_p[:, None] & mask_c[None, :], other=-float("inf")).to(tl.float32)
-    m = tl.where(mask_p, tl.max(x, axis=1), 0.0)
-    e = _ohem_ce_exp(x - m[:, None])
-    s = tl.where(mask_p, tl.sum(e, axis=1), 1.0)
-    prob = e * _ohem_ce_rcp(s)[:, None]
-    onehot = tl.where(offs_c[None, :] == t[:, None], 1.0, 0.0)
-    grad = tl.where(kept[:, None], (prob - onehot) * coef[:, None], (0.0 * coef)[:, None])
+    grad = _ohem_ce_grad(x, t, coef, kept, mask_p, offs_c)
     if PACKED_C > 0:
         _ohem_ce_packed_store(grad_ptr, tl.program_id(0) * BLOCK_P, hw_total, grad.to(grad_ptr.dtype.element_ty),
                               PACKED_C, BLOCK_P, BLOCK_C)

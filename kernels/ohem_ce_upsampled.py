@@ -45,8 +45,8 @@ import triton.language as tl
 
 from ._launch import PlannedLaunch
 from .ohem_ce import (FWD_TILES, RED_BLOCK, _cdiv, _check_offsets, _flat_hw, _ohem_ce_backward_state,
-                      _ohem_ce_coef, _ohem_ce_exp, _ohem_ce_fwd_epilogue, _ohem_ce_labels, _ohem_ce_pixel_offsets,
-                      _ohem_ce_rcp, _ohem_ce_tally_zeros, _ohem_ce_tile_loss, _ohem_ce_tile_tally, _scalars,
+                      _ohem_ce_coef, _ohem_ce_fwd_epilogue, _ohem_ce_grad, _ohem_ce_labels, _ohem_ce_pixel_offsets,
+                      _ohem_ce_tally_zeros, _ohem_ce_tile_loss, _ohem_ce_tile_tally, _scalars,
                       block_sizes, scratch_and_f32, select_launch)
 
 
@@ -287,11 +287,7 @@ def _ohem_ce_up_bwd_kernel(
         t = _ohem_ce_labels(tl.load(target_ptr + Y * stride_th + X * stride_tw, mask=mask_p, other=-1))
         x = _ohem_ce_bilinear_tile(lr_ptr, Y, X, mask_p, offs_c, mask_c, h_in, w_in, scale_h, scale_w,
                                    stride_lc, stride_lh, stride_lw)
-        m = tl.where(mask_p, tl.max(x, axis=1), 0.0)
-        e = _ohem_ce_exp(x - m[:, None])
-        s = tl.where(mask_p, tl.sum(e, axis=1), 1.0)
-        onehot = tl.where(offs_c[None, :] == t[:, None], 1.0, 0.0)
-        grad = tl.where(kept[:, None], (e * _ohem_ce_rcp(s)[:, None] - onehot) * coef[:, None], (0.0 * coef)[:, None])
+        grad = _ohem_ce_grad(x, t, coef, kept, mask_p, offs_c)
         # M[p, l]: bilinear weight of owned source pixel l for output pixel p (0 if it does not reach it).
         y0, y1, wy1 = _ohem_ce_source_index(Y, scale_h, h_in)
         x0, x1, wx1 = _ohem_ce_source_index(X, scale_w, w_in)
@@ -392,16 +388,8 @@ def _ohem_ce_up_bwd_x4_kernel(
         bits = tl.load(loss_ptr + Y * W + X, mask=mask_p, other=-1.0).to(tl.int32, bitcast=True)
         coef, kept = _ohem_ce_coef(bits, cut, tie_w, scale, mask_p)      # coef NaN everywhere when poisoned
         t = _ohem_ce_labels(tl.load(target_ptr + Y * stride_th + X * stride_tw, mask=mask_p, other=-1))
-        # softmax in base 2: one multiply-add (log2(e) and the row's max folded) and one ex2 per element;
-        # the padded classes are -inf (the window's padding row) and give 0
-        x = x_next
-        m = tl.where(mask_p, tl.max(x, axis=1), 0.0) * 1.4426950408889634
-        e = tl.math.exp2(x * 1.4426950408889634 - m[:, None])
-        # coef is 0 for a pixel not kept (NaN everywhere when poisoned), its e finite (<= 1: the logits
-        # of the window are finite where the call is not poisoned): grad is 0 there, no select per element
-        coef = tl.where(kept, coef, 0.0 * coef)
-        rs = coef * _ohem_ce_rcp(tl.where(mask_p, tl.sum(e, axis=1), 1.0))
-        grad = e * rs[:, None] - tl.where(offs_c[None, :] == t[:, None], coef[:, None], 0.0)
+        # the padded classes are -inf (the window's padding row): the softmax gives 0 there
+        grad = _ohem_ce_grad(x_next, t, coef, kept, mask_p, offs_c)
         hi = grad.to(tl.bfloat16)
         lo = (grad - hi.to(tl.float32)).to(tl.bfloat16)
         a = tl.reshape(tl.permute(tl.join(hi, lo), (2, 1, 0)), (2 * BLOCK_C, P))     # row piece * BLOCK_C + c

@@ -226,15 +226,23 @@ def _ohem_ce_grad(x, t, coef, kept, mask_p, offs_c):
 
 @triton.jit
 def _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C):
-    """CE of each row of the fp32 tile ``x`` [P, BLOCK_C] (-inf padding): (loss, bad label, NaN loss).
+    """CE of each row of the fp32 tile ``x`` [P, BLOCK_C] (-inf padding): (loss, bad label, NaN loss),
+    as :func:`_ohem_ce_pixel_loss` with the true-class logit selected from the tile."""
+    # The true-class logit is selected, never addressed: a bad label cannot read out of bounds.
+    x_t = tl.sum(tl.where(offs_c[None, :] == t[:, None], x, 0.0), axis=1)
+    return _ohem_ce_pixel_loss(x, x_t, t, valid, mask_p, C)
+
+
+@triton.jit
+def _ohem_ce_pixel_loss(x, x_t, t, valid, mask_p, C):
+    """CE of each row of the fp32 tile ``x`` [P, BLOCK_C] (-inf padding) whose true-class logits are
+    ``x_t`` [P] (any value where t is not a class): (loss, bad label, NaN loss).
 
     loss is NaN for poisoned pixels (label outside [0, C) or a NaN loss), -1.0 for ignored ones.
     """
     m = tl.max(x, axis=1)
     m = tl.where(mask_p, m, 0.0)                    # all -inf rows would give NaN below
     s = tl.where(mask_p, tl.sum(_ohem_ce_exp(x, m), axis=1), 1.0)
-    # The true-class logit is selected, never addressed: a bad label cannot read out of bounds.
-    x_t = tl.sum(tl.where(offs_c[None, :] == t[:, None], x, 0.0), axis=1)
     # (m - x_t) >= 0 and log(s) >= 0 (s >= 1) term by term: no cancellation against the max.
     loss = (m - x_t) + _ohem_ce_log(s)
     loss = tl.where(loss <= 0.0, 0.0, loss)         # where, not maximum: keeps NaN; -0.0 -> +0.0
@@ -304,14 +312,22 @@ def _ohem_ce_fwd_kernel(
         valid = mask_p & (t != ignore_index)
         # -inf padding is neutral for the max and the exp-sum. Ignored pixels are read too: a mask
         # that depends on the labels would stop the loads from vectorising.
+        # The true-class logit is loaded once more per pixel (from L1: the tile was just read) at the
+        # label clamped to [0, C) (an ignored or bad label reads a logit of its own pixel, and its loss
+        # is replaced below): a select and a sum over the classes cost a class reduction per pixel,
+        # across warps with NCHW tiles and a 5-level butterfly of shuffles with channels_last ones
+        # (their classes lie along the lanes): 24.5 -> 14 and 46 -> 32 warp instructions per pixel.
+        t_c = tl.minimum(tl.maximum(t, 0), C - 1).to(tl.int32)
         if PACKED_C > 0:
             x = _ohem_ce_packed_load(logits_ptr, (tl.program_id(0) * TILES + i) * BLOCK_P, hw_total, PACKED_C,
                                      BLOCK_P, BLOCK_C)
+            x_t = tl.load(logits_ptr + offs_p * PACKED_C + t_c, mask=mask_p, other=0.0).to(tl.float32)
         else:
             row = _ohem_ce_pixel_offsets(offs_p, W, stride_lh, stride_lw, FLAT_HW)
             x = tl.load(logits_ptr + row[:, None] + col[None, :], mask=mask_p[:, None] & mask_c[None, :],
                         other=-float("inf")).to(tl.float32)
-        loss, bad, is_nan = _ohem_ce_tile_loss(x, t, valid, mask_p, offs_c, C)
+            x_t = tl.load(logits_ptr + row + t_c * stride_lc, mask=mask_p, other=0.0).to(tl.float32)
+        loss, bad, is_nan = _ohem_ce_pixel_loss(x, x_t, t, valid, mask_p, C)
         tl.store(loss_ptr + offs_p, loss, mask=mask_p)
         e_hi, n_valid, n_bad, n_nan = _ohem_ce_tile_tally(scratch_ptr, loss, valid, bad, is_nan, e_hi, n_valid, n_bad,
                                                           n_nan)

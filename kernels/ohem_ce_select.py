@@ -54,8 +54,9 @@ ZERO_BLOCK = 1024                     # words zeroed per program and step (grid-
 FIN_BLOCK = 512                       # partial sums added per step by the last program (registers: see
                                       # _ohem_ce_second_histogram)
 HIST_CHUNK = 1024                     # losses per step of the second histogram (4 per thread at 8 warps)
-EXP_ROWS = 16                         # exponents summed per step by the forward's last program ([16, 256]
-                                      # fine bins: 32 registers per thread at 4 warps)
+EXP_ROWS = 8                          # exponents summed per step by the forward's last program ([8, 256]
+                                      # fine bins: 16 registers per thread at 4 warps; with 16, ptxas of
+                                      # Triton 3.6 spilled in the epilogue of the 93-register ohem_ce forward)
 
 # The same numbers as Triton constexprs: a @triton.jit function may only read constexpr globals.
 _FINE1, _FINE2, _C2_CNT, _C2_SUM, _SLOTS, _ZERO1_END = (
@@ -152,8 +153,8 @@ def _ohem_ce_fwd_epilogue(scratch_ptr, e_hi, n_valid, n_bad, n_nan, keep_hi, kee
 
     The last program finds the k-th's exponent first: each exponent's count is the sum of its 256
     fine bins, summed EXP_ROWS exponents at a time from the largest down until k losses lie at or
-    above them (0.75 of a network's losses span about 10-15 exponents: one step of 16 KiB from L2; at
-    most 16 steps). A per-tile exponent histogram in the forward's loop (tl.histogram) cost 1.4 warp
+    above them (0.75 of a network's losses span about 10-15 exponents: two steps of 8 KiB from L2; at
+    most 32 steps). A per-tile exponent histogram in the forward's loop (tl.histogram) cost 1.4 warp
     instructions per pixel with Triton 3.8 and about 10 with 3.6 (ballots and popcounts), and a
     256-bin atomic flush per program.
     """

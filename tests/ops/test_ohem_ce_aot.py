@@ -285,6 +285,39 @@ def test_fused_forward_issues_few_instructions_per_output_pixel():
     assert not slow, "\n".join(slow)
 
 
+def test_ohem_ce_issues_few_instructions_per_pixel():
+    """The full-resolution OHEM kernels at 4 x 19 x 876^2, fp32 / fp16 / bf16 logits, both layouts:
+    warp-wide instructions per pixel from the sm_90 SASS, the forward's tile loop and the whole
+    backward (one tile per program: no loop) x warps / BLOCK_P. Issue, not DRAM, bounds them at 2-4
+    instructions per SM and clock (3.1 M pixels x 49 = 0.15 G warp instructions before: 0.14-0.28
+    ms, against 0.08 ms of DRAM traffic for fwd+bwd). The forward took the true-class logit by a
+    select and a sum over the classes (a third class reduction: across warps for NCHW tiles, a
+    5-level butterfly of shuffles for channels_last ones, whose classes lie along the lanes): 24.5
+    NCHW and 46 channels_last, 14.5 and 32 since it loads it (Triton 3.8 and 3.6). The backward:
+    24.75 NCHW (a select per element for the pixels not kept, exp(x - m) in two steps), 21 since."""
+    from ifbf_fast.utils import sass
+    if not sass.cuobjdump_path():
+        pytest.skip("no cuobjdump (it ships with triton under backends/nvidia/bin)")
+    bounds = {("fwd", False): 16, ("fwd", True): 34, ("bwd", False): 23, ("bwd", True): 50}
+    cases = []
+    for dtype in DTYPES:
+        for cl in (False, True):
+            fwd, bwd = kernel_specs(19, dtype, channels_last=cl)
+            cases += [(("fwd", cl), f"fwd {dtype} {'cl' if cl else 'nchw'}", fwd),
+                      (("bwd", cl), f"bwd {dtype} {'cl' if cl else 'nchw'}", bwd)]
+    results = compile_kernels([dataclasses.replace(spec, sass_archs=(90,)) for _, _, spec in cases], archs=(90,))
+    lines, slow = [], []
+    for (key, name, spec), (r,) in zip(cases, results):
+        code = _tile_loop(r.sass) if key[0] == "fwd" else sass.instructions(r.sass)
+        per_pixel = len(code) * r.num_warps / spec.constexprs["BLOCK_P"]
+        lines.append(f"{name:28s} regs {r.registers:3d} {len(code):5d} instructions: {per_pixel:5.1f} warp "
+                     f"instructions per pixel (bound {bounds[key]})")
+        if per_pixel > bounds[key]:
+            slow.append(lines[-1])
+    print("\n" + "\n".join(lines))
+    assert not slow, "\n".join(slow)
+
+
 def test_fused_forward_issues_few_loads_per_output_pixel():
     """The fused-upsampling forward at 4 x 19 x 219^2 -> 876^2 (the training loss) in fp16 / bf16, both
     layouts: warp-wide global loads per output pixel, from the sm_90 SASS (the LDGs of the tile loop).

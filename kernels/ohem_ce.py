@@ -205,23 +205,42 @@ def _ohem_ce_coef(bits, cut, tie_w, scale, mask_p):
 
 
 @triton.jit
-def _ohem_ce_grad(x, t, coef, kept, mask_p, offs_c):
-    """d loss / d x of the fp32 tile ``x`` [P, BLOCK_C] (-inf padding) from :func:`_ohem_ce_coef`'s
-    (coef, kept): (softmax(x) - onehot(t)) * coef for a kept pixel, 0 for any other; NaN everywhere
-    when the call is poisoned (coef is NaN).
-
-    e * (coef / sum), less coef at the label: per element one FFMA and an ex2 for the exponent, then
-    a multiply, a compare, a subtract and a select (e * rs - where(label, coef, 0) needs one fewer
-    but raised the channels_last backward from 79 to 166 registers with Triton 3.8). A pixel not
-    kept gets coefficient 0 instead of a select per element: its gradient is e * 0 = 0 (e is finite
-    where its logits are; where they are not, the reference's log-softmax backward gives NaN there
-    too).
-    """
+def _ohem_ce_grad_softmax(x, t, coef, kept, mask_p, offs_c):
+    """:func:`_ohem_ce_grad` with the softmax computed from the tile (its max and sum), for a tile
+    whose true-class logit costs a class reduction of its own (interpolated logits) and whose class
+    reductions are cheap (the x4 backward's matmul layout: a quad of lanes): there it issues fewer
+    instructions than the log-sum-exp (26.6 against 27.2 per pixel, Triton 3.8). Per element one
+    FFMA and an ex2, a multiply, a compare, a subtract and a select; a pixel not kept gets
+    coefficient 0 (e is finite where its logits are)."""
     m = tl.where(mask_p, tl.max(x, axis=1), 0.0)     # rows outside the image are all -inf: e = 0 there
     e = _ohem_ce_exp(x, m)
     coef = tl.where(kept, coef, 0.0 * coef)          # 0 * coef: NaN when poisoned
     rs = coef * _ohem_ce_rcp(tl.where(mask_p, tl.sum(e, axis=1), 1.0))
     return tl.where(offs_c[None, :] == t[:, None], e * rs[:, None] - coef[:, None], e * rs[:, None])
+
+
+@triton.jit
+def _ohem_ce_grad(x, x_t, bits, t, coef, kept, offs_c):
+    """d loss / d x of the fp32 tile ``x`` [P, BLOCK_C] (-inf padding) from the forward's losses
+    (``bits``, their int32 patterns), the true-class logits ``x_t`` [P] and :func:`_ohem_ce_coef`'s
+    (coef, kept): (softmax(x) - onehot(t)) * coef for a kept pixel, 0 for any other; NaN everywhere
+    when the call is poisoned (coef is NaN).
+
+    The softmax comes from the forward's log-sum-exp, loss + x_t = m + log(sum exp(x - m)), as
+    exp(x - lse): no max and no sum over the classes (each a reduction across threads or warps, per
+    pixel), no reciprocal; per element one FFMA and an ex2, a multiply, a compare, a subtract and a
+    select. lse carries the forward's rounding (its log is lg2.approx, about 2^-22 absolute) and that
+    of the sum, a few fp32 ulps of max(|loss|, |x_t|): the probabilities' relative error, far below
+    the low-precision gradient's own rounding. A pixel not kept gets lse = +inf (e = 0: its stored
+    value is not a loss of these logits) and coefficient 0, so its gradient is 0 with no select per
+    element (where its logits are not finite, the reference's log-softmax backward gives NaN there
+    too).
+    """
+    lse = tl.where(kept, bits.to(tl.float32, bitcast=True) + x_t, float("inf"))
+    e = _ohem_ce_exp(x, lse)
+    coef = tl.where(kept, coef, 0.0 * coef)          # 0 * coef: NaN when poisoned
+    g = e * coef[:, None]
+    return tl.where(offs_c[None, :] == t[:, None], g - coef[:, None], g)
 
 
 @triton.jit
@@ -366,17 +385,21 @@ def _ohem_ce_bwd_kernel(
     bits = tl.load(loss_ptr + offs_p, mask=mask_p, other=-1.0).to(tl.int32, bitcast=True)
     coef, kept = _ohem_ce_coef(bits, cut, tie_w, scale, mask_p)      # coef NaN everywhere when poisoned
     # Loads masked by the image bounds only (not by the kept flag): they vectorise; a dropped pixel's
-    # gradient is 0 through its coefficient (_ohem_ce_grad).
+    # gradient is 0 through its coefficient (_ohem_ce_grad). The true-class logit as in the forward
+    # (the label clamped to [0, C)), for the forward's log-sum-exp.
     t = _ohem_ce_labels(tl.load(target_ptr + _ohem_ce_pixel_offsets(offs_p, W, stride_th, stride_tw, FLAT_HW),
                                 mask=mask_p, other=-1))
+    t_c = tl.minimum(tl.maximum(t, 0), C - 1).to(tl.int32)
     if PACKED_C > 0:
         x = _ohem_ce_packed_load(logits_ptr, tl.program_id(0) * BLOCK_P, hw_total, PACKED_C, BLOCK_P,
                                  BLOCK_C)
+        x_t = tl.load(logits_ptr + offs_p * PACKED_C + t_c, mask=mask_p, other=0.0).to(tl.float32)
     else:
         row = _ohem_ce_pixel_offsets(offs_p, W, stride_lh, stride_lw, FLAT_HW)
         x = tl.load(logits_ptr + row[:, None] + (offs_c * stride_lc)[None, :],
                     mask=mask_p[:, None] & mask_c[None, :], other=-float("inf")).to(tl.float32)
-    grad = _ohem_ce_grad(x, t, coef, kept, mask_p, offs_c)
+        x_t = tl.load(logits_ptr + row + t_c * stride_lc, mask=mask_p, other=0.0).to(tl.float32)
+    grad = _ohem_ce_grad(x, x_t, bits, t, coef, kept, offs_c)
     if PACKED_C > 0:
         _ohem_ce_packed_store(grad_ptr, tl.program_id(0) * BLOCK_P, hw_total, grad.to(grad_ptr.dtype.element_ty),
                               PACKED_C, BLOCK_P, BLOCK_C)
@@ -561,6 +584,8 @@ def bytes_model(shape, logits_dtype: torch.dtype, target_dtype: torch.dtype = to
     ``SMALL_BYTES``; the select programs that hold the k-th's top bin read their losses a second time,
     at most the whole buffer, just after the first), ``total`` sums the launches and ``minimum`` is :func:`op_minimum`. The
     backward reads every logit whatever the keep ratio (its loads are not masked by the kept flag).
+    The forward and the backward read each pixel's true-class logit a second time, from the cache
+    lines their tile has just loaded (L1): no DRAM bytes.
     """
     n, c, h, w = shape
     pixels = n * h * w

@@ -45,8 +45,8 @@ import triton.language as tl
 
 from ._launch import PlannedLaunch
 from .ohem_ce import (FWD_TILES, RED_BLOCK, _cdiv, _check_offsets, _flat_hw, _ohem_ce_backward_state,
-                      _ohem_ce_coef, _ohem_ce_fwd_epilogue, _ohem_ce_grad, _ohem_ce_labels, _ohem_ce_pixel_offsets,
-                      _ohem_ce_tally_zeros, _ohem_ce_tile_loss, _ohem_ce_tile_tally, _scalars,
+                      _ohem_ce_coef, _ohem_ce_fwd_epilogue, _ohem_ce_grad, _ohem_ce_grad_softmax, _ohem_ce_labels,
+                      _ohem_ce_pixel_offsets, _ohem_ce_tally_zeros, _ohem_ce_tile_loss, _ohem_ce_tile_tally, _scalars,
                       block_sizes, scratch_and_f32, select_launch)
 
 
@@ -287,7 +287,8 @@ def _ohem_ce_up_bwd_kernel(
         t = _ohem_ce_labels(tl.load(target_ptr + Y * stride_th + X * stride_tw, mask=mask_p, other=-1))
         x = _ohem_ce_bilinear_tile(lr_ptr, Y, X, mask_p, offs_c, mask_c, h_in, w_in, scale_h, scale_w,
                                    stride_lc, stride_lh, stride_lw)
-        grad = _ohem_ce_grad(x, t, coef, kept, mask_p, offs_c)
+        x_t = tl.sum(tl.where(offs_c[None, :] == t[:, None], x, 0.0), axis=1)
+        grad = _ohem_ce_grad(x, x_t, bits, t, coef, kept, offs_c)
         # M[p, l]: bilinear weight of owned source pixel l for output pixel p (0 if it does not reach it).
         y0, y1, wy1 = _ohem_ce_source_index(Y, scale_h, h_in)
         x0, x1, wx1 = _ohem_ce_source_index(X, scale_w, w_in)
@@ -389,7 +390,7 @@ def _ohem_ce_up_bwd_x4_kernel(
         coef, kept = _ohem_ce_coef(bits, cut, tie_w, scale, mask_p)      # coef NaN everywhere when poisoned
         t = _ohem_ce_labels(tl.load(target_ptr + Y * stride_th + X * stride_tw, mask=mask_p, other=-1))
         # the padded classes are -inf (the window's padding row): the softmax gives 0 there
-        grad = _ohem_ce_grad(x_next, t, coef, kept, mask_p, offs_c)
+        grad = _ohem_ce_grad_softmax(x_next, t, coef, kept, mask_p, offs_c)
         hi = grad.to(tl.bfloat16)
         lo = (grad - hi.to(tl.float32)).to(tl.bfloat16)
         a = tl.reshape(tl.permute(tl.join(hi, lo), (2, 1, 0)), (2 * BLOCK_C, P))     # row piece * BLOCK_C + c

@@ -379,6 +379,23 @@ def test_nan_logits_poison_the_result(device):
     assert torch.isnan(loss) and torch.isnan(grad).all()
 
 
+def test_non_finite_logits_of_an_ignored_pixel_act_as_in_the_reference(device):
+    """NaN or inf logits where the label is ignore_index: the loss is the reference's (that pixel
+    takes no part), and so is the gradient: NaN at that pixel's classes (the reference's log-softmax
+    backward multiplies its exp by a zero gradient), finite and matching elsewhere. The backward's
+    softmax comes from the forward's log-sum-exp only where a pixel is kept."""
+    for bad in (float("nan"), float("inf")):
+        logits, target = _inputs((2, 19, 7, 13), torch.float32, device, ignore_frac=0.0)
+        target[1, 3, 5] = 255
+        logits[1, :, 3, 5] = bad
+        loss, grad = _run(ohem_cross_entropy_fast, logits, target, 0.75)
+        want_loss, want_grad = _run(ohem_cross_entropy_ref, logits, target, 0.75)
+        _check_loss(loss, want_loss)
+        nan = torch.isnan(want_grad)
+        assert torch.equal(torch.isnan(grad), nan) and bool(nan[1, :, 3, 5].all()) and int(nan.sum()) == 19
+        _check_grad(grad[~nan], want_grad[~nan], torch.float32)
+
+
 def test_switch_routes_to_the_fast_path(device):
     from ifbf_fast.utils.launches import count_launches
 

@@ -140,10 +140,11 @@ def _ohem_ce_labels(t):
 
 @triton.jit
 def _ohem_ce_exp(x, m):
-    """exp(x - m) of an fp32 tile ``x`` [P, BLOCK_C] and its rows' maxima ``m`` [P] (so every value is
-    <= 0 up to rounding) as ex2.approx.ftz(x * log2(e) - m * log2(e)): one FFMA and one MUFU.EX2 per
-    element. The rounding of m * log2(e) is the same for a whole row: it scales the row's values
-    alike, which a softmax cancels and a log-sum-exp sees as an absolute error of about |m| * 2^-24.
+    """exp(x - m) of an fp32 tile ``x`` [P, BLOCK_C] and per-row values ``m`` [P] at or above the
+    row's max (the max, or the log-sum-exp: every exponent is <= 0 up to rounding) as
+    ex2.approx.ftz(x * log2(e) - m * log2(e)): one FFMA and one MUFU.EX2 per element. The rounding of
+    m * log2(e) is the same for a whole row: it scales the row's values alike, which a softmax
+    cancels and a log-sum-exp sees as an absolute error of about |m| * 2^-24.
 
     tl.exp emits ex2.approx without .ftz, which ptxas wraps in a range check (a compare and two
     predicated multiplies around each MUFU.EX2) to keep subnormal results: six instructions per

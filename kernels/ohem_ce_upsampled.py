@@ -96,8 +96,8 @@ def _ohem_ce_x4_weights(P: tl.constexpr, WIN: tl.constexpr, KW: tl.constexpr, dt
     """Bilinear weights [P, 2 * KW] of an exact x4 step: P = 4 x WIN output pixels p = (rr, q) =
     (p // WIN, p % WIN) at rows 4 a - 2 + rr, columns 4 b - 2 + q of an aligned tile, onto the source
     window k = (ky, kx) = (k // KW, k % KW) at rows a - 1 + ky, columns b - 1 + kx; in ``dtype``.
-    Column k = WIN // 4 + 1 (the first past the window, ``_X4_PAD_ROW``) is 1 for every pixel: it
-    adds the window's padding row, which is -inf for the padded classes (:func:`_ohem_ce_x4_window`).
+    Column k = WIN // 4 + 1 (the first past the window's columns) is 1 for every pixel: it adds the
+    window's padding row, which is -inf for the padded classes (:func:`_ohem_ce_x4_window`).
 
     At x4 (align_corners=False) output index 4 a + 2 + r (r < 4) samples source indices a and a + 1
     with weights 1 - l, l, l = (2 r + 1) / 8: the same for every aligned tile, so a kernel computes
@@ -334,8 +334,9 @@ def _ohem_ce_up_bwd_x4_kernel(
     interleaved by column (column 2 lx + half): half 0, row r0 + i - 1, is complete, its two pieces
     summed and stored; half 1, row r0 + i, is carried into the next step's accumulator. Stacking the
     pieces along M instead of K halves the weights' operand and, at BLOCK_C = 32 (M = 64), lets sm_90
-    run it as one warp-group matmul with no register shuffle of the gradient operand. The row above the image folds into row 0 and the one below into row h_in - 1 (their
-    clamped aliases); columns use PyTorch's clamped map per pixel.
+    run it as one warp-group matmul with no register shuffle of the gradient operand. The row above
+    the image folds into row 0 and the one below into row h_in - 1 (their clamped aliases); columns
+    use PyTorch's clamped map per pixel.
 
     The next step's recompute is issued at the end of a step (a loop-carried value): with both
     matmuls in one step, Triton lays the second out as a chain of the first (all 8 warps along its

@@ -56,10 +56,15 @@ _ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+\s+)?[A-Z][^;]*);")
 _BRANCH_TARGET = re.compile(r"\bBRA\s+(?:`\([^)]*\)\s*)?0x([0-9a-f]+)")
 
 
+def _addressed(sass: str) -> list:
+    """(address, instruction text) of each instruction of SASS text, in program order."""
+    return [(int(m.group(1), 16), m.group(2).strip()) for m in _ADDRESS.finditer(sass)]
+
+
 def instructions(sass: str) -> list:
     """The instructions (text, predicate included) of SASS text in program order, without the NOPs
     that pad a kernel's end (and the branch-to-self after its EXIT)."""
-    code = [(int(m.group(1), 16), m.group(2).strip()) for m in _ADDRESS.finditer(sass)]
+    code = _addressed(sass)
     last_exit = max((i for i, (_, t) in enumerate(code) if re.search(r"\bEXIT\b", t)), default=len(code) - 1)
     return [t for _, t in code[:last_exit + 1] if not t.startswith("NOP")]
 
@@ -67,7 +72,7 @@ def instructions(sass: str) -> list:
 def loop_bodies(sass: str) -> list:
     """The instructions (text, predicate included) of every loop in SASS text: from the target of
     each backward branch to the branch, in program order. One list per backward branch."""
-    code = [(int(m.group(1), 16), m.group(2).strip()) for m in _ADDRESS.finditer(sass)]
+    code = _addressed(sass)
     loops = []
     for addr, text in code:
         m = _BRANCH_TARGET.search(text)

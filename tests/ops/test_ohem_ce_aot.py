@@ -266,7 +266,8 @@ def test_fused_forward_issues_few_instructions_per_output_pixel():
     ex2 without .ftz (a range check around each MUFU), its log was a software polynomial, its counts
     were summed per tile (two barriers each) and it built a 256-bin exponent histogram per tile
     (Triton 3.6 lowers tl.histogram to ballots and popcounts: 53.6 per pixel there); 19.3-20 now with
-    Triton 3.6 and 3.8 (the padded classes' -inf comes out of the matmul: a padding row of the window). The gather's figure (fp32 logits keep it) is printed beside."""
+    Triton 3.6 and 3.8 (the padded classes' -inf comes out of the matmul: a padding row of the
+    window). The gather's figure (fp32 logits keep it) is printed beside."""
     from ifbf_fast.utils import sass
     if not sass.cuobjdump_path():
         pytest.skip("no cuobjdump (it ships with triton under backends/nvidia/bin)")
